@@ -1,0 +1,161 @@
+r"""Batch-softmax contrastive loss over a batch of m pairs (q_i, a_i).
+
+With s_ij = sim(q_i, a_j) and logits g = policy(s) (s / tau unless WEINCE):
+
+    L0 = (1/m) sum_i y_i * CE(g_i., i)      rows: each query against every answer
+    L1 = (1/m) sum_j y_j * CE(g_.j, j)      columns: each answer against every query
+    L  = (L0 + L1) / 2                      (``directions="both"``)
+
+``q->a`` alone is InfoNCE / multiple-negatives ranking. Hard negatives are extra answer
+columns (candidates of L0 only). Label-aware masking (BSC eq. 5) sets y_i = 0 for negative
+pairs: they are never anchors but stay candidates, and the divisor stays m. Ids remove false
+negatives: a candidate with the same text id as the anchor's positive is not a negative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ._checks import (
+    check_choice,
+    check_embeddings,
+    check_same_layout,
+    check_temperature,
+    check_vector,
+)
+from .logits import LogitPolicy, ScaledCosine
+from .similarity import NORMALIZATIONS, Normalization, normalize
+from .softmax import negative_mask, softmax_cross_entropy, weighted_anchor_mean
+from .weince_tail import WeinceLambda
+
+Directions = Literal["both", "q->a", "a->q"]
+DIRECTIONS: tuple[str, ...] = ("both", "q->a", "a->q")
+
+
+@dataclass(frozen=True)
+class ContrastiveBatch:
+    """A validated, normalised batch: queries, candidate answers (positives first, then hard
+    negatives), anchor weights and false-negative masks."""
+
+    q: Tensor                    # (m, d)
+    candidates: Tensor           # (m + h, d)
+    anchor_weight: Tensor | None  # (m,) y_i in {0, 1}, None = all anchors
+    row_mask: Tensor | None      # (m, m + h) candidate mask of L0
+    col_mask: Tensor | None      # (m, m) candidate mask of L1 (answer j against query i)
+
+    @property
+    def m(self) -> int:
+        return self.q.shape[0]
+
+
+def binary_labels(fn: str, labels: object, m: int, device: torch.device,
+                  threshold: float | None) -> Tensor:
+    """y_i in {0, 1}: given as binary, or 1[score_i > threshold] for scores in [0, 1]."""
+    y = check_vector(fn, "labels", labels, m, device)
+    y = y.to(torch.float64)
+    if threshold is None:
+        if not bool(((y == 0) | (y == 1)).all()):
+            bad = y[(y != 0) & (y != 1)][:3].tolist()
+            raise ValueError(
+                f"{fn}: `labels` must be 0/1 unless `label_threshold` is set, got values {bad}"
+            )
+        return y > 0.5
+    if not (0.0 <= threshold <= 1.0):
+        raise ValueError(f"{fn}: `label_threshold` must be in [0, 1], got {threshold}")
+    if bool(((y < 0) | (y > 1)).any()):
+        bad = y[(y < 0) | (y > 1)][:3].tolist()
+        raise ValueError(f"{fn}: graded `labels` must be scaled to [0, 1], got values {bad}")
+    return y > threshold
+
+
+def prepare_batch(fn: str, q: Tensor, a: Tensor, *, normalization: Normalization,
+                  hard_negatives: Tensor | None = None, labels: object = None,
+                  label_threshold: float | None = None, query_ids: object = None,
+                  answer_ids: object = None) -> ContrastiveBatch:
+    """Validate and normalise the inputs of a pair loss."""
+    check_embeddings(fn, "q", q)
+    check_embeddings(fn, "a", a)
+    check_same_layout(fn, "q", q, "a", a)
+    check_choice(fn, "normalization", normalization, NORMALIZATIONS)
+    m, dev = q.shape[0], q.device
+    candidates = a
+    if hard_negatives is not None:
+        if isinstance(hard_negatives, Tensor) and hard_negatives.ndim == 3:
+            hard_negatives = hard_negatives.reshape(-1, hard_negatives.shape[-1])
+        check_embeddings(fn, "hard_negatives", hard_negatives, min_rows=1)
+        check_same_layout(fn, "a", a, "hard_negatives", hard_negatives, same_rows=False)
+        candidates = torch.cat([a, hard_negatives])
+    n_cand = candidates.shape[0]
+
+    weight = None
+    if labels is not None:
+        weight = binary_labels(fn, labels, m, dev, label_threshold)
+    elif label_threshold is not None:
+        raise ValueError(f"{fn}: `label_threshold` given without `labels`")
+
+    row_mask = col_mask = None
+    if answer_ids is not None:
+        aid = check_vector(fn, "answer_ids", answer_ids, n_cand, dev, integer=True)
+        row_mask = aid[None, :] != aid[:m, None]
+        row_mask[torch.arange(m, device=dev), torch.arange(m, device=dev)] = True
+    if query_ids is not None:
+        qid = check_vector(fn, "query_ids", query_ids, m, dev, integer=True)
+        col_mask = qid[None, :] != qid[:, None]
+        col_mask.fill_diagonal_(True)
+
+    return ContrastiveBatch(normalize(q, normalization), normalize(candidates, normalization),
+                            weight, row_mask, col_mask)
+
+
+def direction_loss(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None,
+                   anchor_weight: Tensor | None, policy: LogitPolicy,
+                   temperature: float | Tensor, count: int) -> tuple[Tensor, WeinceLambda | None]:
+    """The mean cross-entropy of each anchor row of ``sims`` against its candidates."""
+    rows = sims.shape[0]
+    negatives = negative_mask(candidate_mask, positive_index, tuple(sims.shape), sims.device)
+    anchors = (torch.ones(rows, dtype=torch.bool, device=sims.device) if anchor_weight is None
+               else anchor_weight.to(torch.bool))
+    state = policy.row_state(sims, negatives, anchors)
+    logits = policy.logits(sims, state, temperature)
+    per_anchor = softmax_cross_entropy(logits, positive_index, candidate_mask)
+    return weighted_anchor_mean(per_anchor, anchor_weight, count), state
+
+
+def batch_softmax_loss(batch: ContrastiveBatch, temperature: float | Tensor,
+                       directions: Directions, policy: LogitPolicy
+                       ) -> tuple[Tensor, list[WeinceLambda]]:
+    """L0, L1 or their mean over a prepared batch (dense: one (m, m + h) matrix)."""
+    m = batch.m
+    sims = batch.q @ batch.candidates.T
+    target = torch.arange(m, device=sims.device)
+    losses, states = [], []
+    if directions in ("both", "q->a"):
+        loss, state = direction_loss(sims, target, batch.row_mask, batch.anchor_weight,
+                                     policy, temperature, m)
+        losses.append(loss)
+        states.append(state)
+    if directions in ("both", "a->q"):
+        loss, state = direction_loss(sims[:, :m].T, target, batch.col_mask, batch.anchor_weight,
+                                     policy, temperature, m)
+        losses.append(loss)
+        states.append(state)
+    total = losses[0] if len(losses) == 1 else (losses[0] + losses[1]) / 2
+    return total, [s for s in states if s is not None]
+
+
+def pair_loss(fn: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
+              directions: Directions, normalization: Normalization,
+              hard_negatives: Tensor | None, labels: object, label_threshold: float | None,
+              query_ids: object, answer_ids: object,
+              policy: LogitPolicy = ScaledCosine()) -> tuple[Tensor, list[WeinceLambda]]:
+    """Validate, prepare and compute a batch-softmax pair loss."""
+    check_temperature(fn, temperature)
+    check_choice(fn, "directions", directions, DIRECTIONS)
+    batch = prepare_batch(fn, q, a, normalization=normalization, hard_negatives=hard_negatives,
+                          labels=labels, label_threshold=label_threshold, query_ids=query_ids,
+                          answer_ids=answer_ids)
+    return batch_softmax_loss(batch, temperature, directions, policy)

@@ -1,0 +1,58 @@
+r"""Batch-softmax contrastive loss (BSC) and InfoNCE.
+
+Chernyavskiy, Ilvovsky, Kalinin, Nakov, "Batch-Softmax Contrastive Loss for Pairwise
+Sentence Scoring Tasks", NAACL 2022 (arXiv 2110.15725):
+
+    L0 = -(1/m) sum_i log softmax_j(s_ij / tau)[j = i]     (rows)
+    L1 = -(1/m) sum_i log softmax_j(s_ji / tau)[j = i]     (columns)
+    L_BSC = (L0 + L1) / 2
+
+InfoNCE (van den Oord et al., 2018), a.k.a. multiple-negatives ranking, is L0 alone.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .batch_softmax import Directions, pair_loss
+from .similarity import Normalization
+
+
+def bsc_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
+             directions: Directions = "both", normalization: Normalization = "l2",
+             hard_negatives: Tensor | None = None, labels: Tensor | None = None,
+             label_threshold: float | None = None, query_ids: Tensor | None = None,
+             answer_ids: Tensor | None = None) -> Tensor:
+    """BSC over a batch of pairs (``q[i]``, ``a[i]``); returns a 0-dim tensor.
+
+    Args:
+        q, a: (m, d) embeddings of the two sides of each pair.
+        temperature: tau > 0, a float or a scalar tensor (e.g. a
+            :class:`~batchscale.losses.LearnableTemperature` output).
+        directions: ``"both"`` (L0 + L1) / 2, ``"q->a"`` rows only (InfoNCE),
+            ``"a->q"`` columns only.
+        normalization: ``"l2"`` (cosine), ``"coord"`` (per coordinate over the batch),
+            ``"none"`` (dot product).
+        hard_negatives: (m * k, d) or (m, k, d) extra answer columns, candidates of L0.
+        labels: (m,) 0/1, or scores in [0, 1] with ``label_threshold``: pairs with
+            y_i = 0 are not anchors but stay candidates; the mean still divides by m.
+        query_ids, answer_ids: text ids ((m,) and (m + m * k,)); a candidate with the same
+            id as the anchor's positive is not counted as a negative.
+    """
+    loss, _ = pair_loss("bsc_loss", q, a, temperature, directions=directions,
+                        normalization=normalization, hard_negatives=hard_negatives,
+                        labels=labels, label_threshold=label_threshold, query_ids=query_ids,
+                        answer_ids=answer_ids)
+    return loss
+
+
+def infonce_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
+                 normalization: Normalization = "l2", hard_negatives: Tensor | None = None,
+                 labels: Tensor | None = None, label_threshold: float | None = None,
+                 answer_ids: Tensor | None = None) -> Tensor:
+    """InfoNCE / multiple-negatives ranking: BSC's L0 alone (each query against all answers)."""
+    loss, _ = pair_loss("infonce_loss", q, a, temperature, directions="q->a",
+                        normalization=normalization, hard_negatives=hard_negatives,
+                        labels=labels, label_threshold=label_threshold, query_ids=None,
+                        answer_ids=answer_ids)
+    return loss

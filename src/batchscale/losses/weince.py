@@ -1,0 +1,48 @@
+r"""WEINCE for sentence pairs: InfoNCE with the extreme-value ("t-lambda select") correction.
+
+Erol, Evren, Ozel, Morgan, Ryu, Zheng, "When Softmax Fails at the Top: Extreme Value
+Corrections for InfoNCE", ICML 2026 (arXiv 2606.00262).
+
+For each anchor (a row of the q-a cosine matrix for L0, a column for L1):
+
+    g_ij = (1 - lambda_i) s_ij / tau + lambda_i (-log(1 - min(s_ij, 1 - eps)))
+    l_i  = -log softmax_j(g_ij)[positive]
+
+with lambda_i (stop-gradient) from the anchor's negative tail; see
+:mod:`batchscale.losses.weince_tail`. lambda = 0 gives InfoNCE / BSC exactly.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .batch_softmax import Directions, pair_loss
+from .logits import WeinceMixture
+from .weince_tail import WeinceConfig, WeinceStats
+
+
+def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
+                directions: Directions = "both", hard_negatives: Tensor | None = None,
+                labels: Tensor | None = None, label_threshold: float | None = None,
+                query_ids: Tensor | None = None, answer_ids: Tensor | None = None,
+                config: WeinceConfig | None = None, return_stats: bool = False,
+                **weince_options: object) -> Tensor | tuple[Tensor, WeinceStats]:
+    """WEINCE over a batch of pairs; returns a 0-dim tensor (and :class:`WeinceStats` with
+    ``return_stats=True``, computed from the same lambdas, no second pass).
+
+    Similarities are cosine (the tail fit works on shortfalls 1 - s). The batch arguments
+    are those of :func:`~batchscale.losses.bsc_loss`; the WEINCE constants come from
+    ``config`` or as keywords (``quantile``, ``kappa_rho``, ``kappa_aic``, ``margin``,
+    ``factors`` = ``"both" | "rho" | "aic"``, ...), with the authors' defaults.
+    """
+    if config is None:
+        config = WeinceConfig.from_kwargs("weince_loss", **weince_options)
+    elif weince_options:
+        raise ValueError(f"weince_loss: give `config` or keywords, not both: {sorted(weince_options)}")
+    loss, states = pair_loss("weince_loss", q, a, temperature, directions=directions,
+                             normalization="l2", hard_negatives=hard_negatives, labels=labels,
+                             label_threshold=label_threshold, query_ids=query_ids,
+                             answer_ids=answer_ids, policy=WeinceMixture(config))
+    if return_stats:
+        return loss, WeinceStats.from_lambdas(states)
+    return loss

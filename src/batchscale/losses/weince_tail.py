@@ -1,0 +1,218 @@
+r"""The tail fit behind WEINCE: each anchor's lambda (the extreme-value, "t-lambda select", correction of InfoNCE).
+
+Erol, Evren, Ozel, Morgan, Ryu, Zheng, "When Softmax Fails at the Top: Extreme Value
+Corrections for InfoNCE", ICML 2026 (arXiv 2606.00262).
+
+Each anchor i mixes the usual scaled cosine with a log-shortfall logit,
+
+    g_ij = (1 - lambda_i) * s_ij / tau + lambda_i * (-log(1 - min(s_ij, 1 - eps))),
+
+and the loss is the cross-entropy of the positive over g_i. ``lambda_i`` is a constant for
+the gradient (computed under ``no_grad``), the product of
+
+* a rho factor, sigmoid(kappa_rho * (log rho0 - log rho_i)), where rho_i = 1 - max negative
+  similarity and rho0 is the q-quantile of rho over the batch's anchors, and
+* an AIC factor, sigmoid(kappa_aic * (dAIC_i - margin)), where dAIC_i = AIC_Gumbel - AIC_Weibull
+  compares least-squares fits of the anchor's top-k negative shortfalls to a Weibull
+  (finite endpoint) and a Gumbel tail.
+
+lambda_i = 0 gives InfoNCE exactly. The functions below are split so that a tiled path
+which gathers each anchor's tail with a streaming top-k can reuse :func:`lambda_from_tail`
+and :func:`weince_logits` unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+WeinceFactors = Literal["both", "rho", "aic"]
+
+
+@dataclass(frozen=True)
+class WeinceConfig:
+    """The constants of t-lambda select, with the authors' defaults."""
+
+    quantile: float = 0.2          # q of rho0
+    kappa_rho: float = 10.0
+    kappa_aic: float = 1.0
+    margin: float = 2.0
+    factors: WeinceFactors = "both"
+    eps: float = 1e-6              # shortfall floor and the min(s, 1 - eps) clamp
+    tail_fraction: float = 0.10    # k = max(tail_min, round(tail_fraction * K)) ...
+    tail_min: int = 32
+    tail_floor: int = 10           # ... and at least tail_floor, always capped to K
+    drop_divisor: int = 20         # b = max(1, floor(k / drop_divisor)) points dropped
+    sse_floor: float = 1e-12
+    slope_penalty: float = 1e6     # added to the SSE of a fit with the wrong slope sign
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"WeinceConfig: `{name}` must be {rule}, got {getattr(self, name)!r}")
+
+        if not (0.0 <= self.quantile <= 1.0):
+            raise bad("quantile", "in [0, 1]")
+        for name in ("kappa_rho", "kappa_aic"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "> 0")
+        if not abs(self.margin) < float("inf"):
+            raise bad("margin", "finite")
+        if self.factors not in ("both", "rho", "aic"):
+            raise bad("factors", "one of ['both', 'rho', 'aic']")
+        if not (0.0 < self.eps < 1.0):
+            raise bad("eps", "in (0, 1)")
+        if not (0.0 <= self.tail_fraction <= 1.0):
+            raise bad("tail_fraction", "in [0, 1]")
+        for name in ("tail_min", "tail_floor", "drop_divisor"):
+            if int(getattr(self, name)) < 1:
+                raise bad(name, ">= 1")
+        if not self.sse_floor > 0:
+            raise bad("sse_floor", "> 0")
+
+    @classmethod
+    def from_kwargs(cls, fn: str, **kwargs: object) -> WeinceConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"{fn}: unknown WEINCE option(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class WeinceLambda:
+    """Per-anchor mixing weights and the quantities behind them (all detached)."""
+
+    lam: Tensor          # (rows,) lambda_i actually used
+    lam_rho: Tensor      # (rows,) rho factor
+    lam_aic: Tensor      # (rows,) AIC factor
+    delta_aic: Tensor    # (rows,) AIC_Gumbel - AIC_Weibull (> 0 favours the Weibull tail)
+    anchors: Tensor      # (rows,) bool: rows that are anchors and have a fit
+
+
+@dataclass(frozen=True)
+class WeinceStats:
+    """Batch means of the WEINCE diagnostics over its anchors."""
+
+    mean_lambda: float
+    mean_lambda_rho: float
+    mean_lambda_aic: float
+    weibull_share: float   # share of anchors whose AIC favours the Weibull tail
+    anchors: int
+
+    @staticmethod
+    def from_lambdas(parts: list[WeinceLambda]) -> WeinceStats:
+        sel = [(p.lam[p.anchors], p.lam_rho[p.anchors], p.lam_aic[p.anchors],
+                p.delta_aic[p.anchors]) for p in parts]
+        lam, rho, aic, d = (torch.cat([s[i] for s in sel]) for i in range(4))
+        n = int(lam.numel())
+        if n == 0:
+            return WeinceStats(0.0, 0.0, 0.0, 0.0, 0)
+        return WeinceStats(float(lam.mean()), float(rho.mean()), float(aic.mean()),
+                           float((d > 0).double().mean()), n)
+
+
+def tail_size(num_negatives: Tensor, cfg: WeinceConfig) -> Tensor:
+    """k_i = min(K, max(floor, min(K, max(tail_min, round(fraction * K))))) per anchor."""
+    k_all = num_negatives.to(torch.float64)
+    # torch.round is round-half-to-even, like Python's round in the authors' code.
+    k = torch.clamp(torch.round(cfg.tail_fraction * k_all), min=cfg.tail_min)
+    k = torch.minimum(k, k_all)
+    k = torch.minimum(torch.clamp(k, min=cfg.tail_floor), k_all)
+    return k.to(torch.long)
+
+
+def _least_squares_sse(x: Tensor, y: Tensor, w: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted (0/1) least squares y = a + slope * x per row: (SSE, slope)."""
+    n_safe = n.clamp_min(1)
+    mx = (w * x).sum(1) / n_safe
+    my = (w * y).sum(1) / n_safe
+    dx = torch.where(w > 0, x - mx[:, None], 0.0)
+    dy = torch.where(w > 0, y - my[:, None], 0.0)
+    sxx = (dx * dx).sum(1)
+    slope = torch.where(sxx > 0, (dx * dy).sum(1) / sxx.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    resid = torch.where(w > 0, dy - slope[:, None] * dx, 0.0)
+    return (resid * resid).sum(1), slope
+
+
+def lambda_from_tail(top_negatives: Tensor, k: Tensor, anchors: Tensor,
+                     cfg: WeinceConfig) -> WeinceLambda:
+    """lambda_i from each anchor's largest negative similarities.
+
+    ``top_negatives`` (rows, k_max) holds each row's negatives sorted descending (entries past
+    k_i are ignored); ``k`` (rows,) the tail size k_i; ``anchors`` (rows,) which rows count for
+    rho0 and the statistics. Rows with fewer than 3 fit points get lambda = 0 (InfoNCE).
+    """
+    s = top_negatives.detach().to(torch.float64)
+    rows, k_max = s.shape
+    dev = s.device
+    r = torch.arange(1, k_max + 1, device=dev, dtype=torch.float64).expand(rows, k_max)
+    kf = k.to(torch.float64)[:, None]
+    drop = torch.clamp(torch.div(k, cfg.drop_divisor, rounding_mode="floor"), min=1)
+    keep = (r > drop.to(torch.float64)[:, None]) & (r <= kf)
+    n = (k - drop).clamp_min(0).to(torch.float64)
+    fitted = anchors & (n >= 3)
+
+    # Shortfalls delta = max(1 - s, eps) ascend as s descends; x = log delta.
+    x = torch.where(keep, torch.log(torch.clamp(1.0 - s, min=cfg.eps)), 0.0)
+    cdf = torch.where(keep, r / (kf + 1.0), 0.5)
+    w = keep.to(torch.float64)
+    sse_w, slope_w = _least_squares_sse(x, torch.log(cdf), w, n)
+    sse_g, slope_g = _least_squares_sse(x, torch.log(-torch.log(cdf)), w, n)
+    sse_w = sse_w.clamp_min(cfg.sse_floor) + cfg.slope_penalty * (slope_w <= 0)
+    sse_g = sse_g.clamp_min(cfg.sse_floor) + cfg.slope_penalty * (slope_g >= 0)
+    n_safe = n.clamp_min(1.0)
+    aic_w = n_safe * torch.log(sse_w / n_safe) + 4.0
+    aic_g = n_safe * torch.log(sse_g / n_safe) + 4.0
+    delta_aic = aic_g - aic_w
+
+    has_negative = k > 0
+    rho = torch.clamp(1.0 - s[:, 0], min=cfg.eps) if k_max > 0 else torch.ones(rows, device=dev,
+                                                                                dtype=torch.float64)
+    rho = torch.where(has_negative, rho, 1.0)
+    pool = torch.sort(rho[anchors & has_negative]).values
+    if pool.numel() > 0:
+        rho0 = pool[round(cfg.quantile * (pool.numel() - 1))]
+    else:
+        rho0 = torch.ones((), device=dev, dtype=torch.float64)
+    lam_rho = torch.sigmoid(cfg.kappa_rho * (torch.log(rho0) - torch.log(rho)))
+    lam_aic = torch.sigmoid(cfg.kappa_aic * (delta_aic - cfg.margin))
+    if cfg.factors == "both":
+        lam = lam_rho * lam_aic
+    elif cfg.factors == "rho":
+        lam = lam_rho
+    else:
+        lam = lam_aic
+    lam = torch.where(fitted, lam, 0.0)
+    out = top_negatives.dtype
+    return WeinceLambda(lam.to(out), lam_rho.to(out), lam_aic.to(out), delta_aic.to(out), fitted)
+
+
+def weince_lambda(sims: Tensor, negatives: Tensor, anchors: Tensor | None = None,
+                  cfg: WeinceConfig | None = None) -> WeinceLambda:
+    """lambda_i for every row of a dense similarity matrix.
+
+    ``sims`` (rows, cols) cosine similarities; ``negatives`` (rows, cols) bool, True where
+    j is a negative of anchor i; ``anchors`` (rows,) bool, rows that are anchors.
+    """
+    cfg = cfg or WeinceConfig()
+    rows = sims.shape[0]
+    if anchors is None:
+        anchors = torch.ones(rows, dtype=torch.bool, device=sims.device)
+    with torch.no_grad():
+        k = tail_size(negatives.sum(1), cfg)
+        k_max = int(k.max()) if rows > 0 else 0
+        masked = sims.detach().masked_fill(~negatives, float("-inf"))
+        top = torch.topk(masked, k_max, dim=1, sorted=True).values
+        return lambda_from_tail(top, k, anchors, cfg)
+
+
+def weince_logits(sims: Tensor, lam: Tensor, temperature: float | Tensor, eps: float) -> Tensor:
+    """g_ij = (1 - lambda_i) s_ij / tau + lambda_i (-log(1 - min(s_ij, 1 - eps))).
+
+    Elementwise in s_ij given each row's lambda, so it applies tile by tile."""
+    lam = lam.to(sims.dtype)[:, None]
+    shortfall_logit = -torch.log1p(-torch.clamp(sims, max=1.0 - eps))
+    return (1.0 - lam) * (sims / temperature) + lam * shortfall_logit
