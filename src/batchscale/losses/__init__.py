@@ -1,22 +1,41 @@
 """Contrastive losses as pure functions on embedding tensors (no model, no I/O, no state).
 
-Entry points: :func:`bsc_loss`, :func:`infonce_loss`, :func:`weince_loss`, :func:`nt_xent`,
-:func:`bsc_mse_loss`, :func:`vrns_penalty`, :func:`cosine_mse_loss`, :func:`cosent_loss`,
-:func:`triplet_loss`, and :class:`LearnableTemperature`.
+Batch-softmax family: :func:`bsc_loss` (BSC, L0 + L1), :func:`infonce_loss` (L0),
+:func:`weince_loss` (WEINCE on pairs), :func:`nt_xent` (SimCLR 2N layout, plain or WEINCE),
+:func:`bsc_mse_loss` (BSC + MSE). Regulariser: :func:`vrns_penalty`. Baselines:
+:func:`cosine_mse_loss`, :func:`cosent_loss`, :func:`triplet_loss`.
+Trainable temperature: :class:`LearnableTemperature`.
 """
 
+from .batch_softmax import DIRECTIONS, Directions
 from .bsc import bsc_loss, infonce_loss
+from .combined import bsc_mse_loss
 from .nt_xent import nt_xent
+from .pointwise import cosent_loss, cosine_mse_loss
+from .similarity import NORMALIZATIONS, Normalization
+from .temperature import LearnableTemperature
+from .triplet import triplet_loss
+from .vrns import vrns_penalty
 from .weince import weince_loss
 from .weince_tail import WeinceConfig, WeinceLambda, WeinceStats, weince_lambda, weince_logits
 
 __all__ = [
+    "DIRECTIONS",
+    "NORMALIZATIONS",
+    "Directions",
+    "LearnableTemperature",
+    "Normalization",
     "WeinceConfig",
     "WeinceLambda",
     "WeinceStats",
     "bsc_loss",
+    "bsc_mse_loss",
+    "cosent_loss",
+    "cosine_mse_loss",
     "infonce_loss",
     "nt_xent",
+    "triplet_loss",
+    "vrns_penalty",
     "weince_lambda",
     "weince_logits",
     "weince_loss",

@@ -27,7 +27,7 @@ from ._checks import (
     check_temperature,
     check_vector,
 )
-from .logits import LogitPolicy, ScaledCosine
+from .logits import PLAIN_LOGITS, LogitPolicy
 from .similarity import NORMALIZATIONS, Normalization, normalize
 from .softmax import negative_mask, softmax_cross_entropy, weighted_anchor_mean
 from .weince_tail import WeinceLambda
@@ -151,7 +151,7 @@ def pair_loss(fn: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
               directions: Directions, normalization: Normalization,
               hard_negatives: Tensor | None, labels: object, label_threshold: float | None,
               query_ids: object, answer_ids: object,
-              policy: LogitPolicy = ScaledCosine()) -> tuple[Tensor, list[WeinceLambda]]:
+              policy: LogitPolicy = PLAIN_LOGITS) -> tuple[Tensor, list[WeinceLambda]]:
     """Validate, prepare and compute a batch-softmax pair loss."""
     check_temperature(fn, temperature)
     check_choice(fn, "directions", directions, DIRECTIONS)

@@ -4,7 +4,7 @@ every loss that uses a softmax over candidates, share the same maths."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from torch import Tensor
@@ -35,9 +35,9 @@ class ScaledCosine:
 
 @dataclass(frozen=True)
 class WeinceMixture:
-    """WEINCE's t-lambda select logits (see :mod:`batchscale.losses.weince`)."""
+    """WEINCE's t-lambda select logits (see :mod:`batchscale.losses.weince_tail`)."""
 
-    config: WeinceConfig = WeinceConfig()
+    config: WeinceConfig = field(default_factory=WeinceConfig)
 
     def row_state(self, sims: Tensor, negatives: Tensor, anchors: Tensor) -> WeinceLambda:
         return weince_lambda(sims, negatives, anchors, self.config)
@@ -46,3 +46,6 @@ class WeinceMixture:
                temperature: float | Tensor) -> Tensor:
         assert state is not None
         return weince_logits(sims, state.lam, temperature, self.config.eps)
+
+
+PLAIN_LOGITS = ScaledCosine()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,7 +28,9 @@ def normalize(x: Tensor, mode: Normalization) -> Tensor:
         return x / spread.clamp_min(_EPS)
     if mode == "none":
         return x
-    raise ValueError(f"normalize: `normalization` must be one of {list(NORMALIZATIONS)}, got {mode!r}")
+    raise ValueError(
+        f"normalize: `normalization` must be one of {list(NORMALIZATIONS)}, got {mode!r}"
+    )
 
 
 def cosine_diagonal(q: Tensor, a: Tensor) -> Tensor:

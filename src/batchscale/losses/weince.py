@@ -38,7 +38,9 @@ def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
     if config is None:
         config = WeinceConfig.from_kwargs("weince_loss", **weince_options)
     elif weince_options:
-        raise ValueError(f"weince_loss: give `config` or keywords, not both: {sorted(weince_options)}")
+        raise ValueError(
+            f"weince_loss: give `config` or keywords, not both: {sorted(weince_options)}"
+        )
     loss, states = pair_loss("weince_loss", q, a, temperature, directions=directions,
                              normalization="l2", hard_negatives=hard_negatives, labels=labels,
                              label_threshold=label_threshold, query_ids=query_ids,

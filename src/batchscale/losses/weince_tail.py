@@ -1,4 +1,5 @@
-r"""The tail fit behind WEINCE: each anchor's lambda (the extreme-value, "t-lambda select", correction of InfoNCE).
+r"""The tail fit behind WEINCE: each anchor's lambda in the extreme-value ("t-lambda
+select") correction of InfoNCE.
 
 Erol, Evren, Ozel, Morgan, Ryu, Zheng, "When Softmax Fails at the Top: Extreme Value
 Corrections for InfoNCE", ICML 2026 (arXiv 2606.00262).
