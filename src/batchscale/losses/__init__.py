@@ -10,6 +10,7 @@ Trainable temperature: :class:`LearnableTemperature`.
 from .batch_softmax import DIRECTIONS, Directions
 from .bsc import bsc_loss, infonce_loss
 from .combined import bsc_mse_loss
+from .logits import weince_logits
 from .nt_xent import nt_xent
 from .pointwise import cosent_loss, cosine_mse_loss
 from .similarity import NORMALIZATIONS, Normalization
@@ -17,7 +18,7 @@ from .temperature import LearnableTemperature
 from .triplet import triplet_loss
 from .vrns import vrns_penalty
 from .weince import weince_loss
-from .weince_tail import WeinceConfig, WeinceLambda, WeinceStats, weince_lambda, weince_logits
+from .weince_tail import WeinceConfig, WeinceLambda, WeinceStats, weince_lambda
 
 __all__ = [
     "DIRECTIONS",

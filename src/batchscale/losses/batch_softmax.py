@@ -29,7 +29,7 @@ from ._checks import (
 )
 from .logits import PLAIN_LOGITS, LogitPolicy
 from .similarity import NORMALIZATIONS, Normalization, normalize
-from .softmax import negative_mask, softmax_cross_entropy, weighted_anchor_mean
+from .softmax import softmax_cross_entropy, weighted_anchor_mean
 from .weince_tail import WeinceLambda
 
 Directions = Literal["both", "q->a", "a->q"]
@@ -115,13 +115,11 @@ def direction_loss(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor 
                    anchor_weight: Tensor | None, policy: LogitPolicy,
                    temperature: float | Tensor, count: int) -> tuple[Tensor, WeinceLambda | None]:
     """The mean cross-entropy of each anchor row of ``sims`` against its candidates."""
-    rows = sims.shape[0]
-    negatives = negative_mask(candidate_mask, positive_index, tuple(sims.shape), sims.device)
-    anchors = (torch.ones(rows, dtype=torch.bool, device=sims.device) if anchor_weight is None
-               else anchor_weight.to(torch.bool))
-    state = policy.row_state(sims, negatives, anchors)
-    logits = policy.logits(sims, state, temperature)
-    per_anchor = softmax_cross_entropy(logits, positive_index, candidate_mask)
+    anchors = (torch.ones(sims.shape[0], dtype=torch.bool, device=sims.device)
+               if anchor_weight is None else anchor_weight.to(torch.bool))
+    state = policy.row_state(sims, positive_index, candidate_mask, anchors)
+    per_anchor = softmax_cross_entropy(sims, positive_index, candidate_mask, policy, state,
+                                       temperature)
     return weighted_anchor_mean(per_anchor, anchor_weight, count), state
 
 
@@ -139,7 +137,8 @@ def batch_softmax_loss(batch: ContrastiveBatch, temperature: float | Tensor,
         losses.append(loss)
         states.append(state)
     if directions in ("both", "a->q"):
-        loss, state = direction_loss(sims[:, :m].T, target, batch.col_mask, batch.anchor_weight,
+        columns = sims[:, :m].T.contiguous()
+        loss, state = direction_loss(columns, target, batch.col_mask, batch.anchor_weight,
                                      policy, temperature, m)
         losses.append(loss)
         states.append(state)

@@ -1,37 +1,107 @@
 """The cross-entropy of each anchor's positive among its candidates: the core of every
 batch-softmax loss here (BSC's L0 and L1, InfoNCE, NT-Xent, WEINCE).
 
-For anchor i with logits g_i over its valid candidates C_i and positive p(i):
+For anchor i with logits g_i = policy(s_i) over its valid candidates C_i and positive p(i):
 
     l_i = -log softmax_{j in C_i}(g_ij)[p(i)] = logsumexp_{j in C_i} g_ij - g_{i,p(i)}
+    dl_i / ds_ij = (softmax(g_i)_j - 1[j = p(i)]) * dg_ij / ds_ij
 
-The tiled (memory-linear) path computes the same l_i with an online log-sum-exp.
+A custom autograd Function computes both in a few in-place passes over the (rows, cols)
+block instead of autograd's chain of temporaries; the policy supplies g and dg/ds, so the
+tiled (memory-linear) path evaluates exactly the same maths tile by tile.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from .logits import LogitBlock, LogitPolicy
+    from .weince_tail import WeinceLambda
 
-def softmax_cross_entropy(logits: Tensor, positive_index: Tensor,
-                          candidate_mask: Tensor | None = None) -> Tensor:
-    """Per-anchor loss l_i, shape (rows,). ``candidate_mask[i, j]`` False removes j from
-    anchor i's candidates; the positive must stay a candidate."""
+
+def _softmax_buffers(sims: Tensor, temperature: Tensor, positive_index: Tensor,
+                     candidate_mask: Tensor | None, policy: LogitPolicy,
+                     state: WeinceLambda | None) -> tuple[Tensor, Tensor, Tensor, LogitBlock]:
+    """(loss per row, exp(g - max) per entry, its row sums, the policy's block)."""
+    block = policy.logits(sims, state, temperature)
+    logits = block.logits
     if candidate_mask is not None:
-        logits = logits.masked_fill(~candidate_mask, float("-inf"))
-    positive = logits.gather(1, positive_index.unsqueeze(1)).squeeze(1)
-    return torch.logsumexp(logits, dim=1) - positive
+        logits.masked_fill_(~candidate_mask, float("-inf"))
+    positive = logits.gather(1, positive_index[:, None]).squeeze(1)
+    top = logits.amax(dim=1, keepdim=True)
+    # The logits buffer becomes exp(g - max) in place: the backward's softmax for free.
+    weights = logits.sub_(top).exp_()
+    total = weights.sum(dim=1)
+    return total.log() + top.squeeze(1) - positive, weights, total, block
 
 
-def negative_mask(candidate_mask: Tensor | None, positive_index: Tensor,
-                  shape: tuple[int, int], device: torch.device) -> Tensor:
-    """Boolean (rows, cols): True where j is a valid negative of anchor i."""
-    rows = torch.arange(shape[0], device=device)
-    mask = torch.ones(shape, dtype=torch.bool, device=device) if candidate_mask is None \
-        else candidate_mask.clone()
-    mask[rows, positive_index] = False
-    return mask
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, sims: Tensor, temperature: Tensor, positive_index: Tensor,
+                candidate_mask: Tensor | None, policy: LogitPolicy,
+                state: WeinceLambda | None) -> Tensor:
+        loss, weights, total, block = _softmax_buffers(sims, temperature, positive_index,
+                                                       candidate_mask, policy, state)
+        ctx.save_for_backward(sims, temperature, positive_index)
+        # Our own buffers (no graph): kept off save_for_backward, whose version check would
+        # refuse the in-place reuse below.
+        ctx.buffers = (weights, total, block.slope)
+        ctx.tau_weight, ctx.candidate_mask, ctx.policy, ctx.state = (
+            block.tau_weight, candidate_mask, policy, state)
+        ctx.buffers_used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        sims, temperature, positive_index = ctx.saved_tensors
+        if ctx.buffers_used:
+            # A second backward (retain_graph, gradcheck): the first one consumed the saved
+            # buffers in place, so rebuild them.
+            _, weights, total, block = _softmax_buffers(
+                sims, temperature, positive_index, ctx.candidate_mask, ctx.policy, ctx.state)
+            slope = block.slope
+        else:
+            weights, total, slope = ctx.buffers
+        ctx.buffers_used = True
+        ctx.buffers = None
+        # dL/dg = grad_i * (softmax(g_i) - onehot(p(i))), built in the saved buffer.
+        grad_logits = weights.div_(total[:, None])
+        rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
+        grad_logits[rows, positive_index] -= 1.0
+        grad_logits.mul_(grad_loss[:, None])
+        grad_tau = None
+        if ctx.needs_input_grad[1]:
+            per_row = torch.einsum("ij,ij->i", grad_logits, sims)
+            if ctx.tau_weight is not None:
+                per_row = per_row * ctx.tau_weight
+            grad_tau = -per_row.sum() / temperature**2
+        grad_sims = grad_logits.mul_(slope) if ctx.needs_input_grad[0] else None
+        return grad_sims, grad_tau, None, None, None, None
+
+
+def softmax_cross_entropy(sims: Tensor, positive_index: Tensor,
+                          candidate_mask: Tensor | None, policy: LogitPolicy,
+                          state: WeinceLambda | None, temperature: float | Tensor) -> Tensor:
+    """Per-anchor loss l_i, shape (rows,), of the similarities ``sims`` (rows, cols).
+
+    ``candidate_mask[i, j]`` False removes j from anchor i's candidates (the positive must
+    stay one); ``policy`` and its per-row ``state`` turn similarities into logits."""
+    tau = temperature if isinstance(temperature, Tensor) else torch.tensor(
+        float(temperature), dtype=sims.dtype, device=sims.device)
+    return _SoftmaxCrossEntropy.apply(sims, tau.to(sims.dtype).reshape(()), positive_index,
+                                      candidate_mask, policy, state)
+
+
+def negative_counts(candidate_mask: Tensor | None, rows: int, cols: int,
+                    device: torch.device) -> Tensor:
+    """K_i, the number of negatives of each anchor (its candidates but the positive)."""
+    if candidate_mask is None:
+        return torch.full((rows,), cols - 1, dtype=torch.long, device=device)
+    return candidate_mask.sum(dim=1, dtype=torch.int32).to(torch.long) - 1
 
 
 def weighted_anchor_mean(per_anchor: Tensor, weights: Tensor | None, count: int) -> Tensor:

@@ -19,7 +19,7 @@ the gradient (computed under ``no_grad``), the product of
 
 lambda_i = 0 gives InfoNCE exactly. The functions below are split so that a tiled path
 which gathers each anchor's tail with a streaming top-k can reuse :func:`lambda_from_tail`
-and :func:`weince_logits` unchanged.
+and :func:`batchscale.losses.logits.weince_logits` unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from .softmax import negative_counts
 
 WeinceFactors = Literal["both", "rho", "aic"]
 
@@ -125,17 +127,20 @@ def tail_size(num_negatives: Tensor, cfg: WeinceConfig) -> Tensor:
     return k.to(torch.long)
 
 
-def _least_squares_sse(x: Tensor, y: Tensor, w: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-    """Weighted (0/1) least squares y = a + slope * x per row: (SSE, slope)."""
-    n_safe = n.clamp_min(1)
-    mx = (w * x).sum(1) / n_safe
-    my = (w * y).sum(1) / n_safe
-    dx = torch.where(w > 0, x - mx[:, None], 0.0)
-    dy = torch.where(w > 0, y - my[:, None], 0.0)
-    sxx = (dx * dx).sum(1)
-    slope = torch.where(sxx > 0, (dx * dy).sum(1) / sxx.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
-    resid = torch.where(w > 0, dy - slope[:, None] * dx, 0.0)
-    return (resid * resid).sum(1), slope
+def _least_squares(x: Tensor, y: Tensor, n: Tensor, sx: Tensor, sxx: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """Least squares y = a + slope * x per row over the kept points: (SSE, slope).
+
+    ``x`` and ``y`` are zero outside the kept points (``y`` may be one broadcast row);
+    n, sum x and sum x^2 are shared by both fits."""
+    sy = y.sum(1).expand_as(n)
+    syy = (y * y).sum(1).expand_as(n)
+    sxy = (x * y).sum(1)
+    var_x = sxx - sx * sx / n
+    cov_xy = sxy - sx * sy / n
+    var_y = syy - sy * sy / n
+    slope = torch.where(var_x > 0, cov_xy / var_x.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    return (var_y - slope * cov_xy).clamp_min(0.0), slope
 
 
 def lambda_from_tail(top_negatives: Tensor, k: Tensor, anchors: Tensor,
@@ -149,30 +154,38 @@ def lambda_from_tail(top_negatives: Tensor, k: Tensor, anchors: Tensor,
     s = top_negatives.detach().to(torch.float64)
     rows, k_max = s.shape
     dev = s.device
-    r = torch.arange(1, k_max + 1, device=dev, dtype=torch.float64).expand(rows, k_max)
-    kf = k.to(torch.float64)[:, None]
-    drop = torch.clamp(torch.div(k, cfg.drop_divisor, rounding_mode="floor"), min=1)
+    # One broadcast row when every anchor has the same k (no masks): the empirical CDF and
+    # its transforms depend on (r, k) only.
+    uniform = rows > 0 and bool((k == k[0]).all())
+    k_rows = k[:1] if uniform else k
+    kf = k_rows.to(torch.float64)[:, None]
+    r = torch.arange(1, k_max + 1, device=dev, dtype=torch.float64)[None, :]
+    drop = torch.clamp(torch.div(k_rows, cfg.drop_divisor, rounding_mode="floor"), min=1)
     keep = (r > drop.to(torch.float64)[:, None]) & (r <= kf)
-    n = (k - drop).clamp_min(0).to(torch.float64)
+    cdf = torch.where(keep, r / (kf + 1.0), 0.5)
+    y_weibull = torch.where(keep, torch.log(cdf), 0.0)
+    y_gumbel = torch.where(keep, torch.log(-torch.log(cdf)), 0.0)
+    n = (k - torch.clamp(torch.div(k, cfg.drop_divisor, rounding_mode="floor"), min=1))
+    n = n.clamp_min(0).to(torch.float64)
     fitted = anchors & (n >= 3)
+    n_safe = n.clamp_min(1.0)
 
     # Shortfalls delta = max(1 - s, eps) ascend as s descends; x = log delta.
-    x = torch.where(keep, torch.log(torch.clamp(1.0 - s, min=cfg.eps)), 0.0)
-    cdf = torch.where(keep, r / (kf + 1.0), 0.5)
-    w = keep.to(torch.float64)
-    sse_w, slope_w = _least_squares_sse(x, torch.log(cdf), w, n)
-    sse_g, slope_g = _least_squares_sse(x, torch.log(-torch.log(cdf)), w, n)
+    x = torch.where(keep, torch.log(torch.clamp(torch.rsub(s, 1.0), min=cfg.eps)), 0.0)
+    sx, sxx = x.sum(1), (x * x).sum(1)
+    sse_w, slope_w = _least_squares(x, y_weibull, n_safe, sx, sxx)
+    sse_g, slope_g = _least_squares(x, y_gumbel, n_safe, sx, sxx)
     sse_w = sse_w.clamp_min(cfg.sse_floor) + cfg.slope_penalty * (slope_w <= 0)
     sse_g = sse_g.clamp_min(cfg.sse_floor) + cfg.slope_penalty * (slope_g >= 0)
-    n_safe = n.clamp_min(1.0)
     aic_w = n_safe * torch.log(sse_w / n_safe) + 4.0
     aic_g = n_safe * torch.log(sse_g / n_safe) + 4.0
     delta_aic = aic_g - aic_w
 
     has_negative = k > 0
-    rho = torch.clamp(1.0 - s[:, 0], min=cfg.eps) if k_max > 0 else torch.ones(rows, device=dev,
-                                                                                dtype=torch.float64)
-    rho = torch.where(has_negative, rho, 1.0)
+    if k_max > 0:
+        rho = torch.where(has_negative, torch.clamp(1.0 - s[:, 0], min=cfg.eps), 1.0)
+    else:
+        rho = torch.ones(rows, device=dev, dtype=torch.float64)
     pool = torch.sort(rho[anchors & has_negative]).values
     if pool.numel() > 0:
         rho0 = pool[round(cfg.quantile * (pool.numel() - 1))]
@@ -191,29 +204,47 @@ def lambda_from_tail(top_negatives: Tensor, k: Tensor, anchors: Tensor,
     return WeinceLambda(lam.to(out), lam_rho.to(out), lam_aic.to(out), delta_aic.to(out), fitted)
 
 
-def weince_lambda(sims: Tensor, negatives: Tensor, anchors: Tensor | None = None,
-                  cfg: WeinceConfig | None = None) -> WeinceLambda:
+# Up to this many non-negatives per row (the positive, masked false negatives), the tail is
+# read from a top-(k + extra) of the raw similarities instead of a masked copy of the matrix.
+_MAX_EXTRA = 16
+
+
+def top_negatives(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None,
+                  num_negatives: Tensor, k_max: int) -> Tensor:
+    """Each row's k_max largest negative similarities, sorted descending (-inf past K_i)."""
+    rows, cols = sims.shape
+    extra = int((cols - num_negatives).max()) if rows else 0
+    if extra <= _MAX_EXTRA:
+        # At most `extra` entries of a row are not negatives, so its top k_max negatives are
+        # among its top k_max + extra entries.
+        vals, idx = torch.topk(sims, min(k_max + extra, cols), dim=1, sorted=False)
+        valid = idx != positive_index[:, None]
+        if candidate_mask is not None:
+            valid &= candidate_mask.gather(1, idx)
+        vals = vals.masked_fill(~valid, float("-inf"))
+        return torch.topk(vals, k_max, dim=1, sorted=True).values
+    negatives = torch.ones_like(sims, dtype=torch.bool) if candidate_mask is None \
+        else candidate_mask.clone()
+    negatives[torch.arange(rows, device=sims.device), positive_index] = False
+    masked = sims.masked_fill(~negatives, float("-inf"))
+    return torch.topk(masked, k_max, dim=1, sorted=True).values
+
+
+def weince_lambda(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None = None,
+                  anchors: Tensor | None = None, cfg: WeinceConfig | None = None) -> WeinceLambda:
     """lambda_i for every row of a dense similarity matrix.
 
-    ``sims`` (rows, cols) cosine similarities; ``negatives`` (rows, cols) bool, True where
-    j is a negative of anchor i; ``anchors`` (rows,) bool, rows that are anchors.
+    ``sims`` (rows, cols) cosine similarities; ``positive_index`` (rows,) each row's positive;
+    ``candidate_mask`` (rows, cols) bool, False for columns that are not candidates of the
+    row; ``anchors`` (rows,) bool, rows that are anchors (count for rho0 and the statistics).
     """
     cfg = cfg or WeinceConfig()
-    rows = sims.shape[0]
+    rows, cols = sims.shape
     if anchors is None:
         anchors = torch.ones(rows, dtype=torch.bool, device=sims.device)
     with torch.no_grad():
-        k = tail_size(negatives.sum(1), cfg)
+        num_negatives = negative_counts(candidate_mask, rows, cols, sims.device)
+        k = tail_size(num_negatives, cfg)
         k_max = int(k.max()) if rows > 0 else 0
-        masked = sims.detach().masked_fill(~negatives, float("-inf"))
-        top = torch.topk(masked, k_max, dim=1, sorted=True).values
+        top = top_negatives(sims.detach(), positive_index, candidate_mask, num_negatives, k_max)
         return lambda_from_tail(top, k, anchors, cfg)
-
-
-def weince_logits(sims: Tensor, lam: Tensor, temperature: float | Tensor, eps: float) -> Tensor:
-    """g_ij = (1 - lambda_i) s_ij / tau + lambda_i (-log(1 - min(s_ij, 1 - eps))).
-
-    Elementwise in s_ij given each row's lambda, so it applies tile by tile."""
-    lam = lam.to(sims.dtype)[:, None]
-    shortfall_logit = -torch.log1p(-torch.clamp(sims, max=1.0 - eps))
-    return (1.0 - lam) * (sims / temperature) + lam * shortfall_logit
