@@ -1,0 +1,160 @@
+r"""Gradient cache: the exact gradient of a batch-level contrastive loss with the activation
+memory of one chunk (Gao, Zhang, Han, Callan, "Scaling Deep Contrastive Learning Batch Size
+under Memory Limited Setup", RepL4NLP 2021).
+
+A contrastive loss couples every example of the batch, so the batch cannot be split into
+independent micro-batches. It factors through the embeddings, though:
+dL/dtheta = sum_i (dL/de_i) (de_i/dtheta). Hence, for one optimiser step:
+
+1. encode every chunk without a graph, saving the RNG state before each chunk;
+2. compute the loss on all embeddings (made leaf tensors) and back-propagate into them:
+   the cached gradients dL/de_i;
+3. re-encode each chunk with a graph under its saved RNG state (same dropout masks, so the
+   same embeddings) and back-propagate the cached gradients through it.
+
+Parameter gradients accumulate into ``.grad`` as usual. Parameters used only by the loss
+(e.g. a learnable temperature) get theirs in step 2. Across ranks, ``loss_fn`` may all-gather
+the embeddings (:func:`batchscale.batching.distributed.gathered_pair_loss`): step 2 then holds
+the only collectives, and every rank may have a different number of chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import Tensor
+
+from .chunking import Chunk, Inputs, batch_rows, check_rule, split_inputs
+from .rng_state import RngState
+
+Encoder = Callable[[dict[str, Tensor]], Tensor]
+SideInputs = Inputs | Sequence[Inputs]
+
+
+def _side_chunks(
+    name: str, side: SideInputs, chunk_size: int | None, max_tokens: int | None
+) -> list[Chunk]:
+    """One mapping is split by the rule; a sequence of mappings is taken as the chunks."""
+    if isinstance(side, Mapping):
+        return split_inputs(side, chunk_size=chunk_size, max_tokens=max_tokens)
+    if not isinstance(side, Sequence) or isinstance(side, str) or not side:
+        raise ValueError(
+            f"`{name}` must be a mapping of tensors or a non-empty sequence of them, "
+            f"got {type(side).__name__}"
+        )
+    chunks, start = [], 0
+    for inputs in side:
+        rows = batch_rows(inputs)
+        chunks.append(Chunk(dict(inputs), torch.arange(start, start + rows)))
+        start += rows
+    return chunks
+
+
+def _encode(encode: Encoder, chunk: Chunk, name: str) -> Tensor:
+    emb = encode(chunk.inputs)
+    if not isinstance(emb, Tensor) or emb.ndim != 2 or emb.shape[0] != len(chunk):
+        shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+        raise ValueError(
+            f"the encoder of `{name}` must return a ({len(chunk)}, d) tensor for a chunk of "
+            f"{len(chunk)} examples, got {shape}"
+        )
+    return emb
+
+
+def _in_batch_order(chunks: list[Chunk], embeddings: list[Tensor]) -> Tensor:
+    """Chunk embeddings scattered back to the rows' original positions."""
+    index = torch.cat([c.index for c in chunks])
+    flat = torch.cat(embeddings)
+    out = flat.new_empty(flat.shape)
+    out[index.to(flat.device)] = flat
+    return out
+
+
+def cached_backward(
+    encode: Encoder | Sequence[Encoder],
+    sides: Sequence[SideInputs],
+    loss_fn: Callable[..., Tensor],
+    *,
+    chunk_size: int | None = None,
+    max_tokens: int | None = None,
+    no_sync: Callable[[], AbstractContextManager[object]] | None = None,
+) -> Tensor:
+    """Compute ``loss_fn(*embeddings)`` over the whole batch and accumulate its exact parameter
+    gradients into ``.grad``, encoding one chunk at a time; returns the loss, detached.
+
+    Args:
+        encode: ``encode(inputs) -> (n, d)`` embeddings of a chunk, e.g. a module's forward on
+            a dict of token tensors; or one encoder per side (asymmetric towers).
+        sides: the inputs of each side of the loss, e.g. ``[queries, answers]`` or
+            ``[queries, answers, hard_negatives]``. Each is a mapping of tensors sharing
+            the batch dimension (split by the rule) or a list of such mappings (taken as
+            the chunks, in order).
+        loss_fn: ``loss_fn(*embeddings) -> 0-dim tensor``, embeddings in the batch's order,
+            one (n_side, d) tensor per side. What it returns is what is back-propagated (scale
+            it there for mixed precision or gradient accumulation).
+        chunk_size: examples per chunk, in the batch's order; or
+        max_tokens: padded tokens per chunk (rows x longest row), examples sorted by length.
+        no_sync: a context factory under which every re-encoding but the last runs, e.g.
+            ``ddp_model.no_sync`` so that DistributedDataParallel reduces the gradients once.
+
+    Without gradients enabled (evaluation) only steps 1 and 2's loss are computed.
+    """
+    check_rule(chunk_size, max_tokens)
+    if isinstance(sides, Mapping) or not isinstance(sides, Sequence) or not sides:
+        raise ValueError(
+            f"`sides` must be a non-empty sequence of per-side inputs, got {type(sides).__name__}"
+        )
+    encoders = list(encode) if isinstance(encode, Sequence) else [encode] * len(sides)
+    if len(encoders) != len(sides) or not all(callable(e) for e in encoders):
+        raise ValueError(
+            f"`encode` must be a callable or one callable per side ({len(sides)}), got {encode!r}"
+        )
+    names = [f"sides[{i}]" for i in range(len(sides))]
+    chunks = [_side_chunks(n, s, chunk_size, max_tokens) for n, s in zip(names, sides, strict=True)]
+
+    # Step 1: embeddings without a graph; the RNG state before each chunk is what step 3 needs
+    # to draw the same dropout masks.
+    states: list[list[RngState]] = []
+    leaves: list[Tensor] = []
+    with torch.no_grad():
+        for enc, side_chunks, name in zip(encoders, chunks, names, strict=True):
+            side_states, side_embs = [], []
+            for chunk in side_chunks:
+                side_states.append(RngState.capture())
+                side_embs.append(_encode(enc, chunk, name))
+            states.append(side_states)
+            leaves.append(_in_batch_order(side_chunks, side_embs))
+    if not torch.is_grad_enabled():
+        return loss_fn(*leaves).detach()
+
+    # Step 2: the loss on leaf embeddings; its backward stops at them (and at any parameter of
+    # the loss itself).
+    leaves = [e.requires_grad_() for e in leaves]
+    loss = loss_fn(*leaves)
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"`loss_fn` must return a 0-dim tensor, got {got}")
+    if not loss.requires_grad:
+        raise ValueError("`loss_fn` returned a loss that does not depend on the embeddings")
+    loss.backward()
+
+    # Step 3: replay each chunk with a graph and push its cached gradient in. A side the loss
+    # did not use has no gradient and is not re-encoded.
+    work = [
+        (enc, chunk, state, leaf.grad, name)
+        for enc, side_chunks, side_states, leaf, name in zip(
+            encoders, chunks, states, leaves, names, strict=True
+        )
+        if leaf.grad is not None
+        for chunk, state in zip(side_chunks, side_states, strict=True)
+    ]
+    for step, (enc, chunk, state, grad, name) in enumerate(work):
+        last = step == len(work) - 1
+        with nullcontext() if no_sync is None or last else no_sync(), state.replay():
+            emb = _encode(enc, chunk, name)
+            if not emb.requires_grad:  # a frozen tower: nothing to train
+                continue
+            torch.autograd.backward(emb, grad.index_select(0, chunk.index.to(grad.device)))
+    return loss.detach()
