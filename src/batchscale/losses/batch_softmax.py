@@ -24,10 +24,9 @@ from ._checks import (
     check_choice,
     check_embeddings,
     check_same_layout,
-    check_temperature,
     check_vector,
 )
-from .logits import PLAIN_LOGITS, LogitPolicy
+from .logits import LogitPolicy
 from .similarity import NORMALIZATIONS, Normalization, normalize
 from .softmax import softmax_cross_entropy, weighted_anchor_mean
 from .weince_tail import WeinceLambda
@@ -44,8 +43,8 @@ class ContrastiveBatch:
     q: Tensor                    # (m, d)
     candidates: Tensor           # (m + h, d)
     anchor_weight: Tensor | None  # (m,) y_i in {0, 1}, None = all anchors
-    row_mask: Tensor | None      # (m, m + h) candidate mask of L0
-    col_mask: Tensor | None      # (m, m) candidate mask of L1 (answer j against query i)
+    answer_ids: Tensor | None    # (m + h,) text ids of the candidates (L0's masks)
+    query_ids: Tensor | None     # (m,) text ids of the queries (L1's masks)
 
     @property
     def m(self) -> int:
@@ -97,18 +96,25 @@ def prepare_batch(fn: str, q: Tensor, a: Tensor, *, normalization: Normalization
     elif label_threshold is not None:
         raise ValueError(f"{fn}: `label_threshold` given without `labels`")
 
-    row_mask = col_mask = None
     if answer_ids is not None:
-        aid = check_vector(fn, "answer_ids", answer_ids, n_cand, dev, integer=True)
-        row_mask = aid[None, :] != aid[:m, None]
-        row_mask[torch.arange(m, device=dev), torch.arange(m, device=dev)] = True
+        answer_ids = check_vector(fn, "answer_ids", answer_ids, n_cand, dev, integer=True)
     if query_ids is not None:
-        qid = check_vector(fn, "query_ids", query_ids, m, dev, integer=True)
-        col_mask = qid[None, :] != qid[:, None]
-        col_mask.fill_diagonal_(True)
-
+        query_ids = check_vector(fn, "query_ids", query_ids, m, dev, integer=True)
     return ContrastiveBatch(normalize(q, normalization), normalize(candidates, normalization),
-                            weight, row_mask, col_mask)
+                            weight, answer_ids, query_ids)
+
+
+def candidate_mask(ids: Tensor | None, anchors: slice, candidates: slice) -> Tensor | None:
+    """Which candidates (a block of columns) count for which anchors (a block of rows).
+
+    Anchor i's positive is candidate i. A candidate is dropped when it carries the same text
+    id as the anchor's positive but is not the positive itself (a false negative)."""
+    if ids is None:
+        return None
+    dev = ids.device
+    rows = torch.arange(anchors.start, anchors.stop, device=dev)
+    cols = torch.arange(candidates.start, candidates.stop, device=dev)
+    return (ids[candidates][None, :] != ids[anchors][:, None]) | (cols[None, :] == rows[:, None])
 
 
 def direction_loss(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None,
@@ -127,34 +133,22 @@ def batch_softmax_loss(batch: ContrastiveBatch, temperature: float | Tensor,
                        directions: Directions, policy: LogitPolicy
                        ) -> tuple[Tensor, list[WeinceLambda]]:
     """L0, L1 or their mean over a prepared batch (dense: one (m, m + h) matrix)."""
-    m = batch.m
+    m, n = batch.m, batch.candidates.shape[0]
     sims = batch.q @ batch.candidates.T
     target = torch.arange(m, device=sims.device)
     losses, states = [], []
     if directions in ("both", "q->a"):
-        loss, state = direction_loss(sims, target, batch.row_mask, batch.anchor_weight,
+        mask = candidate_mask(batch.answer_ids, slice(0, m), slice(0, n))
+        loss, state = direction_loss(sims, target, mask, batch.anchor_weight,
                                      policy, temperature, m)
         losses.append(loss)
         states.append(state)
     if directions in ("both", "a->q"):
         columns = sims[:, :m].T.contiguous()
-        loss, state = direction_loss(columns, target, batch.col_mask, batch.anchor_weight,
+        mask = candidate_mask(batch.query_ids, slice(0, m), slice(0, m))
+        loss, state = direction_loss(columns, target, mask, batch.anchor_weight,
                                      policy, temperature, m)
         losses.append(loss)
         states.append(state)
     total = losses[0] if len(losses) == 1 else (losses[0] + losses[1]) / 2
     return total, [s for s in states if s is not None]
-
-
-def pair_loss(fn: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
-              directions: Directions, normalization: Normalization,
-              hard_negatives: Tensor | None, labels: object, label_threshold: float | None,
-              query_ids: object, answer_ids: object,
-              policy: LogitPolicy = PLAIN_LOGITS) -> tuple[Tensor, list[WeinceLambda]]:
-    """Validate, prepare and compute a batch-softmax pair loss."""
-    check_temperature(fn, temperature)
-    check_choice(fn, "directions", directions, DIRECTIONS)
-    batch = prepare_batch(fn, q, a, normalization=normalization, hard_negatives=hard_negatives,
-                          labels=labels, label_threshold=label_threshold, query_ids=query_ids,
-                          answer_ids=answer_ids)
-    return batch_softmax_loss(batch, temperature, directions, policy)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .batch_softmax import Directions, pair_loss
+from .batch_softmax import Directions
+from .pair_loss import TileSize, pair_loss
 from .similarity import Normalization
 
 
@@ -22,7 +23,7 @@ def bsc_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
              directions: Directions = "both", normalization: Normalization = "l2",
              hard_negatives: Tensor | None = None, labels: Tensor | None = None,
              label_threshold: float | None = None, query_ids: Tensor | None = None,
-             answer_ids: Tensor | None = None) -> Tensor:
+             answer_ids: Tensor | None = None, tile_size: TileSize = "auto") -> Tensor:
     """BSC over a batch of pairs (``q[i]``, ``a[i]``); returns a 0-dim tensor.
 
     Args:
@@ -42,17 +43,17 @@ def bsc_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
     loss, _ = pair_loss("bsc_loss", q, a, temperature, directions=directions,
                         normalization=normalization, hard_negatives=hard_negatives,
                         labels=labels, label_threshold=label_threshold, query_ids=query_ids,
-                        answer_ids=answer_ids)
+                        answer_ids=answer_ids, tile_size=tile_size)
     return loss
 
 
 def infonce_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
                  normalization: Normalization = "l2", hard_negatives: Tensor | None = None,
                  labels: Tensor | None = None, label_threshold: float | None = None,
-                 answer_ids: Tensor | None = None) -> Tensor:
+                 answer_ids: Tensor | None = None, tile_size: TileSize = "auto") -> Tensor:
     """InfoNCE / multiple-negatives ranking: BSC's L0 alone (each query against all answers)."""
     loss, _ = pair_loss("infonce_loss", q, a, temperature, directions="q->a",
                         normalization=normalization, hard_negatives=hard_negatives,
                         labels=labels, label_threshold=label_threshold, query_ids=None,
-                        answer_ids=answer_ids)
+                        answer_ids=answer_ids, tile_size=tile_size)
     return loss

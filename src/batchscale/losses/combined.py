@@ -14,6 +14,7 @@ from torch import Tensor
 from ._checks import check_unit_interval
 from .batch_softmax import Directions
 from .bsc import bsc_loss
+from .pair_loss import TileSize
 from .pointwise import cosine_mse_loss
 from .similarity import Normalization
 
@@ -21,12 +22,12 @@ from .similarity import Normalization
 def bsc_mse_loss(q: Tensor, a: Tensor, scores: Tensor, temperature: float | Tensor = 0.05, *,
                  mu: float = 0.1, label_threshold: float = 0.6,
                  directions: Directions = "both", normalization: Normalization = "l2",
-                 hard_negatives: Tensor | None = None) -> Tensor:
+                 hard_negatives: Tensor | None = None, tile_size: TileSize = "auto") -> Tensor:
     """``mu * bsc_loss(labels=scores > label_threshold) + (1 - mu) * cosine_mse_loss``.
 
     ``scores`` (m,) are gold similarities scaled to [0, 1]."""
     mu = check_unit_interval("bsc_mse_loss", "mu", mu)
     contrastive = bsc_loss(q, a, temperature, directions=directions,
                            normalization=normalization, hard_negatives=hard_negatives,
-                           labels=scores, label_threshold=label_threshold)
+                           labels=scores, label_threshold=label_threshold, tile_size=tile_size)
     return mu * contrastive + (1.0 - mu) * cosine_mse_loss(q, a, scores)

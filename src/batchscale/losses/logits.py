@@ -27,6 +27,10 @@ class LogitBlock(NamedTuple):
 
 
 class LogitPolicy(Protocol):
+    @property
+    def tail(self) -> WeinceConfig | None:
+        """The tail-fit constants when the logits need each anchor's negative tail."""
+
     def row_state(self, sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None,
                   anchors: Tensor) -> WeinceLambda | None:
         """Per-anchor constants computed once from the (detached) similarities."""
@@ -39,6 +43,10 @@ class LogitPolicy(Protocol):
 @dataclass(frozen=True)
 class ScaledCosine:
     """g_ij = s_ij / tau."""
+
+    @property
+    def tail(self) -> None:
+        return None
 
     def row_state(self, sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None,
                   anchors: Tensor) -> None:
@@ -56,6 +64,10 @@ class WeinceMixture:
     (see :mod:`batchscale.losses.weince_tail` for lam)."""
 
     config: WeinceConfig = field(default_factory=WeinceConfig)
+
+    @property
+    def tail(self) -> WeinceConfig:
+        return self.config
 
     def row_state(self, sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None,
                   anchors: Tensor) -> WeinceLambda:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .batch_softmax import Directions, pair_loss
+from .batch_softmax import Directions
 from .logits import WeinceMixture
+from .pair_loss import TileSize, pair_loss
 from .weince_tail import WeinceConfig, WeinceStats
 
 
@@ -25,7 +26,8 @@ def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
                 directions: Directions = "both", hard_negatives: Tensor | None = None,
                 labels: Tensor | None = None, label_threshold: float | None = None,
                 query_ids: Tensor | None = None, answer_ids: Tensor | None = None,
-                config: WeinceConfig | None = None, return_stats: bool = False,
+                tile_size: TileSize = "auto", config: WeinceConfig | None = None,
+                return_stats: bool = False,
                 **weince_options: object) -> Tensor | tuple[Tensor, WeinceStats]:
     """WEINCE over a batch of pairs; returns a 0-dim tensor (and :class:`WeinceStats` with
     ``return_stats=True``, computed from the same lambdas, no second pass).
@@ -44,7 +46,8 @@ def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
     loss, states = pair_loss("weince_loss", q, a, temperature, directions=directions,
                              normalization="l2", hard_negatives=hard_negatives, labels=labels,
                              label_threshold=label_threshold, query_ids=query_ids,
-                             answer_ids=answer_ids, policy=WeinceMixture(config))
+                             answer_ids=answer_ids, tile_size=tile_size,
+                             policy=WeinceMixture(config))
     if return_stats:
         return loss, WeinceStats.from_lambdas(states)
     return loss

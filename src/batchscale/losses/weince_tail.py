@@ -94,6 +94,11 @@ class WeinceLambda:
     delta_aic: Tensor    # (rows,) AIC_Gumbel - AIC_Weibull (> 0 favours the Weibull tail)
     anchors: Tensor      # (rows,) bool: rows that are anchors and have a fit
 
+    def rows(self, block: slice) -> WeinceLambda:
+        """The lambdas of a block of anchors (for a tiled pass)."""
+        return WeinceLambda(self.lam[block], self.lam_rho[block], self.lam_aic[block],
+                            self.delta_aic[block], self.anchors[block])
+
 
 @dataclass(frozen=True)
 class WeinceStats:
@@ -143,13 +148,22 @@ def _least_squares(x: Tensor, y: Tensor, n: Tensor, sx: Tensor, sxx: Tensor
     return (var_y - slope * cov_xy).clamp_min(0.0), slope
 
 
-def lambda_from_tail(top_negatives: Tensor, k: Tensor, anchors: Tensor,
-                     cfg: WeinceConfig) -> WeinceLambda:
-    """lambda_i from each anchor's largest negative similarities.
+@dataclass(frozen=True)
+class TailFit:
+    """Per-anchor results of the tail fit, before the batch-level rho0 is known."""
+
+    rho: Tensor        # (rows,) float64 1 - max negative similarity (1 where no negative)
+    delta_aic: Tensor  # (rows,) float64 AIC_Gumbel - AIC_Weibull
+    fitted: Tensor     # (rows,) bool: at least 3 fit points
+    has_negative: Tensor  # (rows,) bool: rho is defined
+
+
+def fit_tail(top_negatives: Tensor, k: Tensor, cfg: WeinceConfig) -> TailFit:
+    """Fit each anchor's tail from its largest negative similarities.
 
     ``top_negatives`` (rows, k_max) holds each row's negatives sorted descending (entries past
-    k_i are ignored); ``k`` (rows,) the tail size k_i; ``anchors`` (rows,) which rows count for
-    rho0 and the statistics. Rows with fewer than 3 fit points get lambda = 0 (InfoNCE).
+    k_i are ignored); ``k`` (rows,) the tail size k_i. Rows are independent, so a tiled path
+    may fit them block by block.
     """
     s = top_negatives.detach().to(torch.float64)
     rows, k_max = s.shape
@@ -167,7 +181,6 @@ def lambda_from_tail(top_negatives: Tensor, k: Tensor, anchors: Tensor,
     y_gumbel = torch.where(keep, torch.log(-torch.log(cdf)), 0.0)
     n = (k - torch.clamp(torch.div(k, cfg.drop_divisor, rounding_mode="floor"), min=1))
     n = n.clamp_min(0).to(torch.float64)
-    fitted = anchors & (n >= 3)
     n_safe = n.clamp_min(1.0)
 
     # Shortfalls delta = max(1 - s, eps) ascend as s descends; x = log delta.
@@ -179,29 +192,41 @@ def lambda_from_tail(top_negatives: Tensor, k: Tensor, anchors: Tensor,
     sse_g = sse_g.clamp_min(cfg.sse_floor) + cfg.slope_penalty * (slope_g >= 0)
     aic_w = n_safe * torch.log(sse_w / n_safe) + 4.0
     aic_g = n_safe * torch.log(sse_g / n_safe) + 4.0
-    delta_aic = aic_g - aic_w
 
-    has_negative = k > 0
     if k_max > 0:
-        rho = torch.where(has_negative, torch.clamp(1.0 - s[:, 0], min=cfg.eps), 1.0)
+        rho = torch.where(k > 0, torch.clamp(1.0 - s[:, 0], min=cfg.eps), 1.0)
     else:
         rho = torch.ones(rows, device=dev, dtype=torch.float64)
-    pool = torch.sort(rho[anchors & has_negative]).values
+    return TailFit(rho, aic_g - aic_w, n >= 3, k > 0)
+
+
+def mix_lambda(fit: TailFit, anchors: Tensor, cfg: WeinceConfig, dtype: torch.dtype
+               ) -> WeinceLambda:
+    """lambda_i from the anchors' fits: rho0 is the q-quantile of rho over the anchors."""
+    pool = torch.sort(fit.rho[anchors & fit.has_negative]).values
     if pool.numel() > 0:
         rho0 = pool[round(cfg.quantile * (pool.numel() - 1))]
     else:
-        rho0 = torch.ones((), device=dev, dtype=torch.float64)
-    lam_rho = torch.sigmoid(cfg.kappa_rho * (torch.log(rho0) - torch.log(rho)))
-    lam_aic = torch.sigmoid(cfg.kappa_aic * (delta_aic - cfg.margin))
+        rho0 = torch.ones((), device=fit.rho.device, dtype=torch.float64)
+    lam_rho = torch.sigmoid(cfg.kappa_rho * (torch.log(rho0) - torch.log(fit.rho)))
+    lam_aic = torch.sigmoid(cfg.kappa_aic * (fit.delta_aic - cfg.margin))
     if cfg.factors == "both":
         lam = lam_rho * lam_aic
     elif cfg.factors == "rho":
         lam = lam_rho
     else:
         lam = lam_aic
-    lam = torch.where(fitted, lam, 0.0)
-    out = top_negatives.dtype
-    return WeinceLambda(lam.to(out), lam_rho.to(out), lam_aic.to(out), delta_aic.to(out), fitted)
+    used = anchors & fit.fitted
+    lam = torch.where(used, lam, 0.0)
+    return WeinceLambda(lam.to(dtype), lam_rho.to(dtype), lam_aic.to(dtype),
+                        fit.delta_aic.to(dtype), used)
+
+
+def lambda_from_tail(top_negatives: Tensor, k: Tensor, anchors: Tensor,
+                     cfg: WeinceConfig) -> WeinceLambda:
+    """lambda_i from each anchor's largest negative similarities (sorted descending), its tail
+    size k_i and which rows are anchors. Rows with fewer than 3 fit points get lambda = 0."""
+    return mix_lambda(fit_tail(top_negatives, k, cfg), anchors, cfg, top_negatives.dtype)
 
 
 # Up to this many non-negatives per row (the positive, masked false negatives), the tail is

@@ -1,0 +1,50 @@
+"""The entry of every batch-softmax pair loss: validate, prepare, then compute densely or
+over tiles (memory-linear) depending on the batch size."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from ._checks import check_choice, check_temperature
+from .batch_softmax import DIRECTIONS, Directions, batch_softmax_loss, prepare_batch
+from .logits import PLAIN_LOGITS, LogitPolicy
+from .similarity import Normalization
+from .tiled import DEFAULT_TILE, tiled_batch_softmax_loss
+from .weince_tail import WeinceLambda
+
+TileSize = int | Literal["auto"] | None
+
+# "auto" stays dense up to a 4096 x 4096 similarity matrix (a few hundred MB of float32
+# buffers at most) and tiles above it.
+AUTO_DENSE_ENTRIES = 4096 * 4096
+
+
+def resolve_tile(fn: str, tile_size: TileSize, rows: int, cols: int) -> int | None:
+    """The tile to use, or None for the dense path."""
+    if tile_size is None:
+        return None
+    if tile_size == "auto":
+        return None if rows * cols <= AUTO_DENSE_ENTRIES else DEFAULT_TILE
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
+        raise ValueError(f"{fn}: `tile_size` must be a positive int, 'auto' or None, "
+                         f"got {tile_size!r}")
+    return tile_size
+
+
+def pair_loss(fn: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
+              directions: Directions, normalization: Normalization,
+              hard_negatives: Tensor | None, labels: object, label_threshold: float | None,
+              query_ids: object, answer_ids: object, tile_size: TileSize = "auto",
+              policy: LogitPolicy = PLAIN_LOGITS) -> tuple[Tensor, list[WeinceLambda]]:
+    """Validate, prepare and compute a batch-softmax pair loss."""
+    check_temperature(fn, temperature)
+    check_choice(fn, "directions", directions, DIRECTIONS)
+    batch = prepare_batch(fn, q, a, normalization=normalization, hard_negatives=hard_negatives,
+                          labels=labels, label_threshold=label_threshold, query_ids=query_ids,
+                          answer_ids=answer_ids)
+    tile = resolve_tile(fn, tile_size, batch.m, batch.candidates.shape[0])
+    if tile is None:
+        return batch_softmax_loss(batch, temperature, directions, policy)
+    return tiled_batch_softmax_loss(batch, temperature, directions, policy, tile)

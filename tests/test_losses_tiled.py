@@ -1,0 +1,106 @@
+"""The memory-linear (tiled) path equals the dense path: loss and gradients, float64."""
+
+import pytest
+import torch
+
+from batchscale.losses import bsc_loss, bsc_mse_loss, infonce_loss, weince_loss
+
+
+def _case(m: int, hard: int, d: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(m, d, generator=g, dtype=torch.float64)
+    a = q + 0.8 * torch.randn(m, d, generator=g, dtype=torch.float64)
+    h = torch.randn(hard, d, generator=g, dtype=torch.float64) if hard else None
+    return q, a, h
+
+
+def _loss_and_grads(fn, q, a, h, tau, **kwargs):
+    leaves = [x.clone().requires_grad_(True) for x in (q, a) + ((h,) if h is not None else ())]
+    tau_leaf = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    hard = leaves[2] if h is not None else None
+    loss = fn(leaves[0], leaves[1], tau_leaf, hard_negatives=hard, **kwargs)
+    loss.backward()
+    return loss.detach(), [x.grad for x in leaves] + [tau_leaf.grad]
+
+
+def _ids(m: int, hard: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    # few distinct ids so that false negatives occur in many tiles
+    return (torch.randint(0, max(2, m // 3), (m,), generator=g),
+            torch.randint(0, max(2, m // 3), (m + hard,), generator=g))
+
+
+@pytest.mark.parametrize(("m", "hard", "tile"), [(37, 0, 8), (50, 11, 7), (23, 5, 64), (31, 4, 1)])
+@pytest.mark.parametrize("directions", ["both", "q->a", "a->q"])
+@pytest.mark.parametrize("fn", [bsc_loss, weince_loss], ids=["bsc", "weince"])
+def test_tiled_equals_dense(fn, m: int, hard: int, tile: int, directions: str) -> None:
+    q, a, h = _case(m, hard, seed=m + tile)
+    query_ids, answer_ids = _ids(m, hard, seed=tile)
+    labels = (torch.rand(m, generator=torch.Generator().manual_seed(m)) > 0.2).long()
+    kwargs = dict(directions=directions, labels=labels, query_ids=query_ids,
+                  answer_ids=answer_ids)
+    dense_loss, dense_grads = _loss_and_grads(fn, q, a, h, 0.1, tile_size=None, **kwargs)
+    tiled_loss, tiled_grads = _loss_and_grads(fn, q, a, h, 0.1, tile_size=tile, **kwargs)
+    assert tiled_loss.item() == pytest.approx(dense_loss.item(), rel=1e-6, abs=0)
+    for dense, tiled in zip(dense_grads, tiled_grads, strict=True):
+        assert torch.allclose(tiled, dense, rtol=1e-6, atol=1e-12)
+
+
+def test_tiled_without_masks_and_other_normalisations() -> None:
+    q, a, h = _case(45, 6, seed=3)
+    for normalization in ("l2", "coord", "none"):
+        dense = bsc_loss(q, a, 0.5, hard_negatives=h, normalization=normalization,
+                         tile_size=None)
+        tiled = bsc_loss(q, a, 0.5, hard_negatives=h, normalization=normalization,
+                         tile_size=16)
+        assert tiled.item() == pytest.approx(dense.item(), rel=1e-10)
+    assert infonce_loss(q, a, 0.05, tile_size=9).item() == pytest.approx(
+        infonce_loss(q, a, 0.05, tile_size=None).item(), rel=1e-10)
+    scores = torch.rand(45, dtype=torch.float64)
+    assert bsc_mse_loss(q, a, scores, tile_size=10).item() == pytest.approx(
+        bsc_mse_loss(q, a, scores, tile_size=None).item(), rel=1e-10)
+
+
+def test_tiled_weince_stats_equal_dense() -> None:
+    q, a, h = _case(60, 8, seed=4)
+    _, dense = weince_loss(q, a, 0.1, hard_negatives=h, tile_size=None, return_stats=True)
+    _, tiled = weince_loss(q, a, 0.1, hard_negatives=h, tile_size=13, return_stats=True)
+    assert tiled.mean_lambda == pytest.approx(dense.mean_lambda, rel=1e-10)
+    assert tiled.weibull_share == dense.weibull_share
+    assert tiled.anchors == dense.anchors == 120
+
+
+def test_auto_tiles_large_batches(monkeypatch) -> None:
+    import batchscale.losses.pair_loss as pair_loss_module
+
+    calls = []
+    real = pair_loss_module.tiled_batch_softmax_loss
+
+    def spy(*args, **kwargs):
+        calls.append(args[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pair_loss_module, "tiled_batch_softmax_loss", spy)
+    monkeypatch.setattr(pair_loss_module, "AUTO_DENSE_ENTRIES", 20 * 20)
+    q, a, _ = _case(20, 0)
+    bsc_loss(q, a, 0.1)
+    assert calls == []
+    q, a, _ = _case(21, 0)
+    bsc_loss(q, a, 0.1)
+    assert calls == [pair_loss_module.DEFAULT_TILE]
+    with pytest.raises(ValueError, match=r"`tile_size` must be a positive int, 'auto' or None, "
+                                         r"got 0"):
+        bsc_loss(q, a, 0.1, tile_size=0)
+
+
+def test_tiled_gradcheck() -> None:
+    q, a, h = _case(9, 3, d=3, seed=5)
+    query_ids, answer_ids = _ids(9, 3, seed=1)
+    tau = torch.tensor(0.3, dtype=torch.float64)
+
+    def fn(q, a, h, t):
+        return bsc_loss(q, a, t, hard_negatives=h, query_ids=query_ids, answer_ids=answer_ids,
+                        tile_size=4)
+
+    inputs = tuple(x.clone().requires_grad_(True) for x in (q, a, h, tau))
+    assert torch.autograd.gradcheck(fn, inputs)
