@@ -1,0 +1,96 @@
+r"""A pair loss whose negatives come from every rank.
+
+Each rank holds m_r pairs; the embeddings of both sides (and the hard negatives) are
+all-gathered with gradient, the per-example arguments (labels, ids) without, and every rank
+computes the loss of the whole global batch of B = sum_r m_r pairs. This is exact for every
+loss of :mod:`batchscale.losses` whatever couples the anchors (WEINCE's batch quantile of
+rho, ``normalization="coord"``), and with :func:`average_gradients` (or DDP) the parameter
+gradients equal one process's on the whole batch (see
+:mod:`batchscale.batching.distributed`). The price is the B x B similarity block on every
+rank; OpenCLIP's local loss (each rank scores only its own anchors' rows and columns) needs
+the losses to take "anchors are a slice of the candidates".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch import distributed as dist
+
+from .distributed import gather_rows, gather_with_grad, is_distributed
+
+
+def _per_example(name: str, value: object, rows: int, device: torch.device) -> Tensor:
+    t = torch.as_tensor(value, device=device)
+    if t.ndim != 1 or t.shape[0] != rows:
+        raise ValueError(f"`{name}` must have shape ({rows},) on this rank, got {tuple(t.shape)}")
+    return t
+
+
+def gathered_pair_loss(
+    loss_fn: Callable[..., Tensor],
+    q: Tensor,
+    a: Tensor,
+    *,
+    hard_negatives: Tensor | None = None,
+    labels: object = None,
+    query_ids: object = None,
+    answer_ids: object = None,
+    group: dist.ProcessGroup | None = None,
+    **loss_kwargs: object,
+) -> Tensor:
+    """``loss_fn`` (e.g. :func:`~batchscale.losses.bsc_loss`, ``infonce_loss``,
+    ``weince_loss``) on the global batch; ``loss_fn(q, a, ...)`` itself on one process.
+
+    Args:
+        q, a: (m, d) this rank's pairs. Ranks may hold different m.
+        hard_negatives: (m * k, d) or (m, k, d) this rank's extra answers.
+        labels, query_ids: (m,) this rank's per-pair values.
+        answer_ids: (m + m * k,) ids of this rank's answers, then of its hard negatives.
+        loss_kwargs: passed as they are (temperature, directions, config, ...).
+
+    Returns the global loss, the same value on every rank.
+    """
+    if not is_distributed(group):
+        kwargs = {
+            k: v
+            for k, v in (
+                ("hard_negatives", hard_negatives),
+                ("labels", labels),
+                ("query_ids", query_ids),
+                ("answer_ids", answer_ids),
+            )
+            if v is not None
+        }
+        return loss_fn(q, a, **kwargs, **loss_kwargs)
+    for name, x in (("q", q), ("a", a)):
+        if not isinstance(x, Tensor) or x.ndim != 2:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"gathered_pair_loss: `{name}` must be a 2-D tensor, got {got}")
+    m = q.shape[0]
+    if a.shape[0] != m:
+        raise ValueError(
+            f"gathered_pair_loss: `q` and `a` must hold the same pairs, got {m} and {a.shape[0]}"
+        )
+    extra: dict[str, object] = {}
+    h = 0
+    if hard_negatives is not None:
+        if hard_negatives.ndim == 3:
+            hard_negatives = hard_negatives.reshape(-1, hard_negatives.shape[-1])
+        h = hard_negatives.shape[0]
+        extra["hard_negatives"] = gather_with_grad(hard_negatives, group)
+    if labels is not None:
+        extra["labels"] = gather_rows(_per_example("labels", labels, m, q.device), group)
+    if query_ids is not None:
+        extra["query_ids"] = gather_rows(_per_example("query_ids", query_ids, m, q.device), group)
+    if answer_ids is not None:
+        ids = _per_example("answer_ids", answer_ids, m + h, q.device)
+        # Global layout: all ranks' answers, then all ranks' hard negatives, as the loss
+        # puts the gathered hard negatives after the gathered answers.
+        parts = [gather_rows(ids[:m], group)]
+        if h:
+            parts.append(gather_rows(ids[m:], group))
+        extra["answer_ids"] = torch.cat(parts)
+    return loss_fn(gather_with_grad(q, group), gather_with_grad(a, group), **extra, **loss_kwargs)

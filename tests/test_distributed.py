@@ -1,0 +1,332 @@
+"""Negatives across torch.distributed ranks: 2 gloo processes against 1 process on the whole
+batch, alone and with the gradient cache (also under DDP); a dead or hung rank fails fast.
+
+The workers are this file run as a script: under ``torchrun`` for the equivalence (as in
+training), as two plain processes with torchrun's environment for the failures (torchrun's
+agent would kill the survivor itself and hide its error). Loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from batchscale.batching.distributed import (
+    CollectiveError,
+    average_gradients,
+    gather_with_grad,
+    init_distributed,
+    shutdown_distributed,
+)
+from batchscale.batching.distributed_loss import gathered_pair_loss
+from batchscale.batching.gradient_cache import cached_backward
+from batchscale.losses import LearnableTemperature, bsc_loss, infonce_loss, weince_loss
+
+pytestmark = pytest.mark.distributed
+
+SEQ, B = 12, 8
+# Gradient differences allowed, relative to each tensor's largest gradient (at least 1). float64
+# is held to the issue's 1e-6 (measured: 2e-15); float32 to 1e-5, the rounding of float32 sums
+# over ~100 tokens in another order (measured: 6.6e-7 on a gradient of size 0.94).
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}
+HERE = Path(__file__).resolve()
+
+
+def make_model(dtype: torch.dtype) -> nn.Module:
+    """A tiny random BERT, mean-pooled; no dropout, so 1 and 2 processes can agree."""
+    from transformers import BertConfig, BertModel
+
+    class MeanPooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            config = BertConfig(
+                vocab_size=100,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=SEQ,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+            self.bert = BertModel(config, add_pooling_layer=False).to(dtype)
+
+        def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+            hidden = self.bert(**inputs).last_hidden_state
+            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1)
+
+    return MeanPooled().train()
+
+
+def token_batch(n: int, seed: int) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, SEQ + 1, (n,), generator=g)
+    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
+    return {
+        "input_ids": torch.randint(1, 100, (n, SEQ), generator=g) * mask,
+        "attention_mask": mask,
+    }
+
+
+def global_batch() -> dict[str, object]:
+    """B pairs, one hard negative each, a negative pair (label 0) and a duplicate answer."""
+    return {
+        "q": token_batch(B, 1),
+        "a": token_batch(B, 2),
+        "n": token_batch(B, 3),
+        "labels": torch.tensor([1, 1, 0, 1, 1, 1, 1, 1]),
+        "query_ids": torch.arange(B),
+        "answer_ids": torch.cat(
+            [torch.tensor([0, 1, 2, 3, 4, 5, 6, 3]), torch.arange(100, 100 + B)]
+        ),
+    }
+
+
+def shard(batch: dict[str, object], rows: slice) -> dict[str, object]:
+    """One rank's rows; its answer ids are its answers' then its hard negatives'."""
+
+    def take(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v[rows] for k, v in inputs.items()}
+
+    ids = batch["answer_ids"]
+    return {
+        "q": take(batch["q"]),
+        "a": take(batch["a"]),
+        "n": take(batch["n"]),
+        "labels": batch["labels"][rows],
+        "query_ids": batch["query_ids"][rows],
+        "answer_ids": torch.cat([ids[:B][rows], ids[B:][rows]]),
+    }
+
+
+# Each scenario: dtype, the rows of rank 0 (rank 1 takes the rest), how it is computed.
+SCENARIOS = {
+    "bsc_plain_f64": (torch.float64, 4, "plain"),
+    "bsc_plain_f32": (torch.float32, 4, "plain"),
+    "bsc_plain_uneven": (torch.float64, 5, "plain"),
+    "weince_cached": (torch.float64, 4, "cached"),
+    "infonce_cached_ddp_tokens": (torch.float32, 4, "ddp"),
+}
+
+
+def run_scenario(kind: str, model: nn.Module, temperature: nn.Module, part: dict) -> Tensor:
+    """The loss of one step; the gradients are left in ``.grad`` (not yet averaged)."""
+    if kind == "plain":
+        embed = [model(part[s]) for s in "qan"]
+        loss = gathered_pair_loss(
+            bsc_loss,
+            embed[0],
+            embed[1],
+            hard_negatives=embed[2],
+            labels=part["labels"],
+            query_ids=part["query_ids"],
+            answer_ids=part["answer_ids"],
+            temperature=temperature(),
+        )
+        loss.backward()
+        return loss.detach()
+    if kind == "cached":
+        return cached_backward(
+            model,
+            [part["q"], part["a"], part["n"]],
+            lambda q, a, n: gathered_pair_loss(
+                weince_loss, q, a, hard_negatives=n, temperature=temperature()
+            ),
+            chunk_size=3,
+        )
+    assert kind == "ddp"
+    return cached_backward(
+        model,
+        [part["q"], part["a"]],
+        lambda q, a: gathered_pair_loss(infonce_loss, q, a, temperature=temperature()),
+        max_tokens=20,
+        no_sync=model.no_sync,
+    )
+
+
+def single_process(kind: str, model: nn.Module, temperature: nn.Module, batch: dict) -> Tensor:
+    """The reference: one process, the whole batch, one plain forward and backward."""
+    q, a, n = (model(batch[s]) for s in "qan")
+    if kind == "plain":
+        loss = bsc_loss(
+            q,
+            a,
+            temperature(),
+            hard_negatives=n,
+            labels=batch["labels"],
+            query_ids=batch["query_ids"],
+            answer_ids=batch["answer_ids"],
+        )
+    elif kind == "cached":
+        loss = weince_loss(q, a, temperature(), hard_negatives=n)
+    else:
+        loss = infonce_loss(q, a, temperature())
+    loss.backward()
+    return loss.detach()
+
+
+def named_grads(*modules: nn.Module) -> dict[str, Tensor]:
+    out = {}
+    for i, module in enumerate(modules):
+        for name, p in module.named_parameters():
+            assert p.grad is not None, name
+            out[f"{i}.{name}"] = p.grad.detach().clone()
+            p.grad = None
+    return out
+
+
+def worker_equivalence(out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    info = init_distributed(backend="gloo", timeout_s=60)
+    results = {}
+    for name, (dtype, split, kind) in SCENARIOS.items():
+        model = make_model(dtype)
+        temperature = LearnableTemperature(0.1).to(dtype)
+        rows = slice(0, split) if info.rank == 0 else slice(split, B)
+        part = shard(global_batch(), rows)
+        encoder = DistributedDataParallel(model) if kind == "ddp" else model
+        loss = run_scenario(kind, encoder, temperature, part)
+        # DDP averaged the encoder's gradients already; the temperature is outside DDP.
+        average_gradients(
+            temperature.parameters()
+            if kind == "ddp"
+            else [*model.parameters(), *temperature.parameters()]
+        )
+        results[name] = {"loss": loss, "grads": named_grads(model, temperature)}
+    torch.save(results, Path(out_dir) / f"rank{info.rank}.pt")
+    shutdown_distributed()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(rank: int, world: int, port: int) -> dict[str, str]:
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        str(HERE),
+        "equivalence",
+        str(out),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_ranks_equal_one_process(two_rank_results: list[dict], name: str) -> None:
+    dtype, _, kind = SCENARIOS[name]
+    model, temperature = make_model(dtype), LearnableTemperature(0.1).to(dtype)
+    want_loss = single_process(kind, model, temperature, global_batch())
+    want = named_grads(model, temperature)
+    for rank, results in enumerate(two_rank_results):
+        got = results[name]
+        assert float(got["loss"]) == pytest.approx(float(want_loss), abs=TOLERANCE[dtype]), rank
+        assert got["grads"].keys() == want.keys()
+        worst = max(
+            float((got["grads"][k] - want[k]).abs().max()) / max(1.0, float(want[k].abs().max()))
+            for k in want
+        )
+        assert worst <= TOLERANCE[dtype], f"rank {rank}: max |grad difference| {worst:.3g}"
+    # Not vacuous: the gradients are far from zero.
+    assert max(float(g.abs().max()) for g in want.values()) > 1e-2
+
+
+def worker_failure(mode: str, timeout_s: float) -> None:
+    info = init_distributed(backend="gloo", timeout_s=timeout_s)
+    torch.distributed.barrier()  # both ranks are past start-up
+    if info.rank == 1:
+        if mode == "dead":
+            os._exit(3)  # no clean shutdown: a crash, a kill, an OOM
+        time.sleep(120)  # hung: alive but never reaches the collective
+        return
+    time.sleep(1.0)
+    start = time.monotonic()
+    try:
+        gather_with_grad(torch.ones(2, 3))
+    except CollectiveError as err:
+        print(f"ELAPSED {time.monotonic() - start:.2f}")
+        print(f"MESSAGE {err}", flush=True)
+        shutdown_distributed()
+        sys.exit(0)
+    print("NO ERROR")
+    sys.exit(1)
+
+
+@pytest.mark.parametrize("mode, timeout_s", [("dead", 60.0), ("hung", 5.0)])
+def test_lost_rank_fails_fast_with_a_clear_message(mode: str, timeout_s: float) -> None:
+    """A dead peer (connection closed) fails at once even under a long timeout; a hung one
+    (process alive, socket open) within the process group's timeout."""
+    port = free_port()
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE), "failure", mode, str(timeout_s)],
+            env=child_env(rank, 2, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        out, err = procs[0].communicate(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode == 0, out + err[-3000:]
+    assert elapsed < 30, f"rank 0 took {elapsed:.1f} s to give up"
+    message = out.split("MESSAGE ", 1)[1]
+    assert "gather_with_grad" in message
+    assert "rank 0 of 2" in message
+    assert "another rank probably died" in message
+    assert f"timeout {timeout_s:g} s" in message
+    if mode == "hung":
+        collective_s = float(out.split("ELAPSED ", 1)[1].split()[0])
+        assert timeout_s - 0.5 <= collective_s < timeout_s + 10
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "equivalence":
+        worker_equivalence(sys.argv[2])
+    else:
+        worker_failure(sys.argv[2], float(sys.argv[3]))
