@@ -11,8 +11,8 @@ Backward: the same sweep recomputes each tile's similarities and logits and push
 dl/ds_ij = (softmax_ij - 1[j = i]) * dg/ds_ij into the embeddings with two matmuls, so memory
 is O(B * tile). The logits, their derivative and the false-negative masks come from the same
 policy and :func:`candidate_mask` as the dense path. WEINCE's per-anchor lambda is fitted from
-each anchor's top-k negatives, gathered with a streaming top-k across tiles, one block of
-anchors at a time.
+each anchor's top-k negatives, taken one strip of anchors (against every candidate) at a
+time.
 """
 
 from __future__ import annotations
@@ -57,34 +57,32 @@ def _negative_counts(ids: Tensor | None, anchors: int, candidates: int,
     return candidates - counts[inverse[:anchors]]
 
 
+# A tail strip holds at most this many similarities (128 MB in float32).
+STRIP_ENTRIES = 1 << 25
+
+
 def streaming_tail_fit(anchors: Tensor, candidates: Tensor, ids: Tensor | None,
                        cfg: WeinceConfig, tile: int) -> TailFit:
-    """Each anchor's tail fit from its top-k negatives, gathered tile by tile.
+    """Each anchor's tail fit from its top-k negatives, one strip of anchors at a time.
 
     Anchor i's positive is candidate i; ``ids`` drop false negatives as in the dense path.
-    Holds one block of anchors' running top-k at a time: O(tile * k) memory."""
+    A strip holds min(tile, STRIP_ENTRIES / candidates) anchors against every candidate, so
+    memory stays O(B * tile) while each anchor's top-k is taken in one pass."""
     m, n = anchors.shape[0], candidates.shape[0]
     k = tail_size(_negative_counts(ids, m, n, anchors.device), cfg)
+    strip = max(1, min(tile, STRIP_ENTRIES // max(n, 1)))
     parts = []
     with torch.no_grad():
-        for rows in _blocks(m, tile):
+        for rows in _blocks(m, strip):
+            sims = anchors[rows] @ candidates.T
+            diag = _diagonal(rows, slice(0, n), sims.device)
+            if diag is not None:
+                sims[diag[1], diag[2]] = float("-inf")
+            mask = candidate_mask(ids, rows, slice(0, n))
+            if mask is not None:
+                sims.masked_fill_(~mask, float("-inf"))
             k_block = k[rows]
-            k_max = int(k_block.max())
-            running = anchors.new_empty((rows.stop - rows.start, 0))
-            for cols in _blocks(n, tile):
-                sims = anchors[rows] @ candidates[cols].T
-                diag = _diagonal(rows, cols, sims.device)
-                if diag is not None:
-                    sims[diag[1], diag[2]] = float("-inf")
-                mask = candidate_mask(ids, rows, cols)
-                if mask is not None:
-                    sims.masked_fill_(~mask, float("-inf"))
-                take = min(k_max, sims.shape[1])
-                best = torch.topk(sims, take, dim=1, sorted=False).values
-                merged = torch.cat([running, best], dim=1)
-                running = torch.topk(merged, min(k_max, merged.shape[1]), dim=1,
-                                     sorted=False).values
-            top = torch.sort(running, dim=1, descending=True).values
+            top = torch.topk(sims, int(k_block.max()), dim=1, sorted=True).values
             parts.append(fit_tail(top, k_block, cfg))
     return TailFit(*(torch.cat([getattr(p, f) for p in parts]) for f in
                      ("rho", "delta_aic", "fitted", "has_negative")))
