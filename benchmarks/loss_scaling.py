@@ -1,0 +1,126 @@
+"""Dense vs tiled (memory-linear) batch-softmax losses from B = 1,024 to 65,536.
+
+Every cell runs in a fresh process, so its peak RSS (above the process's baseline with the
+inputs allocated) is its own. Printed side by side: median fwd+bwd time and peak memory of
+InfoNCE, BSC and WEINCE, dense and tiled, and the floor: the three matmuls any exact loss
+needs (S = q a^T, dq = G a, da = G^T q), done tile by tile.
+
+    python benchmarks/loss_scaling.py [--sizes 1024 4096 16384 32768 65536] [--tile 1024]
+
+Targets (issue 5): tiled BSC and WEINCE at B = 32,768 under 1 GB peak; B = 65,536 completes;
+tiled no slower than dense at B = 4,096; WEINCE <= 1.5x InfoNCE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+LOSSES = ("infonce", "bsc", "weince")
+DENSE_MAX = 16384  # dense cells above this would need tens of GB
+
+
+def run_cell(loss: str, mode: str, batch: int, dim: int, tile: int, repeats: int) -> dict:
+    import torch
+
+    import batchscale.losses as losses
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, dim, generator=g)
+    a = q + torch.randn(batch, dim, generator=g)
+    q.requires_grad_(True)
+    a.requires_grad_(True)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    if mode == "floor":
+        def step() -> None:
+            with torch.no_grad():
+                qd, ad = q.detach(), a.detach()
+                for i in range(0, batch, tile):
+                    for j in range(0, batch, tile):
+                        s = qd[i:i + tile] @ ad[j:j + tile].T
+                        _ = s @ ad[j:j + tile]
+                        _ = s.T @ qd[i:i + tile]
+    else:
+        fn = getattr(losses, f"{loss}_loss")
+        tile_size = None if mode == "dense" else tile
+
+        def step() -> None:
+            q.grad = a.grad = None
+            fn(q, a, 0.05, tile_size=tile_size).backward()
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"median_s": statistics.median(times), "peak_mb": (peak - baseline) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        default=[1024, 4096, 16384, 32768, 65536])
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=3, metavar=("LOSS", "MODE", "B"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        loss, mode, batch = args.child
+        out = run_cell(loss, mode, int(batch), args.dim, args.tile, args.repeats)
+        print(json.dumps(out))
+        return
+
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d = {args.dim}, "
+          f"tile {args.tile}, float32; median fwd+bwd seconds and peak MB above baseline, "
+          f"fresh process per cell\n")
+    cols = ["floor"] + [f"{loss}/{mode}" for loss in LOSSES for mode in ("dense", "tiled")]
+    print(f"{'B':>6} | " + " | ".join(f"{c:>20}" for c in cols)
+          + " | tiled/dense BSC | WEINCE/InfoNCE tiled")
+    for batch in args.sizes:
+        res: dict[str, dict | None] = {}
+        for col in cols:
+            loss, mode = ("bsc", "floor") if col == "floor" else col.split("/")
+            if mode == "dense" and batch > DENSE_MAX:
+                res[col] = None
+                continue
+            repeats = args.repeats if batch <= 16384 else 1
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", loss, mode, str(batch), "--dim",
+                 str(args.dim), "--tile", str(args.tile), "--repeats", str(repeats)],
+                capture_output=True, text=True)
+            res[col] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                        else {"error": proc.stderr.strip().splitlines()[-1:]})
+        cells = []
+        for col in cols:
+            r = res[col]
+            if r is None:
+                cells.append(f"{'skipped':>20}")
+            elif "error" in r:
+                cells.append(f"{'failed':>20}")
+            else:
+                cells.append(f"{r['median_s']:>10.3f}s {r['peak_mb']:>7.0f}MB")
+
+        print(f"{batch:>6} | " + " | ".join(cells)
+              + f" | {_ratio(res, 'bsc/tiled', 'bsc/dense'):>15} | "
+              f"{_ratio(res, 'weince/tiled', 'infonce/tiled'):>20}", flush=True)
+
+
+def _ratio(res: dict, num: str, den: str) -> str:
+    a, b = res.get(num), res.get(den)
+    if not a or not b or "error" in a or "error" in b:
+        return "-"
+    return f"{a['median_s'] / b['median_s']:.2f}"
+
+
+if __name__ == "__main__":
+    main()
