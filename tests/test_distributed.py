@@ -330,3 +330,18 @@ if __name__ == "__main__":
         worker_equivalence(sys.argv[2])
     else:
         worker_failure(sys.argv[2], float(sys.argv[3]))
+
+
+def test_one_process_is_the_plain_loss_and_bad_arguments_are_named() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, a = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    assert gather_with_grad(q) is q
+    want = bsc_loss(q, a, 0.1, labels=torch.tensor([1, 0, 1, 1, 1, 1]))
+    got = gathered_pair_loss(
+        bsc_loss, q, a, labels=torch.tensor([1, 0, 1, 1, 1, 1]), temperature=0.1
+    )
+    assert float(got) == float(want)
+    with pytest.raises(ValueError, match="`timeout_s` must be a finite number > 0, got 0"):
+        init_distributed(timeout_s=0)
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        init_distributed(backend="mpi")

@@ -263,3 +263,20 @@ def test_bad_inputs() -> None:
         )
     with pytest.raises(ValueError, match="one callable per side"):
         cached_backward([model], batch, loss_closure("bsc"), chunk_size=4)
+
+
+def test_an_encoder_that_writes_into_its_inputs_does_not_change_the_replay() -> None:
+    """sentence-transformers stores outputs in the features dict; some poolings edit the mask."""
+    model = MeanPooled(torch.float64).eval()
+    batch, loss_fn = sides(), loss_closure("bsc")
+    loss_fn(*[model(inputs) for inputs in batch]).backward()
+    want = grads(model)
+
+    def scribbler(inputs: dict[str, Tensor]) -> Tensor:
+        emb = model(inputs)
+        inputs["attention_mask"][:, 1:] = 0
+        inputs["sentence_embedding"] = emb
+        return emb
+
+    cached_backward(scribbler, batch, loss_fn, chunk_size=5)
+    assert_close(grads(model), want, 1e-10)

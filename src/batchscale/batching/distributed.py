@@ -1,7 +1,8 @@
 r"""How embeddings and gradients cross torch.distributed ranks: the process group, the
 all-gather with gradient, gradient averaging, and errors that say which collective failed.
 
-Gradient convention (the one of DistributedDataParallel and of OpenCLIP's ``ClipLoss``):
+Gradient convention (the one of DistributedDataParallel and of OpenCLIP's ``ClipLoss`` with
+``local_loss=True, gather_with_grad=True``, open_clip/loss.py, Ilharco et al. 2021):
 :func:`gather_with_grad` is the exact adjoint of an all-gather, so its backward SUMS over the
 ranks each rank's gradient with respect to this rank's rows (a reduce-scatter). Each rank then
 holds part of the gradient, and the gradients are AVERAGED across ranks
@@ -16,7 +17,6 @@ holds part of the gradient, and the gradients are AVERAGED across ranks
 
 A collective whose peer died or hangs raises :class:`CollectiveError` within the process
 group's timeout instead of hanging (gloo raises at once when a peer's connection closes).
-Only loopback or cluster addresses given by the launcher (``torchrun``) are used.
 """
 
 from __future__ import annotations

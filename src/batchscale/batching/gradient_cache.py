@@ -53,7 +53,11 @@ def _side_chunks(
 
 
 def _encode(encode: Encoder, chunk: Chunk, name: str) -> Tensor:
-    emb = encode(chunk.inputs)
+    # A fresh copy each pass: encoders may write into their inputs (sentence-transformers
+    # stores its outputs in the features dict, some poolings edit the mask in place), and
+    # the replay must see what the first pass saw. Token tensors are tiny next to activations.
+    inputs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in chunk.inputs.items()}
+    emb = encode(inputs)
     if not isinstance(emb, Tensor) or emb.ndim != 2 or emb.shape[0] != len(chunk):
         shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
         raise ValueError(
