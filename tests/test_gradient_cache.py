@@ -101,11 +101,15 @@ def assert_close(got: dict[str, Tensor], want: dict[str, Tensor], tol: float) ->
     assert worst <= tol, f"max |grad difference| {worst:.3g} > {tol}"
 
 
-RULES = {"count": {"chunk_size": 5}, "tokens": {"max_tokens": 40}}
+RULES = {
+    "count": {"chunk_size": 5},
+    "sorted": {"chunk_size": 5, "sort_by_length": True},
+    "tokens": {"max_tokens": 40},
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("rule", ["count", "tokens"])
+@pytest.mark.parametrize("rule", ["count", "sorted", "tokens"])
 @pytest.mark.parametrize("loss", ["bsc", "weince"])
 def test_matches_full_graph_with_dropout(dtype: torch.dtype, rule: str, loss: str) -> None:
     model = MeanPooled(dtype).train()
@@ -139,7 +143,7 @@ def test_dropout_masks_are_what_makes_it_match() -> None:
     assert worst > 1e-4
 
 
-@pytest.mark.parametrize("rule", ["count", "tokens"])
+@pytest.mark.parametrize("rule", ["count", "sorted", "tokens"])
 def test_dropout_off_matches_one_pass_over_the_whole_batch(rule: str) -> None:
     model = MeanPooled(torch.float64).eval()  # eval: no dropout, so no chunking reference
     batch, loss_fn = sides(), loss_closure("bsc")
@@ -221,6 +225,19 @@ def test_split_by_token_budget_sorts_by_length_and_respects_the_budget() -> None
     # Greedy: the next row would not have fitted into the chunk before it.
     for before in chunks[:-1]:
         assert (len(before) + 1) * before.inputs["input_ids"].shape[1] > 40
+
+
+def test_split_by_count_sorted_by_length() -> None:
+    inputs = token_batch(11, 4)
+    lengths = inputs["attention_mask"].sum(1)
+    chunks = split_inputs(inputs, chunk_size=4, sort_by_length=True)
+    order = torch.cat([c.index for c in chunks])
+    assert [len(c) for c in chunks] == [4, 4, 3]
+    assert torch.equal(torch.sort(order).values, torch.arange(11))
+    assert torch.all(lengths[order][:-1] >= lengths[order][1:])
+    for c in chunks:
+        width = int(lengths[c.index].max())
+        assert torch.equal(c.inputs["input_ids"], inputs["input_ids"][c.index, :width])
 
 
 def test_an_example_longer_than_the_budget_gets_its_own_chunk() -> None:

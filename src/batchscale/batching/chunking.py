@@ -1,11 +1,13 @@
 """Split a batch of encoder inputs into chunks that are encoded one at a time.
 
-Two rules: ``chunk_size`` examples per chunk in the batch's order (GradCache's sub-batches),
-or a ``max_tokens`` budget of padded tokens per chunk on the examples sorted by length, so a
-chunk of short sentences holds more of them. Each chunk keeps the original positions of its
-rows (``Chunk.index``), so the embeddings can be put back in the batch's order before the loss.
-Padding columns that no row of a chunk uses are cut off, as GradCache and
-sentence-transformers do: padded positions are masked out, so the embeddings do not change.
+Two rules: ``chunk_size`` examples per chunk (GradCache's sub-batches), in the batch's order
+or sorted by length (``sort_by_length``: rows of similar length share a chunk, so less
+padding is encoded), or a ``max_tokens`` budget of padded tokens per chunk on the examples
+sorted by length, so a chunk of short sentences holds more of them. Each chunk keeps the
+original positions of its rows (``Chunk.index``), so the embeddings can be put back in the
+batch's order before the loss. Padding columns that no row of a chunk uses are cut off, as
+GradCache and sentence-transformers do: padded positions are masked out, so the embeddings
+do not change.
 """
 
 from __future__ import annotations
@@ -110,15 +112,25 @@ def _budget_groups(lengths: Tensor, max_tokens: int) -> list[Tensor]:
 
 
 def split_inputs(
-    inputs: Inputs, *, chunk_size: int | None = None, max_tokens: int | None = None
+    inputs: Inputs,
+    *,
+    chunk_size: int | None = None,
+    max_tokens: int | None = None,
+    sort_by_length: bool = False,
 ) -> list[Chunk]:
     """Chunks of ``inputs`` (a mapping of tensors sharing the batch dimension) by example
-    count or by padded-token budget; see the module docstring."""
+    count (``sort_by_length``: longest first instead of the batch's order) or by padded-token
+    budget (always length-sorted); see the module docstring."""
     check_rule(chunk_size, max_tokens)
+    if not isinstance(sort_by_length, bool):
+        raise ValueError(f"`sort_by_length` must be a bool, got {sort_by_length!r}")
     n = batch_rows(inputs)
-    if chunk_size is not None:
-        groups = list(torch.arange(n).split(chunk_size))
-    else:
-        assert max_tokens is not None
+    if max_tokens is not None:
         groups = _budget_groups(token_lengths(inputs), max_tokens)
+    else:
+        assert chunk_size is not None
+        order = torch.arange(n)
+        if sort_by_length:
+            order = torch.sort(token_lengths(inputs), descending=True, stable=True).indices
+        groups = list(order.split(chunk_size))
     return [Chunk(_take(inputs, g), g) for g in groups]

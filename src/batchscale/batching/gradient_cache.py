@@ -34,11 +34,11 @@ SideInputs = Inputs | Sequence[Inputs]
 
 
 def _side_chunks(
-    name: str, side: SideInputs, chunk_size: int | None, max_tokens: int | None
+    name: str, side: SideInputs, chunk_size: int | None, max_tokens: int | None, sort: bool
 ) -> list[Chunk]:
     """One mapping is split by the rule; a sequence of mappings is taken as the chunks."""
     if isinstance(side, Mapping):
-        return split_inputs(side, chunk_size=chunk_size, max_tokens=max_tokens)
+        return split_inputs(side, chunk_size=chunk_size, max_tokens=max_tokens, sort_by_length=sort)
     if not isinstance(side, Sequence) or isinstance(side, str) or not side:
         raise ValueError(
             f"`{name}` must be a mapping of tensors or a non-empty sequence of them, "
@@ -83,6 +83,7 @@ def cached_backward(
     *,
     chunk_size: int | None = None,
     max_tokens: int | None = None,
+    sort_by_length: bool = False,
     no_sync: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> Tensor:
     """Compute ``loss_fn(*embeddings)`` over the whole batch and accumulate its exact parameter
@@ -98,7 +99,8 @@ def cached_backward(
         loss_fn: ``loss_fn(*embeddings) -> 0-dim tensor``, embeddings in the batch's order,
             one (n_side, d) tensor per side. What it returns is what is back-propagated (scale
             it there for mixed precision or gradient accumulation).
-        chunk_size: examples per chunk, in the batch's order; or
+        chunk_size: examples per chunk, in the batch's order or, with ``sort_by_length``,
+            longest first (less padding; the embeddings return to the batch's order); or
         max_tokens: padded tokens per chunk (rows x longest row), examples sorted by length.
         no_sync: a context factory under which every re-encoding but the last runs, e.g.
             ``ddp_model.no_sync`` so that DistributedDataParallel reduces the gradients once.
@@ -116,7 +118,10 @@ def cached_backward(
             f"`encode` must be a callable or one callable per side ({len(sides)}), got {encode!r}"
         )
     names = [f"sides[{i}]" for i in range(len(sides))]
-    chunks = [_side_chunks(n, s, chunk_size, max_tokens) for n, s in zip(names, sides, strict=True)]
+    chunks = [
+        _side_chunks(n, s, chunk_size, max_tokens, sort_by_length)
+        for n, s in zip(names, sides, strict=True)
+    ]
 
     # Step 1: embeddings without a graph; the RNG state before each chunk is what step 3 needs
     # to draw the same dropout masks.
