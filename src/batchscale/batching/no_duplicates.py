@@ -15,12 +15,12 @@ The rule (:func:`no_duplicate_batches`), for ``n`` examples and batch size ``B``
   batch being filled is *deferred*: it waits in a first-in first-out queue, and each new
   batch first tries up to ``B`` deferred examples, then fresh ones from the stream. These
   batches are always duplicate-free.
-* Tail phase, the last ``T`` batches: ``T`` is the fewest (at least ``tail_batches``, 2, at
-  most a quarter of the batches) such that no text has ``T`` or more copies in the part of
-  the stream bound for them (:func:`tail_length`). The deferred and unread examples are
+* Tail phase, the last ``T`` batches: ``T`` is the fewest (at least ``tail_batches``, 2; at
+  most a quarter of the batches or 8, whichever is more) such that no text has ``T`` or more
+  copies in the part of the stream bound for them (:func:`tail_length`). The deferred and unread examples are
   grouped by their most repeated text, and each batch takes one example of each group, the
-  most repeated first (falling back to a full scan), so copies spread over the remaining
-  batches instead of piling up in the last one.
+  groups with the most copies left first (falling back to a full scan), so copies spread
+  over the remaining batches instead of piling up in the last one.
 * A tail batch holds a repeated text only when it cannot be avoided from there on: some text
   has more copies left than there are batches left, or no remaining example can join the
   batch without one. From that batch on, everything left is dealt round-robin over the
@@ -212,9 +212,10 @@ class _Packer:
 
 
 class _RunQueue:
-    """The tail's examples grouped by their most repeated key into runs, most repeated first.
-    A batch takes run heads (at most one example per run), so each batch takes one copy of
-    every frequent text before any rare one: the copies spread over the remaining batches."""
+    """The tail's examples grouped by their most repeated key into runs. A batch takes run
+    heads (at most one example per run), the runs with the most copies left first, so each
+    batch takes one copy of every frequent text before any rare one: the copies spread over
+    the remaining batches."""
 
     def __init__(self, packer: _Packer, pool: np.ndarray) -> None:
         top_count, top_key = packer.most_repeated(pool)
@@ -229,6 +230,11 @@ class _RunQueue:
         self.active = np.arange(len(self.start))  # runs not yet exhausted, in priority order
 
     def fill(self, packer: _Packer, batch: _Batch, window: int) -> None:
+        # Most copies left first; among equals, those not served lately (the stable sort keeps
+        # the previous order, in which the runs just served fell behind).
+        left = self.length[self.active] - self.taken[self.active]
+        dtype = np.int16 if len(left) and left.max() < 2**15 else np.int64  # radix sort
+        self.active = self.active[np.argsort(-left.astype(dtype), kind="stable")]
         scanned = 0
         while batch.need and scanned < len(self.active):
             runs = self.active[scanned : scanned + window]
@@ -296,7 +302,7 @@ def no_duplicate_batches(
     taken as the stream), none holding a key twice unless unavoidable at the end (see the
     module's docstring for the exact rule). All batches have ``batch_size`` examples except the
     last, which has ``len(order) % batch_size`` when that is not zero. ``tail_batches``: the
-    fewest batches of the tail (see :func:`tail_length`; at most a quarter of the batches)."""
+    fewest batches of the tail (see :func:`tail_length`; at most max(a quarter, 8))."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
     if batch_size < 1:
@@ -317,7 +323,7 @@ def no_duplicate_batches(
     deferred = _Fifo()
     ptr = 0
     current: _Batch | None = None
-    tail = tail_length(order, packer, sizes, tail_batches, -(-len(sizes) // 4))
+    tail = tail_length(order, packer, sizes, tail_batches, max(-(-len(sizes) // 4), 8))
     # Phase 1, the stream: deferred examples first, then fresh ones, in stream order.
     while ptr < n and len(batches) < len(sizes) - tail:
         current = _Batch(sizes[len(batches)])
