@@ -119,6 +119,10 @@ def collate(model: SentenceTransformer, rows: list[dict[str, object]]
     return SentenceTransformerTrainer.collect_features(None, batch)  # type: ignore[arg-type]
 
 
+def value(t: Tensor) -> float:
+    return float(t.detach())
+
+
 def fresh(features: Features) -> Features:
     # sentence-transformers modules write their outputs into the feature dicts.
     return [dict(f) for f in features]
@@ -181,7 +185,7 @@ def test_infonce_equals_multiple_negatives_ranking(bert_dir: Path, negatives: bo
     features, labels = collate(model, toy_rows(16, negatives=negatives))
     want = MultipleNegativesRankingLoss(model, scale=25.0)(fresh(features), labels)
     got = InfoNCELoss(model, temperature=1 / 25)(fresh(features), labels)
-    assert abs(float(got.detach()) - float(want.detach())) <= 1e-6
+    assert abs(value(got) - value(want)) <= 1e-6
 
 
 def test_bsc_mse_equals_mnsrl_plus_cosine_similarity_loss(bert_dir: Path) -> None:
@@ -194,7 +198,7 @@ def test_bsc_mse_equals_mnsrl_plus_cosine_similarity_loss(bert_dir: Path) -> Non
     want = (0.1 * mnsrl(model)(fresh(features), labels)
             + 0.9 * CosineSimilarityLoss(model)(fresh(features), labels))
     got = BSCLoss(model, mu=0.1)(fresh(features), labels)
-    assert abs(float(got) - float(want)) <= 1e-10
+    assert abs(value(got) - value(want)) <= 1e-10
 
 
 def test_bsc_label_masking_against_formula(bert_dir: Path) -> None:
@@ -210,7 +214,7 @@ def test_bsc_label_masking_against_formula(bert_dir: Path) -> None:
     anchors = [i for i in range(12) if scores[i] > 0.5]
     l0 = -sum(torch.log_softmax(s[i], 0)[i] for i in anchors) / 12
     l1 = -sum(torch.log_softmax(s[:, i], 0)[i] for i in anchors) / 12
-    assert abs(float(got) - float((l0 + l1) / 2)) <= 1e-10
+    assert abs(value(got) - value((l0 + l1) / 2)) <= 1e-10
 
 
 def test_vrns_adds_the_penalty_on_the_same_embeddings(bert_dir: Path) -> None:
@@ -229,7 +233,7 @@ def test_vrns_adds_the_penalty_on_the_same_embeddings(bert_dir: Path) -> None:
     off = ~torch.eye(10, dtype=torch.bool)
     penalty = ((cos[off] + 1 / 999) ** 2).mean()
     want = mnsrl(model)(fresh(features), labels) + 30.0 * penalty
-    assert abs(float(got) - float(want)) <= 1e-10
+    assert abs(value(got) - value(want)) <= 1e-10
 
 
 # --- the gradient cache ----------------------------------------------------------------------
@@ -295,7 +299,7 @@ def test_cached_replays_dropout(bert_dir: Path) -> None:
     assert_grads_close(got_grads, want_grads, 1e-10)
     # The masks matter: another seed gives another loss, so the match above is not vacuous.
     torch.manual_seed(2)
-    assert abs(float(cached(fresh(features), labels).detach()) - want) > 1e-6
+    assert abs(value(cached(fresh(features), labels)) - want) > 1e-6
 
 
 def test_cached_without_grad_returns_the_loss(bert_dir: Path) -> None:
@@ -306,7 +310,7 @@ def test_cached_without_grad_returns_the_loss(bert_dir: Path) -> None:
         got = BSCLoss(model, mini_batch_size=3)(fresh(features), labels)
         want = mnsrl(model)(fresh(features), labels)
     assert not got.requires_grad
-    assert abs(float(got) - float(want)) <= 1e-10
+    assert abs(value(got) - value(want)) <= 1e-10
 
 
 # --- training ----------------------------------------------------------------------------------
