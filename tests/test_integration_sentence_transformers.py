@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -379,6 +382,78 @@ def test_sentence_transformer_trainer_trains(bert_dir: Path, tmp_path: Path, cas
     check_training([h["loss"] for h in trainer.state.log_history if "loss" in h])
 
 
+# --- negatives from every rank --------------------------------------------------------------
+
+RANK_CASES: dict[str, Callable[[nn.Module], BatchscaleLoss]] = {
+    "bsc": lambda m: BSCLoss(m),
+    "bsc-cached": lambda m: BSCLoss(m, mini_batch_size=3),
+    "vrns-weince-cached": lambda m: VRNSLoss(WEINCELoss(m, mini_batch_size=3), n=64),
+}
+RANK_ROWS = 16  # the global batch; each of the 2 ranks holds 8 (anchor, positive, negative)
+
+
+def worker_two_ranks(bert_dir: str, out_dir: str) -> None:
+    """One rank under torchrun: its half of the batch, the loss modules with their default
+    ``gather_across_ranks``, gradients averaged over the ranks as DDP would."""
+    from batchscale.batching.distributed import (
+        average_gradients,
+        init_distributed,
+        shutdown_distributed,
+    )
+
+    torch.set_num_threads(1)
+    info = init_distributed(backend="gloo", timeout_s=120)
+    half = RANK_ROWS // 2
+    rows = toy_rows(RANK_ROWS, negatives=True)[info.rank * half:(info.rank + 1) * half]
+    results = {}
+    for name, build in RANK_CASES.items():
+        model = make_model(Path(bert_dir))
+        features, labels = collate(model, rows)
+        loss_fn = build(model)
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(fresh(features), labels)
+        loss.backward()
+        average_gradients(model.parameters())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = {"loss": value(loss), "grads": grads}
+    torch.save(results, Path(out_dir) / f"rank{info.rank}.pt")
+    shutdown_distributed()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("two-ranks")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           "--master-addr=127.0.0.1", f"--master-port={port}", __file__, str(bert_dir),
+           str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", list(RANK_CASES))
+def test_two_ranks_gather_the_global_batch(bert_dir: Path, two_rank_results: list[dict],
+                                           case: str) -> None:
+    """2 gloo ranks with 8 triplets each: every rank's loss and averaged gradients are those
+    of one process on all 16 (float64, dropout off), so the negatives came from both ranks."""
+    model = make_model(bert_dir)
+    features, labels = collate(model, toy_rows(RANK_ROWS, negatives=True))
+    want, want_grads = loss_and_grads(model, lambda: RANK_CASES[case](model)(fresh(features),
+                                                                           labels))
+    # Not vacuous: the loss of a rank's own 8 triplets is another number.
+    local_features, _ = collate(model, toy_rows(RANK_ROWS, negatives=True)[:8])
+    local = value(RANK_CASES[case](model)(fresh(local_features), None))
+    assert abs(local - want) > 1e-3
+    for rank, results in enumerate(two_rank_results):
+        assert abs(results[case]["loss"] - want) <= 1e-10, rank
+        assert_grads_close(results[case]["grads"], want_grads, 1e-10)
+
+
 # --- configuration and errors --------------------------------------------------------------
 
 
@@ -433,3 +508,7 @@ def test_bad_batches(bert_dir: Path) -> None:
         BSCLoss(model)(fresh(features)[:1], None)
     with pytest.raises(ValueError, match="score"):
         BSCLoss(model, mu=0.1)(fresh(features), None)
+
+
+if __name__ == "__main__":  # a rank of test_two_ranks_gather_the_global_batch, under torchrun
+    worker_two_ranks(sys.argv[1], sys.argv[2])
