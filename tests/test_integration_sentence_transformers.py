@@ -333,7 +333,7 @@ TRAIN_CASES: dict[str, tuple[Callable[[nn.Module], BatchscaleLoss], dict[str, ob
 def check_training(losses: list[float]) -> None:
     assert len(losses) == STEPS
     assert all(math.isfinite(x) for x in losses), losses
-    assert losses[-1] < losses[0], losses
+    assert losses[-1] < 0.98 * losses[0], losses  # measured: 4 to 12 % lower after 6 steps
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))

@@ -94,10 +94,6 @@ class BatchscaleLoss(nn.Module):
         q, a, *negatives = embeddings
         # (m, k, d): negative j of pair i; the losses take them as extra answer columns.
         hard_negatives = torch.stack(negatives, dim=1) if negatives else None
-        if labels is not None:
-            labels = torch.as_tensor(labels, device=q.device)
-            if q.is_floating_point():
-                labels = labels.to(q.dtype)
         if self.gather_across_ranks:  # plain pair_loss when not distributed
             return gathered_pair_loss(self.pair_loss, q, a, hard_negatives=hard_negatives,
                                       labels=labels)
@@ -107,6 +103,13 @@ class BatchscaleLoss(nn.Module):
                   labels: Tensor | None = None) -> Tensor:
         """The loss of a (possibly gathered) batch of pairs."""
         raise NotImplementedError
+
+    @property
+    def uses_gradient_cache(self) -> bool:
+        """True with ``mini_batch_size``: the model is re-run during the backward. Read by
+        sentence-transformers' wrapping losses (MatryoshkaLoss, AdaptiveLayerLoss), which
+        cannot patch the model's forward around such a loss."""
+        return self.mini_batch_size is not None
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"mini_batch_size": self.mini_batch_size,
