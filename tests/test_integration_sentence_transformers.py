@@ -49,7 +49,7 @@ from batchscale.integrations.sentence_transformers import (  # noqa: E402
     VRNSLoss,
     WEINCELoss,
 )
-from batchscale.losses import WeinceConfig  # noqa: E402
+from batchscale.losses import LearnableTemperature, WeinceConfig  # noqa: E402
 
 Features = list[dict[str, object]]
 WORDS = [f"w{i}" for i in range(60)]
@@ -265,6 +265,28 @@ def test_cached_gradients_equal_plain(bert_dir: Path, case: str) -> None:
     got, got_grads = loss_and_grads(model, lambda: cached(fresh(features), labels), 0.25)
     assert abs(got - want) <= 1e-12 * max(1.0, abs(want))
     assert_grads_close(got_grads, want_grads, 1e-10)
+
+
+def test_learnable_temperature_trains_through_both_paths(bert_dir: Path) -> None:
+    """A LearnableTemperature is a parameter of the loss module (the Trainer's optimiser takes
+    it); at tau = 0.05 the loss is MNSRL's, and its gradient is the same cached or not."""
+    model = make_model(bert_dir)
+    features, labels = collate(model, toy_rows(12))
+    temperature = LearnableTemperature(0.05).double()
+    plain, cached = BSCLoss(model, temperature), BSCLoss(model, temperature, mini_batch_size=5)
+    assert [p for p in plain.parameters() if p.ndim == 0] == [temperature.inverse_temperature]
+    want = mnsrl(model)(fresh(features), labels)
+    results = []
+    for loss_fn in (plain, cached):
+        temperature.zero_grad()
+        got, grads = loss_and_grads(model, lambda loss_fn=loss_fn: loss_fn(fresh(features),
+                                                                          labels))
+        assert abs(got - value(want)) <= 1e-10
+        assert temperature.inverse_temperature.grad is not None
+        results.append((float(temperature.inverse_temperature.grad), grads))
+    assert results[0][0] != 0.0
+    assert abs(results[1][0] - results[0][0]) <= 1e-10 * abs(results[0][0])
+    assert_grads_close(results[1][1], results[0][1], 1e-10)
 
 
 def _rows_of(features: dict[str, object], begin: int, end: int) -> dict[str, object]:
