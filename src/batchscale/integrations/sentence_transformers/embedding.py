@@ -71,6 +71,8 @@ def cached_embeddings(model: nn.Module, columns: Sequence[Features],
                       mini_batch_size: int) -> list[Tensor]:
     """Steps 1 and 3 of the module docstring: the columns' embeddings as leaf tensors (encoded
     chunk by chunk without a graph) whose backward re-encodes the chunks with one."""
+    # split_inputs passes non-tensor entries (the collator's `modality` or `task` strings) on
+    # to every chunk as they are.
     chunks = [split_inputs(features, chunk_size=mini_batch_size) for features in columns]
     # Mixed precision: re-enter the autocast state of the first pass, so the replay computes
     # the same embeddings (torch.utils.checkpoint does the same).
