@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 
@@ -15,8 +16,72 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch-softmax contrastive training of sentence encoders at any batch size.",
     )
     parser.add_argument("--version", action="version", version=f"batchscale {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_eval(commands)
     return parser
+
+
+# -- eval --------------------------------------------------------------------------------
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "eval", help="evaluate an encoder on STS-B or a BEIR retrieval set",
+        description="Evaluate an encoder: STS-B (Spearman / Pearson of cosine, x100) or BEIR "
+                    "retrieval (nDCG@10, MAP@100, Recall@10/@100, MRR@10, x100).")
+    p.add_argument("--model", default="default",
+                   help="'default' (the packaged all-MiniLM-L6-v2) or a model directory")
+    p.add_argument("--task", required=True, help="stsb | scifact | beir:PATH")
+    p.add_argument("--split", default="test", help="data split (default: test)")
+    p.add_argument("--json", metavar="OUT",
+                   help="also write the results as a JSON object to OUT ('-': stdout only)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder holding stsbenchmark/ and scifact/ "
+                        "(default: $BATCHSCALE_DATA or ../shared/data)")
+    p.add_argument("--pooling", choices=("mean", "cls"), default=None,
+                   help="override the model's pooling (default: the model's own, else mean)")
+    p.add_argument("--batch-size", type=int, default=256, help="texts per batch (max)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate texts to this many tokens (default: the model's limit)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                   help="compute dtype (default: float32, the published figures' own); "
+                        "auto: bfloat16 on a CPU with native bf16 instructions")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from .data import DataError
+    from .encoders import EncoderLoadError, SentenceEncoder
+    from .evaluation import run_task
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        encoder = SentenceEncoder.load(args.model, pooling=args.pooling, device=args.device,
+                                       dtype=args.dtype)
+        result = run_task(encoder, args.task, args.split, data_dir=args.data_dir,
+                          batch_size=args.batch_size, max_length=args.max_length,
+                          show_progress=not args.no_progress)
+    except (DataError, EncoderLoadError, FileNotFoundError, ValueError) as e:
+        print(f"batchscale eval: error: {e}", file=sys.stderr)
+        return 1
+    text = json.dumps(result, indent=2)
+    if args.json == "-":
+        print(text)
+        return 0
+    print(_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def _table(result: dict[str, object]) -> str:
+    rows = [(k, f"{v:.2f}" if isinstance(v, float) else str(v)) for k, v in result.items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

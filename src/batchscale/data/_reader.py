@@ -1,0 +1,177 @@
+"""Validation plumbing shared by the loaders: the error type, the skip report, line reading.
+
+Every loader reads its file line by line (bytes, decoded as strict UTF-8 per line), turns each
+row into a record or a :class:`RowError`, and hands bad rows to a :class:`Validator`, which
+either raises :class:`DataError` (``path:line: reason``) or, with ``skip_bad_rows=True``,
+counts the row in a :class:`LoadReport` and logs a warning at the end. Nothing is dropped
+silently: blank lines, the only rows skipped without an error, are counted too.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+log = logging.getLogger("batchscale.data")
+
+T = TypeVar("T")
+
+#: How many full messages of skipped rows a report keeps (the counts are always complete).
+MAX_EXAMPLES = 10
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents in CSV / TSV cells
+
+
+class DataError(ValueError):
+    """A bad row: the message is ``path:line: reason``."""
+
+    def __init__(self, path: str | Path, line: int, reason: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        super().__init__(f"{self.path}:{line}: {reason}")
+
+
+class RowError(Exception):
+    """Raised by a row parser: ``kind`` is the reason's category (what a report counts by),
+    ``detail`` the specifics."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        self.kind = kind
+        self.detail = detail
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return f"{self.kind}: {self.detail}" if self.detail else self.kind
+
+
+@dataclass
+class LoadReport:
+    """What a load read and what it skipped (only ``skip_bad_rows=True`` skips rows)."""
+
+    path: str
+    rows_read: int = 0        # non-blank rows seen
+    rows_kept: int = 0        # rows that became records
+    blank_lines: int = 0      # empty lines passed over (not errors)
+    skipped: Counter[str] = field(default_factory=Counter)   # reason category -> rows
+    examples: list[str] = field(default_factory=list)        # first messages, path:line: reason
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def record(self, error: DataError, kind: str) -> None:
+        self.skipped[kind] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(str(error))
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{n} {kind}" for kind, n in self.skipped.most_common())
+        return (f"{self.path}: kept {self.rows_kept} of {self.rows_read} rows, "
+                f"skipped {self.rows_skipped}" + (f" ({reasons})" if reasons else ""))
+
+    def merge(self, other: LoadReport) -> None:
+        """Add another file's counts (a loader that reads several files reports once)."""
+        self.rows_read += other.rows_read
+        self.rows_kept += other.rows_kept
+        self.blank_lines += other.blank_lines
+        self.skipped.update(other.skipped)
+        self.examples.extend(other.examples[: max(0, MAX_EXAMPLES - len(self.examples))])
+
+
+class Records(list[T], Generic[T]):
+    """A list of records that carries the :class:`LoadReport` of the load that made it."""
+
+    def __init__(self, items: list[T], report: LoadReport) -> None:
+        super().__init__(items)
+        self.report = report
+
+
+class Validator:
+    """Raises on a bad row, or counts it when ``skip_bad_rows`` is set."""
+
+    def __init__(self, path: str | Path, skip_bad_rows: bool,
+                 report: LoadReport | None = None) -> None:
+        self.path = str(path)
+        self.skip_bad_rows = skip_bad_rows
+        self.report = report if report is not None else LoadReport(self.path)
+
+    def bad(self, line: int, error: RowError) -> None:
+        exc = DataError(self.path, line, error.message)
+        if not self.skip_bad_rows:
+            raise exc
+        self.report.record(exc, error.kind)
+
+    def finish(self) -> LoadReport:
+        if self.report.rows_skipped:
+            log.warning("%s; first: %s", self.report.summary(), self.report.examples[0])
+        return self.report
+
+
+def open_checked(path: str | Path, what: str = "file") -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such {what}")
+    return p
+
+
+def decoded_lines(path: Path, validator: Validator, *, keep_ends: bool = False,
+                  count_blank: bool = True) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line that is valid UTF-8; a line that is not is a bad
+    row (``invalid UTF-8``). A UTF-8 byte-order mark on line 1 is dropped. With
+    ``count_blank``, blank lines are counted in the report and not yielded."""
+    report = validator.report
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                report.rows_read += 1
+                validator.bad(lineno, RowError("invalid UTF-8", f"byte {e.start} of the line"))
+                continue
+            if lineno == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            body = text.rstrip("\r\n")
+            if count_blank and not body.strip():
+                report.blank_lines += 1
+                continue
+            yield lineno, (text if keep_ends else body)
+
+
+def check_text(value: object, column: str) -> str:
+    """A non-empty string (whitespace alone counts as empty)."""
+    if not isinstance(value, str):
+        raise RowError("non-string text", f"column {column!r} holds {type(value).__name__}")
+    if not value.strip():
+        raise RowError("empty text", f"column {column!r}")
+    return value
+
+
+def check_number(value: object, column: str, what: str = "score",
+                 lo: float | None = None, hi: float | None = None) -> float:
+    """A finite float parsed from a number or a numeric string, optionally within [lo, hi]."""
+    if isinstance(value, bool):
+        raise RowError(f"non-numeric {what}", f"column {column!r} holds {value!r}")
+    if isinstance(value, int | float):
+        x = float(value)
+    elif isinstance(value, str):
+        try:
+            x = float(value.strip())
+        except ValueError:
+            raise RowError(f"non-numeric {what}", f"column {column!r} holds {value!r}") from None
+    else:
+        raise RowError(f"non-numeric {what}", f"column {column!r} holds {type(value).__name__}")
+    if not math.isfinite(x):
+        raise RowError(f"non-finite {what}", f"column {column!r} holds {value!r}")
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        raise RowError(f"{what} out of range",
+                       f"column {column!r} holds {x:g}, not in [{lo}, {hi}]")
+    return x

@@ -1,0 +1,232 @@
+"""BEIR layout: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``,
+``text``), ``qrels/{split}.tsv`` (``query-id corpus-id score``, header line optional).
+
+The corpus is streamed (:meth:`BeirDataset.iter_corpus`): a user's corpus may hold millions
+of documents, so it is never held in memory as text; checking qrels against it needs only
+its ids. Extra fields (``metadata``, ...) are ignored, so SciFact, SciDocs and the other BEIR
+sets load unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._reader import (
+    DataError,
+    LoadReport,
+    Records,
+    RowError,
+    Validator,
+    check_text,
+    decoded_lines,
+    open_checked,
+)
+from .records import Document, Pair
+
+Qrels = dict[str, dict[str, int]]
+_HEADER_FIRST = {"query-id", "query_id", "qid", "query"}
+
+
+def _json_object(line: str) -> dict[str, object]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RowError("invalid JSON", e.msg) from None
+    if not isinstance(obj, dict):
+        raise RowError("invalid JSON", f"expected an object, got {type(obj).__name__}")
+    return obj
+
+
+def _id(obj: dict[str, object]) -> str:
+    if "_id" not in obj:
+        raise RowError("missing column", "'_id'")
+    value = obj["_id"]
+    if isinstance(value, bool) or not isinstance(value, str | int) or str(value) == "":
+        raise RowError("bad id", f"'_id' holds {value!r}")
+    return str(value)
+
+
+def _optional_str(obj: dict[str, object], key: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError("non-string text", f"column {key!r} holds {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class BeirSplit:
+    """What retrieval evaluation needs besides the corpus: the judged queries and qrels."""
+
+    name: str
+    queries: dict[str, str]   # only the queries that have judgements in this split
+    qrels: Qrels
+
+
+class BeirDataset:
+    """A BEIR folder. Each read validates; ``skip_bad_rows=True`` skips and counts bad rows
+    (see the ``*_report`` attributes). ``allow_empty_documents=True`` keeps corpus entries
+    whose title and text are both empty (FiQA has a few) instead of rejecting them."""
+
+    def __init__(self, root: str | Path, *, skip_bad_rows: bool = False,
+                 allow_empty_documents: bool = False) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such BEIR folder")
+        self.corpus_path = self.root / "corpus.jsonl"
+        self.queries_path = self.root / "queries.jsonl"
+        self.skip_bad_rows = skip_bad_rows
+        self.allow_empty_documents = allow_empty_documents
+        self.corpus_report: LoadReport | None = None
+        self.queries_report: LoadReport | None = None
+        self.qrels_reports: dict[str, LoadReport] = {}
+        self._queries: dict[str, str] | None = None
+        self._corpus_ids: set[str] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def qrels_path(self, split: str) -> Path:
+        return self.root / "qrels" / f"{split}.tsv"
+
+    # -- corpus -------------------------------------------------------------------------
+    def iter_corpus(self) -> Iterator[Document]:
+        """Stream the corpus, validating each line (ids unique, text present)."""
+        path = open_checked(self.corpus_path, "BEIR corpus")
+        v = Validator(path, self.skip_bad_rows)
+        seen: set[str] = set()
+        for lineno, line in decoded_lines(path, v):
+            v.report.rows_read += 1
+            try:
+                obj = _json_object(line)
+                doc_id = _id(obj)
+                if "text" not in obj:
+                    raise RowError("missing column", "'text'")
+                title, text = _optional_str(obj, "title"), _optional_str(obj, "text")
+                if not (title.strip() or text.strip()) and not self.allow_empty_documents:
+                    raise RowError("empty text", "both 'title' and 'text' are empty")
+                if doc_id in seen:
+                    raise RowError("duplicate id", repr(doc_id))
+            except RowError as e:
+                v.bad(lineno, e)
+                continue
+            seen.add(doc_id)
+            v.report.rows_kept += 1
+            yield Document(doc_id, title, text)
+        self.corpus_report = v.finish()
+        self._corpus_ids = seen
+
+    def corpus_ids(self) -> set[str]:
+        """The ids of the valid documents (one streaming pass, then cached)."""
+        if self._corpus_ids is None:
+            for _ in self.iter_corpus():
+                pass
+        assert self._corpus_ids is not None
+        return self._corpus_ids
+
+    def count_documents(self) -> int:
+        return len(self.corpus_ids())
+
+    # -- queries ------------------------------------------------------------------------
+    def queries(self) -> dict[str, str]:
+        """All queries, id -> text (cached)."""
+        if self._queries is None:
+            path = open_checked(self.queries_path, "BEIR queries file")
+            v = Validator(path, self.skip_bad_rows)
+            out: dict[str, str] = {}
+            for lineno, line in decoded_lines(path, v):
+                v.report.rows_read += 1
+                try:
+                    obj = _json_object(line)
+                    qid = _id(obj)
+                    if "text" not in obj:
+                        raise RowError("missing column", "'text'")
+                    text = check_text(obj["text"], "text")
+                    if qid in out:
+                        raise RowError("duplicate id", repr(qid))
+                except RowError as e:
+                    v.bad(lineno, e)
+                    continue
+                out[qid] = text
+            v.report.rows_kept = len(out)
+            self.queries_report = v.finish()
+            self._queries = out
+        return self._queries
+
+    # -- judgements ---------------------------------------------------------------------
+    def qrels(self, split: str = "test") -> Qrels:
+        """query id -> {document id -> integer relevance}, every id checked against the
+        queries and the corpus."""
+        path = open_checked(self.qrels_path(split), f"BEIR qrels file for split {split!r}")
+        queries = self.queries()
+        docs = self.corpus_ids()
+        v = Validator(path, self.skip_bad_rows)
+        out: Qrels = {}
+        first = True
+        for lineno, line in decoded_lines(path, v):
+            cols = line.split("\t")
+            if first and cols[0].strip().lower() in _HEADER_FIRST:
+                first = False
+                continue
+            first = False
+            v.report.rows_read += 1
+            try:
+                if len(cols) < 3:
+                    raise RowError("missing column", f"{len(cols)} tab-separated fields, "
+                                   "expected 3 (query-id, corpus-id, score)")
+                if len(cols) > 3:
+                    raise RowError("extra column", f"{len(cols)} tab-separated fields, expected 3")
+                qid, did, raw = cols[0].strip(), cols[1].strip(), cols[2].strip()
+                try:
+                    score = int(raw)
+                except ValueError:
+                    raise RowError("non-integer score", f"{raw!r}") from None
+                if qid not in queries:
+                    raise RowError("unknown query", f"{qid!r} is not in {self.queries_path.name}")
+                if did not in docs:
+                    raise RowError("unknown document", f"{did!r} is not in {self.corpus_path.name}")
+                previous = out.get(qid, {}).get(did)
+                if previous is not None and previous != score:
+                    raise RowError("conflicting judgement",
+                                   f"({qid!r}, {did!r}) judged {previous} earlier, {score} here")
+            except RowError as e:
+                v.bad(lineno, e)
+                continue
+            out.setdefault(qid, {})[did] = score
+        v.report.rows_kept = sum(len(d) for d in out.values())
+        self.qrels_reports[split] = v.finish()
+        return out
+
+    def split(self, split: str = "test") -> BeirSplit:
+        qrels = self.qrels(split)
+        queries = self.queries()
+        return BeirSplit(split, {q: queries[q] for q in qrels}, qrels)
+
+    def training_pairs(self, split: str = "train", min_score: int = 1) -> Records[Pair]:
+        """(query, positive document) pairs from the judgements with score >= ``min_score``,
+        the document as :attr:`Document.full_text`, in qrels order."""
+        qrels = self.qrels(split)
+        queries = self.queries()
+        wanted = {d for judged in qrels.values() for d, s in judged.items() if s >= min_score}
+        texts = {doc.id: doc.full_text for doc in self.iter_corpus() if doc.id in wanted}
+        pairs = [Pair(queries[q], texts[d]) for q, judged in qrels.items()
+                 for d, s in judged.items() if s >= min_score]
+        report = LoadReport(str(self.qrels_path(split)))
+        report.merge(self.qrels_reports[split])
+        report.rows_kept = len(pairs)
+        return Records(pairs, report)
+
+
+def load_beir(root: str | Path, split: str = "test", *,
+              skip_bad_rows: bool = False) -> tuple[BeirDataset, BeirSplit]:
+    """The dataset (for streaming its corpus) and one split's queries and qrels."""
+    ds = BeirDataset(root, skip_bad_rows=skip_bad_rows)
+    return ds, ds.split(split)
+
+
+__all__ = ["BeirDataset", "BeirSplit", "DataError", "Qrels", "load_beir"]
