@@ -17,10 +17,10 @@ The rule (:func:`no_duplicate_batches`), for ``n`` examples and batch size ``B``
   batches are always duplicate-free.
 * Tail phase, the last ``T`` batches: ``T`` is the fewest (at least ``tail_batches``, 2; at
   most a quarter of the batches or 8, whichever is more) such that no text has ``T`` or more
-  copies in the part of the stream bound for them (:func:`tail_length`). The deferred and unread examples are
-  grouped by their most repeated text, and each batch takes one example of each group, the
-  groups with the most copies left first (falling back to a full scan), so copies spread
-  over the remaining batches instead of piling up in the last one.
+  copies in the part of the stream bound for them (:func:`tail_length`). The deferred and
+  unread examples are grouped by their most repeated text, and each batch takes one example
+  of each group, the groups with the most copies left first (falling back to a full scan),
+  so copies spread over the remaining batches instead of piling up in the last one.
 * A tail batch holds a repeated text only when it cannot be avoided from there on: some text
   has more copies left than there are batches left, or no remaining example can join the
   batch without one. From that batch on, everything left is dealt round-robin over the
