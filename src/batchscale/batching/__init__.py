@@ -1,0 +1,55 @@
+"""What goes into a batch and how it crosses memory and machines.
+
+Batch composition: :class:`RandomBatchSampler`, :class:`NoDuplicatesBatchSampler`,
+:class:`BSCShuffleSampler` (BSC's kNN / k-means hard-batch shuffling),
+:class:`TeacherHardBatchSampler`, and the per-epoch statistics (:func:`mean_hardest_negative`,
+:func:`duplicate_rate`). Batch size free of activation memory: :func:`cached_backward`
+(gradient cache). Negatives across ``torch.distributed`` ranks: :func:`gathered_pair_loss`,
+:func:`gather_with_grad`, :func:`init_distributed`. The memory-linear loss itself lives in
+:mod:`batchscale.losses` (``tile_size``).
+"""
+
+from .batch_stats import (
+    duplicate_rate,
+    duplicate_stats,
+    epoch_hardest_negative,
+    mean_hardest_negative,
+)
+from .distributed import (
+    CollectiveError,
+    DistributedInfo,
+    average_gradients,
+    gather_rows,
+    gather_with_grad,
+    init_distributed,
+    shutdown_distributed,
+)
+from .distributed_loss import gathered_pair_loss
+from .embedding_cache import EmbeddingCache
+from .gradient_cache import cached_backward
+from .hard_batches import BSCShuffleSampler, TeacherHardBatchSampler
+from .samplers import EpochBatchSampler, NoDuplicatesBatchSampler, RandomBatchSampler
+from .text_keys import text_keys
+
+__all__ = [
+    "BSCShuffleSampler",
+    "CollectiveError",
+    "DistributedInfo",
+    "EmbeddingCache",
+    "EpochBatchSampler",
+    "NoDuplicatesBatchSampler",
+    "RandomBatchSampler",
+    "TeacherHardBatchSampler",
+    "average_gradients",
+    "cached_backward",
+    "duplicate_rate",
+    "duplicate_stats",
+    "epoch_hardest_negative",
+    "gather_rows",
+    "gather_with_grad",
+    "gathered_pair_loss",
+    "init_distributed",
+    "mean_hardest_negative",
+    "shutdown_distributed",
+    "text_keys",
+]
