@@ -28,6 +28,7 @@ from .distributed_loss import gathered_pair_loss
 from .embedding_cache import EmbeddingCache
 from .gradient_cache import cached_backward
 from .hard_batches import BSCShuffleSampler, TeacherHardBatchSampler
+from .no_duplicates import no_duplicate_batches
 from .samplers import EpochBatchSampler, NoDuplicatesBatchSampler, RandomBatchSampler
 from .text_keys import text_keys
 
@@ -35,6 +36,7 @@ __all__ = [
     "BSCShuffleSampler",
     "CollectiveError",
     "DistributedInfo",
+    "DuplicateStats",
     "EmbeddingCache",
     "EpochBatchSampler",
     "NoDuplicatesBatchSampler",
@@ -48,8 +50,10 @@ __all__ = [
     "gather_rows",
     "gather_with_grad",
     "gathered_pair_loss",
+    "hardest_negatives",
     "init_distributed",
     "mean_hardest_negative",
+    "no_duplicate_batches",
     "shutdown_distributed",
     "text_keys",
 ]
