@@ -168,3 +168,21 @@ def test_default_model_loads_offline(default_encoder) -> None:
                                   "The stock market fell."], show_progress=False)
     cos = torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(emb, dim=-1).T
     assert cos[0, 1] > 0.6 > cos[0, 2]
+
+
+def test_dtype(tiny_st_dir) -> None:
+    from batchscale.encoders.encoder import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu) == resolve_dtype("float32", cpu) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float32
+    assert resolve_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("float8", cpu)
+    exact = SentenceEncoder.load(tiny_st_dir, device="cpu").encode(TEXTS, show_progress=False)
+    half = SentenceEncoder.load(tiny_st_dir, device="cpu", dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+    emb = half.encode(TEXTS, show_progress=False)
+    assert emb.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(emb, exact)
+    assert bool((cos > 0.99).all())

@@ -42,9 +42,10 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate texts to this many tokens (default: the model's limit)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
-                   help="compute dtype (default: float32, the published figures' own); "
-                        "auto: bfloat16 on a CPU with native bf16 instructions")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype. auto (default): bfloat16 on a CPU with native bf16 "
+                        "instructions (~1.8x faster; figures within 0.04 of float32), else "
+                        "float32; float32: the exact published computation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_eval)
 
@@ -58,6 +59,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .evaluation import run_task
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         encoder = SentenceEncoder.load(args.model, pooling=args.pooling, device=args.device,
                                        dtype=args.dtype)

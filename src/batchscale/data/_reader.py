@@ -59,7 +59,7 @@ class LoadReport:
 
     path: str
     rows_read: int = 0        # non-blank rows seen
-    rows_kept: int = 0        # rows that became records
+    rows_kept: int = 0        # rows that passed (SNLI then keeps the entailment ones)
     blank_lines: int = 0      # empty lines passed over (not errors)
     skipped: Counter[str] = field(default_factory=Counter)   # reason category -> rows
     examples: list[str] = field(default_factory=list)        # first messages, path:line: reason

@@ -55,4 +55,5 @@ def run_task(encoder, task: str, split: str = "test", *, data_dir: Path | None =
             encoder, BeirDataset(path), split, batch_size=batch_size, max_length=max_length,
             show_progress=show_progress))
     metrics["seconds"] = time.perf_counter() - t0
-    return {"task": task, "split": split, "model": encoder.name, **metrics}
+    dtype = str(next(encoder.parameters()).dtype).removeprefix("torch.")
+    return {"task": task, "split": split, "model": encoder.name, "dtype": dtype, **metrics}
