@@ -10,6 +10,7 @@ silently: blank lines, the only rows skipped without an error, are counted too.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import sys
@@ -123,27 +124,48 @@ def open_checked(path: str | Path, what: str = "file") -> Path:
     return p
 
 
-def decoded_lines(path: Path, validator: Validator, *, keep_ends: bool = False,
-                  count_blank: bool = True) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each line that is valid UTF-8; a line that is not is a bad
-    row (``invalid UTF-8``). A UTF-8 byte-order mark on line 1 is dropped. With
-    ``count_blank``, blank lines are counted in the report and not yielded."""
-    report = validator.report
+def utf8_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text with its line end, valid) for each line of the file; a line that
+    is not valid UTF-8 comes decoded with replacement characters and ``valid=False``. A
+    UTF-8 byte-order mark on line 1 is dropped."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                report.rows_read += 1
-                validator.bad(lineno, RowError("invalid UTF-8", f"byte {e.start} of the line"))
-                continue
+                text, valid = raw.decode("utf-8"), True
+            except UnicodeDecodeError:
+                text, valid = raw.decode("utf-8", errors="replace"), False
             if lineno == 1 and text.startswith("\ufeff"):
                 text = text[1:]
-            body = text.rstrip("\r\n")
-            if count_blank and not body.strip():
-                report.blank_lines += 1
-                continue
-            yield lineno, (text if keep_ends else body)
+            yield lineno, text, valid
+
+
+def decoded_lines(path: Path, validator: Validator, *, keep_ends: bool = False,
+                  count_blank: bool = True) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line that is valid UTF-8; a line that is not is a bad
+    row (``invalid UTF-8``). With ``count_blank``, blank lines are counted in the report
+    and not yielded."""
+    report = validator.report
+    for lineno, text, valid in utf8_lines(path):
+        if not valid:
+            report.rows_read += 1
+            validator.bad(lineno, RowError("invalid UTF-8", "the line is not valid UTF-8"))
+            continue
+        body = text.rstrip("\r\n")
+        if count_blank and not body.strip():
+            report.blank_lines += 1
+            continue
+        yield lineno, (text if keep_ends else body)
+
+
+def json_object(line: str) -> dict[str, object]:
+    """One JSONL line, which must hold an object."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RowError("invalid JSON", e.msg) from None
+    if not isinstance(obj, dict):
+        raise RowError("invalid JSON", f"expected an object, got {type(obj).__name__}")
+    return obj
 
 
 def check_text(value: object, column: str) -> str:

@@ -9,7 +9,6 @@ sets load unchanged.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,22 +21,13 @@ from ._reader import (
     Validator,
     check_text,
     decoded_lines,
+    json_object,
     open_checked,
 )
 from .records import Document, Pair
 
 Qrels = dict[str, dict[str, int]]
 _HEADER_FIRST = {"query-id", "query_id", "qid", "query"}
-
-
-def _json_object(line: str) -> dict[str, object]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RowError("invalid JSON", e.msg) from None
-    if not isinstance(obj, dict):
-        raise RowError("invalid JSON", f"expected an object, got {type(obj).__name__}")
-    return obj
 
 
 def _id(obj: dict[str, object]) -> str:
@@ -103,7 +93,7 @@ class BeirDataset:
         for lineno, line in decoded_lines(path, v):
             v.report.rows_read += 1
             try:
-                obj = _json_object(line)
+                obj = json_object(line)
                 doc_id = _id(obj)
                 if "text" not in obj:
                     raise RowError("missing column", "'text'")
@@ -142,7 +132,7 @@ class BeirDataset:
             for lineno, line in decoded_lines(path, v):
                 v.report.rows_read += 1
                 try:
-                    obj = _json_object(line)
+                    obj = json_object(line)
                     qid = _id(obj)
                     if "text" not in obj:
                         raise RowError("missing column", "'text'")

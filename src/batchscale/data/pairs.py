@@ -8,7 +8,6 @@ may span lines; its row is numbered by its first line); TSV has no quoting.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -21,7 +20,9 @@ from ._reader import (
     check_number,
     check_text,
     decoded_lines,
+    json_object,
     open_checked,
+    utf8_lines,
 )
 from .records import Pair, Triplet
 
@@ -61,13 +62,9 @@ class _Table:
         for lineno, line in decoded_lines(self.path, v):
             v.report.rows_read += 1
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                v.bad(lineno, RowError("invalid JSON", e.msg))
-                continue
-            if not isinstance(obj, dict):
-                v.bad(lineno, RowError("invalid JSON",
-                                       f"expected an object, got {type(obj).__name__}"))
+                obj = json_object(line)
+            except RowError as e:
+                v.bad(lineno, e)
                 continue
             yield lineno, obj
 
@@ -80,15 +77,11 @@ class _Table:
 
         def lines() -> Iterator[str]:
             nonlocal position
-            with open(self.path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    position = lineno
-                    try:
-                        text = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        bad_lines.add(lineno)
-                        text = raw.decode("utf-8", errors="replace")
-                    yield text[1:] if lineno == 1 and text.startswith("\ufeff") else text
+            for lineno, text, valid in utf8_lines(self.path):
+                position = lineno
+                if not valid:
+                    bad_lines.add(lineno)
+                yield text
 
         if self.fmt == "csv":
             reader = csv.reader(lines(), strict=True)

@@ -18,6 +18,7 @@ from ._reader import (
     RowError,
     Validator,
     open_checked,
+    utf8_lines,
 )
 from .records import Pair, Triplet
 
@@ -26,16 +27,7 @@ SNLI_LABELS = ("entailment", "neutral", "contradiction")
 
 def _read_all(path: Path) -> list[str | None]:
     """The file's lines without their ends; None for a line that is not valid UTF-8."""
-    out: list[str | None] = []
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                out.append(raw.decode("utf-8").rstrip("\r\n"))
-            except UnicodeDecodeError:
-                out.append(None)
-    if out and out[0] is not None and out[0].startswith("\ufeff"):
-        out[0] = out[0][1:]
-    return out
+    return [text.rstrip("\r\n") if valid else None for _, text, valid in utf8_lines(path)]
 
 
 def _aligned(root: Path, split: str, skip_bad_rows: bool
