@@ -40,8 +40,13 @@ test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed
+# Long measurements (tens of minutes on 2 cores); not part of `make test`.
+bench: $(VENV)/.installed-test
 	$(PY) benchmarks/losses.py
+	$(PY) benchmarks/loss_scaling.py
+	$(PY) benchmarks/gradcache.py
+	$(PY) benchmarks/shuffling.py
+	$(PY) benchmarks/eval_default.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
