@@ -1,5 +1,6 @@
 """Negatives across torch.distributed ranks: 2 gloo processes against 1 process on the whole
-batch, alone and with the gradient cache (also under DDP); a dead or hung rank fails fast.
+batch, alone and with the gradient cache (also under DDP, also with the tiled loss); a dead or
+hung rank fails fast.
 
 The workers are this file run as a script: under ``torchrun`` for the equivalence (as in
 training), as two plain processes with torchrun's environment for the failures (torchrun's
@@ -115,6 +116,7 @@ SCENARIOS = {
     "bsc_plain_f32": (torch.float32, 4, "plain"),
     "bsc_plain_uneven": (torch.float64, 5, "plain"),
     "weince_cached": (torch.float64, 4, "cached"),
+    "weince_cached_tiled": (torch.float64, 4, "cached_tiled"),
     "infonce_cached_ddp_tokens": (torch.float32, 4, "ddp"),
 }
 
@@ -135,12 +137,19 @@ def run_scenario(kind: str, model: nn.Module, temperature: nn.Module, part: dict
         )
         loss.backward()
         return loss.detach()
-    if kind == "cached":
+    if kind in ("cached", "cached_tiled"):
+        # Tiles of 3 rows: the memory-linear path, against the dense single-process loss.
+        tile_size = 3 if kind == "cached_tiled" else None
         return cached_backward(
             model,
             [part["q"], part["a"], part["n"]],
             lambda q, a, n: gathered_pair_loss(
-                weince_loss, q, a, hard_negatives=n, temperature=temperature()
+                weince_loss,
+                q,
+                a,
+                hard_negatives=n,
+                temperature=temperature(),
+                tile_size=tile_size,
             ),
             chunk_size=3,
         )
@@ -155,7 +164,8 @@ def run_scenario(kind: str, model: nn.Module, temperature: nn.Module, part: dict
 
 
 def single_process(kind: str, model: nn.Module, temperature: nn.Module, batch: dict) -> Tensor:
-    """The reference: one process, the whole batch, one plain forward and backward."""
+    """The reference: one process, the whole batch, one plain forward and backward, the dense
+    (B x B) loss."""
     q, a, n = (model(batch[s]) for s in "qan")
     if kind == "plain":
         loss = bsc_loss(
@@ -166,11 +176,12 @@ def single_process(kind: str, model: nn.Module, temperature: nn.Module, batch: d
             labels=batch["labels"],
             query_ids=batch["query_ids"],
             answer_ids=batch["answer_ids"],
+            tile_size=None,
         )
-    elif kind == "cached":
-        loss = weince_loss(q, a, temperature(), hard_negatives=n)
+    elif kind in ("cached", "cached_tiled"):
+        loss = weince_loss(q, a, temperature(), hard_negatives=n, tile_size=None)
     else:
-        loss = infonce_loss(q, a, temperature())
+        loss = infonce_loss(q, a, temperature(), tile_size=None)
     loss.backward()
     return loss.detach()
 
