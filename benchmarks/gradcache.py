@@ -83,16 +83,21 @@ def setup(chunk: int, max_length: int, batch: int) -> dict[str, Callable[[], flo
         return float(loss.detach())
 
     def cached(sort: bool) -> float:
-        return float(cached_backward(encode, features, loss_fn, chunk_size=chunk,
-                                     sort_by_length=sort))
+        return float(
+            cached_backward(encode, features, loss_fn, chunk_size=chunk, sort_by_length=sort)
+        )
 
     def st_cached() -> float:
         loss = st_loss([dict(f) for f in features], None)
         loss.backward()
         return float(loss.detach())
 
-    steps = {"plain": plain, "cached": lambda: cached(False),
-             "cached_sorted": lambda: cached(True), "st_cached": st_cached}
+    steps = {
+        "plain": plain,
+        "cached": lambda: cached(False),
+        "cached_sorted": lambda: cached(True),
+        "st_cached": st_cached,
+    }
 
     def run(name: str, seed: int) -> float:
         model.zero_grad(set_to_none=True)
@@ -100,8 +105,11 @@ def setup(chunk: int, max_length: int, batch: int) -> dict[str, Callable[[], flo
         return steps[name]()
 
     mask = features[0]["attention_mask"]
-    return {"run": run, "padded_length": int(mask.shape[1]),
-            "mean_length": float(mask.sum(1).float().mean())}
+    return {
+        "run": run,
+        "padded_length": int(mask.shape[1]),
+        "mean_length": float(mask.sum(1).float().mean()),
+    }
 
 
 def child_memory(name: str, args: argparse.Namespace) -> dict:
@@ -109,8 +117,13 @@ def child_memory(name: str, args: argparse.Namespace) -> dict:
     env = setup(args.chunk, args.max_length, args.batch)
     baseline = max_rss_mb()
     loss = env["run"](name, 0)
-    return {"peak_mb": max_rss_mb(), "baseline_mb": baseline, "loss": loss,
-            "padded_length": env["padded_length"], "mean_length": env["mean_length"]}
+    return {
+        "peak_mb": max_rss_mb(),
+        "baseline_mb": baseline,
+        "loss": loss,
+        "padded_length": env["padded_length"],
+        "mean_length": env["mean_length"],
+    }
 
 
 def child_time(args: argparse.Namespace) -> dict:
@@ -143,13 +156,25 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
 
     def child(name: str) -> dict:
-        cmd = [sys.executable, __file__, "--child", name, "--batch", str(args.batch),
-               "--chunk", str(args.chunk), "--max-length", str(args.max_length),
-               "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--batch",
+            str(args.batch),
+            "--chunk",
+            str(args.chunk),
+            "--max-length",
+            str(args.max_length),
+            "--repeats",
+            str(args.repeats),
+        ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if done.returncode:
             sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
@@ -165,31 +190,52 @@ def main() -> None:
         return memory[name]["peak_mb"] - memory[name]["baseline_mb"]
 
     first = memory["plain"]
-    print(f"B = {args.batch} pairs of STS-B train, chunks of {args.chunk}, max length "
-          f"{args.max_length} (batch padded to {first['padded_length']}, mean "
-          f"{first['mean_length']:.1f} tokens), all-MiniLM-L6-v2 on CPU, "
-          f"{torch_threads()} threads on {os.cpu_count()} cores; median of {args.repeats} "
-          f"round-robin steps; load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after\n")
-    print(f"{'config':<14} {'median s':>9} {'min s':>6} {'cpu s':>6} {'pairs/s':>8} {'peak MB':>8} "
-          f"{'baseline':>9} {'over base':>10} {'loss':>7}   steps (s)")
+    print(
+        f"B = {args.batch} pairs of STS-B train, chunks of {args.chunk}, max length "
+        f"{args.max_length} (batch padded to {first['padded_length']}, mean "
+        f"{first['mean_length']:.1f} tokens), all-MiniLM-L6-v2 on CPU, "
+        f"{torch_threads()} threads on {os.cpu_count()} cores; median of {args.repeats} "
+        f"round-robin steps; load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after\n"
+    )
+    print(
+        f"{'config':<14} {'median s':>9} {'min s':>6} {'cpu s':>6} {'pairs/s':>8} {'peak MB':>8} "
+        f"{'baseline':>9} {'over base':>10} {'loss':>7}   steps (s)"
+    )
     for name in CONFIGS:
         m = memory[name]
         steps = " ".join(f"{t:.1f}" for t in timing["wall"][name])
-        print(f"{name:<14} {wall[name]:>9.2f} {min(timing['wall'][name]):>6.1f} "
-              f"{cpu[name]:>6.1f} {args.batch / wall[name]:>8.1f} "
-              f"{m['peak_mb']:>8.0f} {m['baseline_mb']:>9.0f} {over(name):>10.0f} "
-              f"{m['loss']:>7.3f}   {steps}")
+        print(
+            f"{name:<14} {wall[name]:>9.2f} {min(timing['wall'][name]):>6.1f} "
+            f"{cpu[name]:>6.1f} {args.batch / wall[name]:>8.1f} "
+            f"{m['peak_mb']:>8.0f} {m['baseline_mb']:>9.0f} {over(name):>10.0f} "
+            f"{m['loss']:>7.3f}   {steps}"
+        )
 
-    print(f"\n{'ratio (wall median; CPU time in brackets)':<38} {'cached':>15} "
-          f"{'cached_sorted':>15}   target")
-    lines = [("time / plain's", lambda c: (wall[c] / wall["plain"], cpu[c] / cpu["plain"]),
-              "<=", TARGETS["time"]),
-             ("peak memory over baseline / plain's", lambda c: (over(c) / over("plain"), None),
-              "<=", TARGETS["memory"]),
-             ("throughput / st_cached's", lambda c: (wall["st_cached"] / wall[c],
-                                                     cpu["st_cached"] / cpu[c]),
-              ">=", TARGETS["throughput"])]
+    print(
+        f"\n{'ratio (wall median; CPU time in brackets)':<38} {'cached':>15} "
+        f"{'cached_sorted':>15}   target"
+    )
+    lines = [
+        (
+            "time / plain's",
+            lambda c: (wall[c] / wall["plain"], cpu[c] / cpu["plain"]),
+            "<=",
+            TARGETS["time"],
+        ),
+        (
+            "peak memory over baseline / plain's",
+            lambda c: (over(c) / over("plain"), None),
+            "<=",
+            TARGETS["memory"],
+        ),
+        (
+            "throughput / st_cached's",
+            lambda c: (wall["st_cached"] / wall[c], cpu["st_cached"] / cpu[c]),
+            ">=",
+            TARGETS["throughput"],
+        ),
+    ]
     for label, fn, op, target in lines:
         cells = []
         for config in ("cached", "cached_sorted"):
