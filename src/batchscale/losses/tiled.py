@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .batch_softmax import ContrastiveBatch, Directions, candidate_mask
-from .logits import LogitPolicy
+from .logits import LogitBlock, LogitPolicy
 from .softmax import weighted_anchor_mean
 from .weince_tail import TailFit, WeinceConfig, WeinceLambda, fit_tail, mix_lambda, tail_size
 
@@ -113,18 +113,18 @@ class _Sweep:
     col_state: WeinceLambda | None
     tile: int
 
-    def row_logits(self, sims: Tensor, rows: slice, cols: slice, tau: Tensor):
-        state = None if self.row_state is None else self.row_state.rows(rows)
-        block = self.policy.logits(sims, state, tau)
-        mask = candidate_mask(self.answer_ids, rows, cols)
-        if mask is not None:
-            block.logits.masked_fill_(~mask, float("-inf"))
-        return block
+    def row_logits(self, sims: Tensor, rows: slice, cols: slice, tau: Tensor) -> LogitBlock:
+        """L0: query anchors ``rows`` against candidates ``cols``."""
+        return self._masked_logits(sims, self.row_state, self.answer_ids, rows, cols, tau)
 
-    def col_logits(self, sims_t: Tensor, cols: slice, rows: slice, tau: Tensor):
-        state = None if self.col_state is None else self.col_state.rows(cols)
-        block = self.policy.logits(sims_t, state, tau)
-        mask = candidate_mask(self.query_ids, cols, rows)
+    def col_logits(self, sims_t: Tensor, cols: slice, rows: slice, tau: Tensor) -> LogitBlock:
+        """L1: answer anchors ``cols`` against queries ``rows``."""
+        return self._masked_logits(sims_t, self.col_state, self.query_ids, cols, rows, tau)
+
+    def _masked_logits(self, sims: Tensor, state: WeinceLambda | None, ids: Tensor | None,
+                       anchors: slice, candidates: slice, tau: Tensor) -> LogitBlock:
+        block = self.policy.logits(sims, None if state is None else state.rows(anchors), tau)
+        mask = candidate_mask(ids, anchors, candidates)
         if mask is not None:
             block.logits.masked_fill_(~mask, float("-inf"))
         return block
