@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batchscale {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_eval(commands)
+    _add_train(commands)
     return parser
 
 
@@ -80,6 +81,49 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+# -- train -------------------------------------------------------------------------------
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "train", help="fine-tune an encoder from a YAML config",
+        description="Fine-tune an encoder with a contrastive loss, evaluating on dev every "
+                    "eval.every_examples examples; the model selected on dev goes to "
+                    "OUT/final and is evaluated once on test.")
+    p.add_argument("config", type=Path, help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=3e-5 "
+                                             "(repeatable; the value is read as YAML)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .data import DataError
+    from .encoders import EncoderLoadError
+    from .study import summary_table, train_run
+    from .training import ConfigError, RunDirectoryError, TrainingDiverged, load_config
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        config = load_config(args.config, args.overrides)
+        result = train_run(config, args.out, resume=args.resume,
+                           show_progress=not args.no_progress)
+    except (ConfigError, DataError, EncoderLoadError, RunDirectoryError, TrainingDiverged,
+            FileNotFoundError, ValueError) as e:
+        print(f"batchscale train: error: {e}", file=sys.stderr)
+        return 1
+    print(summary_table(result))
     return 0
 
 

@@ -9,6 +9,7 @@ sets load unchanged.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,17 +198,43 @@ class BeirDataset:
         queries = self.queries()
         return BeirSplit(split, {q: queries[q] for q in qrels}, qrels)
 
-    def training_pairs(self, split: str = "train", min_score: int = 1) -> Records[Pair]:
+    def holdout(self, split: str = "train", fraction: float = 0.1, seed: int = 0
+                ) -> tuple[BeirSplit, BeirSplit]:
+        """``split`` cut by query into (kept, held out): a seeded random ``fraction`` of its
+        judged queries (at least one) is held out, e.g. as a dev set where the data set has
+        none. Both parts keep their queries' full judgements."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"holdout fraction must be in (0, 1), got {fraction!r}")
+        part = self.split(split)
+        ids = sorted(part.qrels)
+        if len(ids) < 2:
+            raise ValueError(f"{self.qrels_path(split)}: too few queries to hold some out")
+        rng = random.Random(seed)
+        held = set(rng.sample(ids, max(1, round(fraction * len(ids)))))
+
+        def sub(name: str, keep: set[str]) -> BeirSplit:
+            return BeirSplit(name, {q: part.queries[q] for q in ids if q in keep},
+                             {q: part.qrels[q] for q in ids if q in keep})
+
+        return sub(f"{split}-kept", set(ids) - held), sub(f"{split}-holdout", held)
+
+    def training_pairs(self, split: str | BeirSplit = "train", min_score: int = 1
+                       ) -> Records[Pair]:
         """(query, positive document) pairs from the judgements with score >= ``min_score``,
-        the document as :attr:`Document.full_text`, in qrels order."""
-        qrels = self.qrels(split)
+        the document as :attr:`Document.full_text`, in qrels order. ``split`` is a split
+        name or a :class:`BeirSplit` (e.g. the kept part of :meth:`holdout`)."""
+        if isinstance(split, BeirSplit):
+            qrels, split = split.qrels, split.name.removesuffix("-kept")
+        else:
+            qrels = self.qrels(split)
         queries = self.queries()
         wanted = {d for judged in qrels.values() for d, s in judged.items() if s >= min_score}
         texts = {doc.id: doc.full_text for doc in self.iter_corpus() if doc.id in wanted}
         pairs = [Pair(queries[q], texts[d]) for q, judged in qrels.items()
                  for d, s in judged.items() if s >= min_score]
         report = LoadReport(str(self.qrels_path(split)))
-        report.merge(self.qrels_reports[split])
+        if split in self.qrels_reports:
+            report.merge(self.qrels_reports[split])
         report.rows_kept = len(pairs)
         return Records(pairs, report)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..data.beir import BeirDataset, Qrels
+from ..data.beir import BeirDataset, BeirSplit, Qrels
 from ..data.records import Document
 
 Run = dict[str, dict[str, float]]
@@ -118,7 +118,7 @@ def to_run(query_ids: Sequence[str], doc_ids: Sequence[str], scores: Tensor, ind
     return run
 
 
-def evaluate_retrieval(encoder, dataset: BeirDataset, split: str = "test", *,
+def evaluate_retrieval(encoder, dataset: BeirDataset, split: str | BeirSplit = "test", *,
                        top_k: int = 100, batch_size: int = 256,
                        max_length: int | None = None, corpus_chunk_size: int = 50_000,
                        ignore_identical_ids: bool = True, show_progress: bool = True
@@ -130,7 +130,7 @@ def evaluate_retrieval(encoder, dataset: BeirDataset, split: str = "test", *,
     if top_k < 100:
         raise ValueError(f"top_k must be >= 100 for MAP@100 and Recall@100, got {top_k}")
     t0 = time.perf_counter()
-    part = dataset.split(split)
+    part = split if isinstance(split, BeirSplit) else dataset.split(split)
     query_ids = list(part.queries)
     q_emb = encoder.encode([part.queries[q] for q in query_ids], batch_size=batch_size,
                            max_length=max_length, show_progress=show_progress, desc="queries")

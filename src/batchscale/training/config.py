@@ -1,0 +1,239 @@
+"""The training configuration: one validated pydantic model, read from YAML.
+
+Unknown keys and bad values are errors that name their path (``optim.lr: ...``), so a typo
+never silently trains the wrong thing. ``--set key.path=value`` overrides are parsed as YAML
+scalars and validated the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    #: ``default`` (the packaged all-MiniLM-L6-v2), a model directory, or ``static:SOURCE``
+    #: (a static-embedding encoder initialised from SOURCE's token embeddings).
+    name: str = "default"
+    pooling: Literal["mean", "cls"] | None = None
+    max_seq_length: int | None = Field(default=None, ge=1)
+
+
+class DataConfig(_Strict):
+    #: ``stsb``, ``scifact``, ``beir:PATH`` (train judgements) or a JSONL / CSV / TSV file.
+    train: str = "stsb"
+    #: For files: ``pairs`` (two text columns, optional score) or ``triplets``.
+    kind: Literal["pairs", "triplets"] = "pairs"
+    columns: list[str] | None = None
+    score_column: str | None = None
+    score_range: tuple[float, float] | None = None
+    #: Fraction of the training queries held out as the dev set (retrieval sets without one).
+    dev_holdout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    #: Folder with stsbenchmark/ and scifact/ (default: $BATCHSCALE_DATA or ../shared/data).
+    data_dir: Path | None = None
+
+
+class LossConfig(_Strict):
+    name: Literal["bsc", "infonce", "weince", "bsc_mse", "cosine_mse", "cosent", "triplet"] = "bsc"
+    temperature: float = Field(default=0.05, gt=0.0)
+    learnable_temperature: bool = False
+    temperature_lr: float = Field(default=1e-3, gt=0.0)
+    directions: Literal["both", "q->a", "a->q"] = "both"
+    normalization: Literal["l2", "coord", "none"] = "l2"
+    #: Label-aware masking (BSC eq. 5): pairs with label <= threshold are never anchors.
+    label_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    mu: float = Field(default=0.1, ge=0.0, le=1.0)
+    cosent_scale: float = Field(default=20.0, gt=0.0)
+    triplet_margin: float = Field(default=5.0, ge=0.0)
+    #: Weight of the VRNS penalty (0: off); its n is the number of training examples.
+    vrns_weight: float = Field(default=0.0, ge=0.0)
+    tile_size: Literal["auto"] | int | None = "auto"
+
+    @field_validator("tile_size")
+    @classmethod
+    def _tile(cls, v: object) -> object:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto', null or a positive integer")
+        return v
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(default=2e-5, gt=0.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-6, gt=0.0)
+    #: Scale ``lr`` with the batch size B: ``linear`` lr * B / ref, ``sqrt`` lr * sqrt(B / ref).
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch_size: int = Field(default=16, ge=1)
+    #: Warmup as a fraction of all optimiser steps, then linear decay to 0.
+    warmup: float = Field(default=0.1, ge=0.0, le=1.0)
+    #: Gradient-norm clipping (null: none).
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+
+
+class GradientCacheConfig(_Strict):
+    chunk_size: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    sort_by_length: bool = True
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> GradientCacheConfig:
+        if self.chunk_size is not None and self.max_tokens is not None:
+            raise ValueError("give chunk_size or max_tokens, not both")
+        return self
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(default=32, ge=2)
+    epochs: float = Field(default=1.0, gt=0.0)
+    #: Stop after this many examples instead (overrides epochs).
+    max_examples: int | None = Field(default=None, ge=1)
+    sampler: Literal["random", "no_duplicates"] = "random"
+    drop_last: bool = False
+    #: Gradient caching: exact large-batch gradients with one chunk's activation memory.
+    gradient_cache: GradientCacheConfig | None = None
+    bf16: bool = False
+    seed: int = Field(default=0, ge=0)
+    deterministic: bool = False
+    device: str | None = None
+
+
+class SplitRef(_Strict):
+    task: str = "stsb"
+    split: str = "dev"
+
+
+class EvalConfig(_Strict):
+    #: The model-selection set. ``split: holdout`` is the part of the training data held out
+    #: by ``data.dev_holdout``.
+    dev: SplitRef = SplitRef(task="stsb", split="dev")
+    test: SplitRef | None = SplitRef(task="stsb", split="test")
+    #: The dev metric that selects the checkpoint (higher is better).
+    metric: str = "spearman"
+    every_examples: int = Field(default=2000, ge=1)
+    at_start: bool = True
+    batch_size: int = Field(default=256, ge=1)
+    #: Evaluation dtype, as ``batchscale eval --dtype`` (auto: bf16 on CPUs with native bf16).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    geometry: bool = True
+
+
+class CheckpointConfig(_Strict):
+    #: Training-state checkpoints kept (the newest); the selected model is kept apart.
+    keep: int = Field(default=1, ge=1)
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        needs_scores = self.loss.name in ("bsc_mse", "cosine_mse", "cosent")
+        if needs_scores and self.data.kind == "triplets":
+            raise ValueError(f"loss.name: {self.loss.name} needs scored pairs, not triplets")
+        if self.loss.name == "triplet" and self.data.kind != "triplets":
+            raise ValueError("loss.name: triplet needs data.kind: triplets")
+        if self.eval.dev.split == "holdout" and self.data.dev_holdout == 0.0:
+            raise ValueError("eval.dev.split: holdout needs data.dev_holdout > 0")
+        return self
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(root)"
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+        lines.append(f"{source}: {_path(err['loc'])}: {msg}{value}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: bad key path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = dict(raw)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node[p] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(raw: object, source: str = "config") -> RunConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (YAML; None: all defaults), apply ``key.path=value`` overrides, validate."""
+    raw: object = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if overrides:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the config must be a mapping")
+        raw = apply_overrides(raw, overrides)
+        source += " (with --set)"
+    return config_from_dict(raw, source)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

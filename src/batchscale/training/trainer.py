@@ -1,0 +1,386 @@
+"""The training loop: contrastive fine-tuning measured by examples seen.
+
+Evaluation points fall every ``eval.every_examples`` examples (plus the start and the end),
+so runs at different batch sizes are measured at the same abscissae. At each point the
+trainer evaluates on dev (through the ``evaluate`` callable it is given: the trainer does
+not know the task), appends a line to ``curve.jsonl``, keeps the best model by the dev metric
+in ``best/``, and writes an atomic checkpoint from which ``resume`` continues exactly: the
+resumed run yields the same curve as an uninterrupted one.
+
+A NaN or Inf in the loss or in the gradients stops the run before the optimiser step with
+:class:`TrainingDiverged`, naming the step; the last checkpoint is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..batching import NoDuplicatesBatchSampler, RandomBatchSampler, cached_backward
+from ..batching.samplers import EpochBatchSampler
+from ..encoders import SentenceEncoder
+from .checkpoint import (
+    atomic_directory,
+    atomic_write_text,
+    checkpoint_name,
+    latest_checkpoint,
+    read_state,
+    remove_stale_temporaries,
+    rng_state,
+    set_rng_state,
+    write_state,
+)
+from .config import RunConfig, dump_config
+from .examples import TrainingSet
+from .objective import Objective
+from .schedule import scaled_lr, warmup_linear, warmup_steps
+
+Evaluator = Callable[[SentenceEncoder], dict[str, Any]]
+
+CURVE = "curve.jsonl"
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+FINAL = "final"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN / Inf."""
+
+
+class RunDirectoryError(ValueError):
+    """An output directory that holds another run, or a resume that does not match it."""
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries."""
+
+    step: int = 0
+    epoch: int = 0
+    examples: int = 0
+    next_eval: int = 0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    curve_points: int = 0
+    best_metric: float | None = None
+    best_examples: int | None = None
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FitResult:
+    curve: list[dict[str, Any]]
+    best_metric: float | None
+    best_examples: int | None
+    train_seconds: float
+    examples: int
+    out_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.examples / self.train_seconds if self.train_seconds > 0 else float("nan")
+
+
+def make_sampler(config: RunConfig, data: TrainingSet) -> EpochBatchSampler:
+    t = config.train
+    if t.sampler == "no_duplicates":
+        return NoDuplicatesBatchSampler.from_texts(data.columns, t.batch_size,
+                                                   drop_last=t.drop_last, seed=t.seed)
+    return RandomBatchSampler(len(data), t.batch_size, drop_last=t.drop_last, seed=t.seed)
+
+
+class Trainer:
+    """Fine-tunes ``encoder`` on ``data`` with ``objective``; see the module docstring.
+
+    ``evaluate(encoder)`` returns the dev metrics (a flat dict of numbers, ``metric`` among
+    them); it must leave the encoder's weights alone.
+    """
+
+    def __init__(self, encoder: SentenceEncoder, objective: Objective, data: TrainingSet,
+                 config: RunConfig, out_dir: str | Path, evaluate: Evaluator, *,
+                 show_progress: bool = True) -> None:
+        if objective.needs_labels and data.labels is None:
+            raise ValueError(f"loss.name: {config.loss.name} needs a graded label on every "
+                             f"training pair; data.train ({config.data.train}) has none")
+        self.encoder = encoder
+        self.objective = objective
+        self.data = data
+        self.config = config
+        self.out = Path(out_dir)
+        self.evaluate = evaluate
+        self.metric = config.eval.metric
+        self.show_progress = show_progress
+        self.sampler = make_sampler(config, data)
+        t = config.train
+        self.steps_per_epoch = len(self.sampler)
+        if t.max_examples is not None:
+            self.total_steps = math.ceil(t.max_examples / t.batch_size)
+        else:
+            self.total_steps = max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        self.lr = scaled_lr(config.optim.lr, t.batch_size, config.optim.reference_batch_size,
+                            config.optim.lr_scaling)
+        self.optimizer = self._optimizer()
+        warm = warmup_steps(self.total_steps, config.optim.warmup)
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_linear(s, total, warm))
+        self.progress = Progress()
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.config.optim
+        decay, no_decay = [], []
+        for p in self.encoder.parameters():
+            if p.requires_grad:
+                # As transformers' Trainer: no weight decay on biases and LayerNorm weights.
+                (no_decay if p.ndim < 2 else decay).append(p)
+        groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": o.weight_decay},
+                                        {"params": no_decay, "weight_decay": 0.0}]
+        groups += self.objective.param_groups()
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
+                                 betas=o.betas, eps=o.eps)
+
+    @property
+    def parameters(self) -> list[Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    # -- one step ---------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.config.train.bf16:
+            return nullcontext()
+        return torch.autocast(self.encoder.device.type, dtype=torch.bfloat16)
+
+    def _encode(self, features: dict[str, Tensor]) -> Tensor:
+        with self._autocast():
+            emb = self.encoder(features)
+        return emb.float()
+
+    def _backward(self, sides: list[list[str]], labels: Tensor | None) -> float:
+        """Loss of the batch; its gradients accumulated into ``.grad``."""
+        features = [self.encoder.tokenize(texts) for texts in sides]
+        if labels is not None:
+            labels = labels.to(self.encoder.device)
+        gc = self.config.train.gradient_cache
+        if gc is not None:
+            chunk = gc.chunk_size if gc.chunk_size or gc.max_tokens else 32
+            loss = cached_backward(self._encode, features,
+                                   lambda *embs: self.objective(list(embs), labels),
+                                   chunk_size=None if gc.max_tokens else chunk,
+                                   max_tokens=gc.max_tokens, sort_by_length=gc.sort_by_length)
+            self._check_finite("the loss", loss)
+            return float(loss)
+        loss = self.objective([self._encode(f) for f in features], labels)
+        self._check_finite("the loss", loss)
+        loss.backward()
+        return float(loss.detach())
+
+    def _check_finite(self, what: str, value: Tensor) -> None:
+        if not bool(torch.isfinite(value).all()):
+            p = self.progress
+            last = latest_checkpoint(self.out / CHECKPOINTS)
+            raise TrainingDiverged(
+                f"step {p.step + 1} (after {p.examples} examples): {what} is "
+                f"{float(value.detach().float().reshape(-1)[0]) if value.numel() else value}; "
+                f"stopped before the optimiser step. The last good checkpoint is "
+                f"{last if last is not None else '(none yet)'}; lower optim.lr, set "
+                "optim.max_grad_norm or train.bf16: false and start again")
+
+    def _step(self, indices: list[int]) -> float:
+        sides, labels = self.data.batch(indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._backward(sides, labels)
+        max_norm = self.config.optim.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters,
+                                              max_norm if max_norm is not None else math.inf)
+        self._check_finite("the gradient norm", norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.objective.after_step()
+        return loss
+
+    # -- evaluation points ------------------------------------------------------------------
+    def _point(self, started: float, bar) -> None:
+        p = self.progress
+        t0 = time.perf_counter()
+        metrics = self.evaluate(self.encoder)
+        if self.metric not in metrics:
+            raise KeyError(f"eval.metric: the dev evaluation has no {self.metric!r} "
+                           f"(it has {sorted(metrics)})")
+        value = float(metrics[self.metric])
+        record: dict[str, Any] = {
+            "examples": p.examples,
+            "steps": p.step,
+            "epoch": p.examples / len(self.data),
+            "seconds": p.train_seconds,
+            "wall_seconds": p.wall_seconds + (time.perf_counter() - started),
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": p.loss_sum / p.loss_steps if p.loss_steps else None,
+            "dev": metrics,
+            "eval_seconds": time.perf_counter() - t0,
+        }
+        diagnostics = self.objective.pop_diagnostics()
+        if diagnostics:
+            record["loss_diagnostics"] = diagnostics
+        p.loss_sum, p.loss_steps = 0.0, 0
+        if p.best_metric is None or value > p.best_metric:
+            p.best_metric, p.best_examples = value, p.examples
+            atomic_directory(self.out / BEST, self._save_model)
+        record["best"] = p.best_examples == p.examples
+        self._append_curve(record)
+        p.curve_points += 1
+        p.wall_seconds += time.perf_counter() - started
+        self._checkpoint()
+        if bar is not None:
+            bar.set_postfix({"loss": record["train_loss"], f"dev {self.metric}": value},
+                            refresh=False)
+
+    def _save_model(self, folder: Path) -> None:
+        self.encoder.save(folder)
+        (folder / "batchscale.json").write_text(json.dumps({
+            "examples": self.progress.examples, "steps": self.progress.step,
+            f"dev_{self.metric}": self.progress.best_metric}), encoding="utf-8")
+
+    def _append_curve(self, record: dict[str, Any]) -> None:
+        with open(self.out / CURVE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_curve(self) -> list[dict[str, Any]]:
+        path = self.out / CURVE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        p = self.progress
+        folder = self.out / CHECKPOINTS
+        state = {
+            "progress": p.state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "rng": rng_state(),
+        }
+
+        def write(tmp: Path) -> None:
+            self.encoder.save(tmp / "model")
+            write_state(tmp, state)
+
+        atomic_directory(folder / checkpoint_name(p.examples), write)
+        done = sorted(c for c in folder.iterdir() if c.name.startswith("checkpoint-"))
+        for old in done[: -self.config.checkpoint.keep]:
+            shutil.rmtree(old)
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.out / CHECKPOINTS)
+        if ckpt is None:
+            raise RunDirectoryError(f"{self.out}: no checkpoint to resume from")
+        saved = (self.out / CONFIG).read_text(encoding="utf-8")
+        if saved != dump_config(self.config):
+            raise RunDirectoryError(
+                f"{self.out / CONFIG}: the run was started with another config; resume with "
+                "the same config (and --set values), or train into a new --out")
+        state = read_state(ckpt)
+        loaded = SentenceEncoder.load(ckpt / "model", device=self.encoder.device)
+        self.encoder.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.objective.load_state_dict(state["objective"])
+        set_rng_state(state["rng"])
+        self.progress = Progress(**state["progress"])
+        # Points written after the checkpoint are replayed, so they are dropped.
+        lines = self.read_curve()[: self.progress.curve_points]
+        atomic_write_text(self.out / CURVE, "".join(json.dumps(r) + "\n" for r in lines))
+
+    def _start(self, resume: bool) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out)
+        remove_stale_temporaries(self.out / CHECKPOINTS)
+        if resume:
+            self._resume()
+            return
+        if latest_checkpoint(self.out / CHECKPOINTS) is not None or (self.out / CURVE).exists():
+            raise RunDirectoryError(f"{self.out}: holds a run already; pass --resume to "
+                                    "continue it or choose another --out")
+        atomic_write_text(self.out / CONFIG, dump_config(self.config))
+        self.progress = Progress(next_eval=0 if self.config.eval.at_start
+                                 else self.config.eval.every_examples)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> FitResult:
+        from tqdm.auto import tqdm
+
+        self._start(resume)
+        p = self.progress
+        every = self.config.eval.every_examples
+        started = time.perf_counter()
+        total_examples = self._total_examples()
+        self.encoder.train()
+        with tqdm(total=total_examples, initial=p.examples, unit="pair", unit_scale=True,
+                  desc="train", disable=not self.show_progress, dynamic_ncols=True) as bar:
+            if p.examples >= p.next_eval and p.step == 0 and p.curve_points == 0:
+                self._point(started, bar)
+                started = time.perf_counter()
+                p.next_eval = every
+            while p.step < self.total_steps:
+                self.sampler.set_epoch(p.epoch)
+                for indices in self.sampler:
+                    t0 = time.perf_counter()
+                    loss = self._step(indices)
+                    p.train_seconds += time.perf_counter() - t0
+                    p.step += 1
+                    p.examples += len(indices)
+                    p.loss_sum += loss
+                    p.loss_steps += 1
+                    bar.update(len(indices))
+                    last = p.step >= self.total_steps
+                    if p.examples >= p.next_eval or last:
+                        while p.next_eval <= p.examples:
+                            p.next_eval += every
+                        self._point(started, bar)
+                        started = time.perf_counter()
+                    if last:
+                        break
+                else:
+                    p.epoch += 1
+                    continue
+                break
+        return FitResult(self.read_curve(), p.best_metric, p.best_examples, p.train_seconds,
+                         p.examples, self.out)
+
+    def _total_examples(self) -> int:
+        per_epoch = len(self.data) if not self.config.train.drop_last else \
+            self.steps_per_epoch * self.config.train.batch_size
+        full, rest = divmod(self.total_steps, self.steps_per_epoch)
+        last_epoch = min(rest * self.config.train.batch_size, per_epoch)
+        return full * per_epoch + last_epoch
+
+    def finalize(self) -> Path:
+        """Copy the selected model to ``final/`` (atomically) and return its path."""
+        best = self.out / BEST
+        if not best.is_dir():
+            raise RunDirectoryError(f"{best}: no selected model (no evaluation point ran)")
+        return atomic_directory(self.out / FINAL,
+                                lambda tmp: shutil.copytree(best, tmp, dirs_exist_ok=True))
