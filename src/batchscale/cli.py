@@ -22,6 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_output(no_progress: bool) -> None:
+    """Warnings to stderr; with ``--no-progress`` also silence Hugging Face's bars."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 # -- eval --------------------------------------------------------------------------------
 def _add_eval(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
@@ -53,17 +64,12 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     import json
-    import logging
 
     from .data import DataError
     from .encoders import EncoderLoadError, SentenceEncoder
     from .evaluation import run_task
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    _setup_output(args.no_progress)
     try:
         encoder = SentenceEncoder.load(args.model, pooling=args.pooling, device=args.device,
                                        dtype=args.dtype)
@@ -103,18 +109,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import logging
-
     from .data import DataError
     from .encoders import EncoderLoadError
     from .study import summary_table, train_run
     from .training import ConfigError, RunDirectoryError, TrainingDiverged, load_config
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    _setup_output(args.no_progress)
     try:
         config = load_config(args.config, args.overrides)
         result = train_run(config, args.out, resume=args.resume,
