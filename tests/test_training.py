@@ -257,3 +257,33 @@ def test_training_set_from_records_checks_its_columns():
 
         Trainer(None, Objective(config.loss, 2), TrainingSet.from_records(
             [Pair("a", "b"), Pair("c", "d")]), config, "unused", lambda e: {})
+
+
+def test_added_loss_terms_are_weighted_into_the_objective():
+    """CoSENT + 10 x BSC+MSE, each term written out here in float64 from its equation."""
+    from batchscale.training import Objective
+
+    config = config_from_dict({"loss": {
+        "name": "cosent", "cosent_scale": 20.0,
+        "plus": [{"name": "bsc_mse", "weight": 10.0, "mu": 0.1, "temperature": 0.05}]}})
+    g = torch.Generator().manual_seed(3)
+    q, a = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    y = torch.rand(6, generator=g)
+    objective = Objective(config.loss, 100)
+    assert objective.needs_labels
+    got = objective([q, a], y)
+
+    qn = torch.nn.functional.normalize(q.double(), dim=-1)
+    an = torch.nn.functional.normalize(a.double(), dim=-1)
+    s = qn @ an.T
+    d = s.diagonal()
+    yd = y.double()
+    # CoSENT: log(1 + sum over pairs (i, j) with y_i > y_j of exp(20 (s_j - s_i))).
+    diffs = [20 * (d[j] - d[i]) for i in range(6) for j in range(6) if yd[i] > yd[j]]
+    cosent = torch.logsumexp(torch.stack([torch.zeros((), dtype=torch.float64), *diffs]), 0)
+    # BSC (rows and columns averaged), anchors only where y > 0.6, divided by m; + 0.9 MSE.
+    keep = (yd > 0.6).double()
+    rows = -(torch.log_softmax(s / 0.05, dim=1).diagonal() * keep).sum() / 6
+    cols = -(torch.log_softmax(s.T / 0.05, dim=1).diagonal() * keep).sum() / 6
+    bsc_mse = 0.1 * (rows + cols) / 2 + 0.9 * ((d - yd) ** 2).mean()
+    assert got.item() == pytest.approx((cosent + 10 * bsc_mse).item(), rel=1e-5)

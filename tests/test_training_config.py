@@ -30,6 +30,12 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("optim:\n  lr_scaling: cubic\n", "optim.lr_scaling: Input should be"),
     ("loss:\n  name: triplet\n", "triplet needs data.kind: triplets"),
     ("eval:\n  dev: {task: scifact, split: holdout}\n", "holdout needs data.dev_holdout > 0"),
+    ("loss:\n  plus: [{name: bsc, wieght: 2}]\n", "loss.plus.0.wieght: unknown key"),
+    ("loss:\n  plus: [{name: bsc, weight: 0}]\n", "loss.plus.0.weight: Input should be greater"),
+    ("loss:\n  plus: [{name: bsc, learnable_temperature: true}]\n",
+     "loss.plus.0: Value error, only the main loss may learn its temperature"),
+    ("data: {kind: triplets}\nloss:\n  name: triplet\n  plus: [{name: cosent}]\n",
+     "loss.plus.0.name: cosent needs scored pairs, not triplets"),
 ])
 def test_config_errors_name_the_file_and_the_key_path(tmp_path, text, expected):
     path = _write(tmp_path, text)

@@ -59,6 +59,9 @@ class LossConfig(_Strict):
     #: Weight of the VRNS penalty (0: off); its n is the number of training examples.
     vrns_weight: float = Field(default=0.0, ge=0.0)
     tile_size: Literal["auto"] | int | None = "auto"
+    #: Further terms added to this loss, each with its weight: L = L_name + sum_k w_k L_k
+    #: (e.g. CoSENT + 10 x BSC+MSE). A term has its own fixed temperature.
+    plus: list[AddedLoss] = []
 
     @field_validator("tile_size")
     @classmethod
@@ -66,6 +69,35 @@ class LossConfig(_Strict):
         if isinstance(v, int) and v < 1:
             raise ValueError("must be 'auto', null or a positive integer")
         return v
+
+    def terms(self) -> list[LossConfig]:
+        """This loss and its added terms, the main one first."""
+        return [self, *self.plus]
+
+    @property
+    def needs_scores(self) -> bool:
+        return any(t.name in SCORE_LOSSES for t in self.terms())
+
+
+#: Losses that regress the pairs' graded labels and so need them on every pair.
+SCORE_LOSSES = frozenset({"bsc_mse", "cosine_mse", "cosent"})
+
+
+class AddedLoss(LossConfig):
+    weight: float = Field(default=1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _simple(self) -> AddedLoss:
+        if self.plus:
+            raise ValueError("an added loss term cannot have terms of its own")
+        if self.learnable_temperature:
+            raise ValueError("only the main loss may learn its temperature")
+        if self.vrns_weight:
+            raise ValueError("set vrns_weight on the main loss")
+        return self
+
+
+LossConfig.model_rebuild()
 
 
 class OptimConfig(_Strict):
@@ -145,11 +177,12 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        needs_scores = self.loss.name in ("bsc_mse", "cosine_mse", "cosent")
-        if needs_scores and self.data.kind == "triplets":
-            raise ValueError(f"loss.name: {self.loss.name} needs scored pairs, not triplets")
-        if self.loss.name == "triplet" and self.data.kind != "triplets":
-            raise ValueError("loss.name: triplet needs data.kind: triplets")
+        for i, term in enumerate(self.loss.terms()):
+            key = "loss.name" if i == 0 else f"loss.plus.{i - 1}.name"
+            if term.name in SCORE_LOSSES and self.data.kind == "triplets":
+                raise ValueError(f"{key}: {term.name} needs scored pairs, not triplets")
+            if term.name == "triplet" and self.data.kind != "triplets":
+                raise ValueError(f"{key}: triplet needs data.kind: triplets")
         if self.eval.dev.split == "holdout" and self.data.dev_holdout == 0.0:
             raise ValueError("eval.dev.split: holdout needs data.dev_holdout > 0")
         return self

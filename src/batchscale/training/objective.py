@@ -4,6 +4,7 @@ The trainer only sees ``objective(embeddings, labels) -> loss``: one embedding t
 side of the batch (queries, answers[, hard negatives]) and the pairs' labels in [0, 1] (or
 None). Loss parameters (a learnable temperature) live here, with their own learning rate,
 and so do the loss's diagnostics (WEINCE's lambdas), averaged between evaluation points.
+Terms listed under ``loss.plus`` are added with their weights (one objective, several losses).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from ..losses import (
 )
 from .config import LossConfig
 
-#: Losses that regress the pairs' graded labels and so need them on every pair.
-NEEDS_LABELS = frozenset({"bsc_mse", "cosine_mse", "cosent"})
 #: BSC's label threshold on [0, 1] scores (t = 0.6), used by bsc_mse when none is set.
 DEFAULT_LABEL_THRESHOLD = 0.6
 
@@ -45,7 +44,7 @@ class Objective(nn.Module):
 
     @property
     def needs_labels(self) -> bool:
-        return self.config.name in NEEDS_LABELS
+        return self.config.needs_scores
 
     def temperature(self) -> float | Tensor:
         if self.temperature_module is not None:
@@ -67,45 +66,51 @@ class Objective(nn.Module):
     def forward(self, embeddings: Sequence[Tensor], labels: Tensor | None) -> Tensor:
         c = self.config
         q, a, *rest = embeddings
-        negatives = rest[0] if rest else None
         if self.needs_labels and labels is None:
             raise ValueError(f"loss {c.name} needs a graded label on every pair")
-        masking = dict(labels=labels, label_threshold=c.label_threshold) \
-            if c.label_threshold is not None and labels is not None else {}
         tau = self.temperature()
-        if c.name == "bsc":
-            loss = bsc_loss(q, a, tau, directions=c.directions, normalization=c.normalization,
-                            hard_negatives=negatives, tile_size=c.tile_size, **masking)
-        elif c.name == "infonce":
-            loss = infonce_loss(q, a, tau, normalization=c.normalization,
-                                hard_negatives=negatives, tile_size=c.tile_size, **masking)
-        elif c.name == "weince":
-            loss, stats = weince_loss(q, a, tau, directions=c.directions,
-                                      hard_negatives=negatives, tile_size=c.tile_size,
-                                      return_stats=True, **masking)
-            self._record(weince_mean_lambda=stats.mean_lambda,
-                         weince_weibull_share=stats.weibull_share)
-        elif c.name == "bsc_mse":
-            threshold = c.label_threshold if c.label_threshold is not None \
-                else DEFAULT_LABEL_THRESHOLD
-            loss = bsc_mse_loss(q, a, labels, tau, mu=c.mu, label_threshold=threshold,
-                                directions=c.directions, normalization=c.normalization,
-                                hard_negatives=negatives, tile_size=c.tile_size)
-        elif c.name == "cosine_mse":
-            loss = cosine_mse_loss(q, a, labels)
-        elif c.name == "cosent":
-            loss = cosent_loss(q, a, labels, scale=c.cosent_scale)
-        elif c.name == "triplet":
-            if negatives is None:
-                raise ValueError("loss triplet needs (anchor, positive, negative) batches")
-            loss = triplet_loss(q, a, negatives, margin=c.triplet_margin)
-        else:  # the config's Literal makes this unreachable
-            raise ValueError(f"unknown loss {c.name!r}")
+        loss = self._term(c, q, a, rest[0] if rest else None, labels, tau)
+        for term in c.plus:
+            loss = loss + term.weight * self._term(term, q, a, rest[0] if rest else None,
+                                                   labels, term.temperature)
         if c.vrns_weight > 0:
             loss = loss + c.vrns_weight * vrns_penalty(q, a, max(2, self.num_examples))
         if self.temperature_module is not None:
             self._record(temperature=float(torch.as_tensor(tau).detach()))
         return loss
+
+    def _term(self, c: LossConfig, q: Tensor, a: Tensor, negatives: Tensor | None,
+              labels: Tensor | None, tau: float | Tensor) -> Tensor:
+        masking = dict(labels=labels, label_threshold=c.label_threshold) \
+            if c.label_threshold is not None and labels is not None else {}
+        if c.name == "bsc":
+            return bsc_loss(q, a, tau, directions=c.directions, normalization=c.normalization,
+                            hard_negatives=negatives, tile_size=c.tile_size, **masking)
+        if c.name == "infonce":
+            return infonce_loss(q, a, tau, normalization=c.normalization,
+                                hard_negatives=negatives, tile_size=c.tile_size, **masking)
+        if c.name == "weince":
+            loss, stats = weince_loss(q, a, tau, directions=c.directions,
+                                      hard_negatives=negatives, tile_size=c.tile_size,
+                                      return_stats=True, **masking)
+            self._record(weince_mean_lambda=stats.mean_lambda,
+                         weince_weibull_share=stats.weibull_share)
+            return loss
+        if c.name == "bsc_mse":
+            threshold = c.label_threshold if c.label_threshold is not None \
+                else DEFAULT_LABEL_THRESHOLD
+            return bsc_mse_loss(q, a, labels, tau, mu=c.mu, label_threshold=threshold,
+                                directions=c.directions, normalization=c.normalization,
+                                hard_negatives=negatives, tile_size=c.tile_size)
+        if c.name == "cosine_mse":
+            return cosine_mse_loss(q, a, labels)
+        if c.name == "cosent":
+            return cosent_loss(q, a, labels, scale=c.cosent_scale)
+        if c.name == "triplet":
+            if negatives is None:
+                raise ValueError("loss triplet needs (anchor, positive, negative) batches")
+            return triplet_loss(q, a, negatives, margin=c.triplet_margin)
+        raise ValueError(f"unknown loss {c.name!r}")  # the config's Literal forbids this
 
     def _record(self, **values: float) -> None:
         for k, v in values.items():
