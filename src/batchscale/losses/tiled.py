@@ -57,8 +57,11 @@ def _negative_counts(ids: Tensor | None, anchors: int, candidates: int,
     return candidates - counts[inverse[:anchors]]
 
 
-# A tail strip holds at most this many similarities (128 MB in float32).
-STRIP_ENTRIES = 1 << 25
+# A tail strip holds at most this many similarities (16 MB in float32). torch.topk with a
+# large k keeps several strip-sized buffers, so at B = 32,768 strips of 2^25 peaked at 1.7 GB;
+# 2^22 keeps WEINCE under 1 GB there for ~5% more time (measured with
+# benchmarks/loss_scaling.py: 2^23 0.94 GB 61 s, 2^21 0.34 GB 65 s).
+STRIP_ENTRIES = 1 << 22
 
 
 def streaming_tail_fit(anchors: Tensor, candidates: Tensor, ids: Tensor | None,
