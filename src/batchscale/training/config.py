@@ -44,6 +44,10 @@ class DataConfig(_Strict):
     data_dir: Path | None = None
 
 
+#: Losses that regress the pairs' graded labels and so need them on every pair.
+SCORE_LOSSES = frozenset({"bsc_mse", "cosine_mse", "cosent"})
+
+
 class LossConfig(_Strict):
     name: Literal["bsc", "infonce", "weince", "bsc_mse", "cosine_mse", "cosent", "triplet"] = "bsc"
     temperature: float = Field(default=0.05, gt=0.0)
@@ -75,12 +79,9 @@ class LossConfig(_Strict):
         return [self, *self.plus]
 
     @property
-    def needs_scores(self) -> bool:
-        return any(t.name in SCORE_LOSSES for t in self.terms())
-
-
-#: Losses that regress the pairs' graded labels and so need them on every pair.
-SCORE_LOSSES = frozenset({"bsc_mse", "cosine_mse", "cosent"})
+    def scored_terms(self) -> list[str]:
+        """Names of the terms that regress graded labels (empty: labels are optional)."""
+        return [t.name for t in self.terms() if t.name in SCORE_LOSSES]
 
 
 class AddedLoss(LossConfig):

@@ -44,7 +44,7 @@ class Objective(nn.Module):
 
     @property
     def needs_labels(self) -> bool:
-        return self.config.needs_scores
+        return bool(self.config.scored_terms)
 
     def temperature(self) -> float | Tensor:
         if self.temperature_module is not None:
@@ -66,13 +66,15 @@ class Objective(nn.Module):
     def forward(self, embeddings: Sequence[Tensor], labels: Tensor | None) -> Tensor:
         c = self.config
         q, a, *rest = embeddings
+        negatives = rest[0] if rest else None
         if self.needs_labels and labels is None:
-            raise ValueError(f"loss {c.name} needs a graded label on every pair")
+            raise ValueError(f"loss {', '.join(c.scored_terms)} needs a graded label on "
+                             "every pair")
         tau = self.temperature()
-        loss = self._term(c, q, a, rest[0] if rest else None, labels, tau)
+        loss = self._term(c, q, a, negatives, labels, tau)
         for term in c.plus:
-            loss = loss + term.weight * self._term(term, q, a, rest[0] if rest else None,
-                                                   labels, term.temperature)
+            loss = loss + term.weight * self._term(term, q, a, negatives, labels,
+                                                   term.temperature)
         if c.vrns_weight > 0:
             loss = loss + c.vrns_weight * vrns_penalty(q, a, max(2, self.num_examples))
         if self.temperature_module is not None:

@@ -117,8 +117,8 @@ class Trainer:
                  config: RunConfig, out_dir: str | Path, evaluate: Evaluator, *,
                  show_progress: bool = True) -> None:
         if objective.needs_labels and data.labels is None:
-            raise ValueError(f"loss.name: {config.loss.name} needs a graded label on every "
-                             f"training pair; data.train ({config.data.train}) has none")
+            raise ValueError(f"loss: {', '.join(config.loss.scored_terms)} needs a graded label "
+                             f"on every training pair; data.train ({config.data.train}) has none")
         self.encoder = encoder
         self.objective = objective
         self.data = data
