@@ -105,10 +105,20 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others (at each "
+                        "collective, and while rank 0 evaluates) before it fails")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .batching.distributed import (
+        CollectiveError,
+        init_distributed,
+        rank,
+        shutdown_distributed,
+        world_size,
+    )
     from .data import DataError
     from .encoders import EncoderLoadError
     from .study import summary_table, train_run
@@ -116,14 +126,23 @@ def _run_train(args: argparse.Namespace) -> int:
 
     _setup_output(args.no_progress)
     try:
-        config = load_config(args.config, args.overrides)
+        # Under torchrun: join the process group (a no-op for one plain process).
+        info = init_distributed(timeout_s=args.dist_timeout)
+        overrides = list(args.overrides)
+        if info.backend == "nccl":
+            overrides.append(f"train.device={info.device}")
+        config = load_config(args.config, overrides)
         result = train_run(config, args.out, resume=args.resume,
                            show_progress=not args.no_progress)
     except (ConfigError, DataError, EncoderLoadError, RunDirectoryError, TrainingDiverged,
-            FileNotFoundError, ValueError) as e:
-        print(f"batchscale train: error: {e}", file=sys.stderr)
+            CollectiveError, FileNotFoundError, ValueError) as e:
+        where = f" (rank {rank()})" if world_size() > 1 else ""
+        print(f"batchscale train{where}: error: {e}", file=sys.stderr)
         return 1
-    print(summary_table(result))
+    finally:
+        shutdown_distributed()
+    if info.is_main:
+        print(summary_table(result))
     return 0
 
 

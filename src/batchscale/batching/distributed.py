@@ -258,3 +258,47 @@ def average_gradients(
             n = p.grad.numel()
             p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
+
+
+def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where small bookkeeping tensors must live: NCCL reduces CUDA tensors only."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_parameters(
+    parameters: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None
+) -> None:
+    """Copy rank 0's parameter values to every rank (what DDP does at construction), so the
+    ranks start from the same weights even if their initialisation drew different numbers."""
+    if not is_distributed(group):
+        return
+    for i, p in enumerate(parameters):
+        _run(
+            f"broadcast_parameters (parameter {i}, shape {tuple(p.shape)})",
+            lambda p=p: dist.broadcast(p.data, src=0, group=group),
+            group,
+        )
+
+
+def barrier(what: str, group: dist.ProcessGroup | None = None) -> None:
+    """Wait for every rank; ``what`` names the meeting point in the error if a rank is gone.
+
+    A barrier is an all-reduce of one number here: gloo's ``dist.barrier`` takes no timeout
+    of its own, the all-reduce fails within the process group's timeout."""
+    if not is_distributed(group):
+        return
+    flag = torch.ones(1, device=_collective_device(group))
+    _run(f"barrier at {what}", lambda: dist.all_reduce(flag, group=group), group)
+
+
+def agree(ok: bool, what: str, group: dist.ProcessGroup | None = None) -> bool:
+    """True on every rank when ``ok`` holds on every rank: ranks that checked something
+    locally (a file, a size) decide together, so that none waits for a rank that gave up."""
+    if not is_distributed(group):
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=_collective_device(group))
+    _run(f"agree on {what}", lambda: dist.all_reduce(flag, group=group), group)
+    return bool(flag.item() == 0)
+

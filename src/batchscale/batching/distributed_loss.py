@@ -13,7 +13,7 @@ the losses to take "anchors are a slice of the candidates".
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +27,31 @@ def _per_example(name: str, value: object, rows: int, device: torch.device) -> T
     if t.ndim != 1 or t.shape[0] != rows:
         raise ValueError(f"`{name}` must have shape ({rows},) on this rank, got {tuple(t.shape)}")
     return t
+
+
+def gather_batch(
+    embeddings: Sequence[Tensor],
+    labels: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[list[Tensor], Tensor | None]:
+    """The global batch from every rank's share: each side's embeddings (queries, answers[,
+    hard negatives]) gathered with gradient, in rank order, and the labels without.
+
+    This is how the trainer's objective sees the batch under ``torchrun``: the loss of the
+    whole global batch on every rank (see the module docstring). Returns the inputs as they
+    are on one process.
+    """
+    if not is_distributed(group):
+        return list(embeddings), labels
+    for i, x in enumerate(embeddings):
+        if not isinstance(x, Tensor) or x.ndim != 2:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"gather_batch: side {i} must be a 2-D tensor, got {got}")
+    gathered = [gather_with_grad(x, group) for x in embeddings]
+    if labels is not None:
+        labels = gather_rows(_per_example("labels", labels, embeddings[0].shape[0],
+                                          embeddings[0].device), group)
+    return gathered, labels
 
 
 def gathered_pair_loss(
@@ -74,15 +99,21 @@ def gathered_pair_loss(
         raise ValueError(
             f"gathered_pair_loss: `q` and `a` must hold the same pairs, got {m} and {a.shape[0]}"
         )
-    extra: dict[str, object] = {}
+    sides = [q, a]
     h = 0
     if hard_negatives is not None:
         if hard_negatives.ndim == 3:
             hard_negatives = hard_negatives.reshape(-1, hard_negatives.shape[-1])
         h = hard_negatives.shape[0]
-        extra["hard_negatives"] = gather_with_grad(hard_negatives, group)
+        sides.append(hard_negatives)
     if labels is not None:
-        extra["labels"] = gather_rows(_per_example("labels", labels, m, q.device), group)
+        labels = _per_example("labels", labels, m, q.device)
+    (q, a, *negatives), labels = gather_batch(sides, labels, group)
+    extra: dict[str, object] = {}
+    if negatives:
+        extra["hard_negatives"] = negatives[0]
+    if labels is not None:
+        extra["labels"] = labels
     if query_ids is not None:
         extra["query_ids"] = gather_rows(_per_example("query_ids", query_ids, m, q.device), group)
     if answer_ids is not None:
@@ -93,4 +124,4 @@ def gathered_pair_loss(
         if h:
             parts.append(gather_rows(ids[m:], group))
         extra["answer_ids"] = torch.cat(parts)
-    return loss_fn(gather_with_grad(q, group), gather_with_grad(a, group), **extra, **loss_kwargs)
+    return loss_fn(q, a, **extra, **loss_kwargs)

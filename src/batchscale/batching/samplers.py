@@ -92,6 +92,7 @@ class EpochBatchSampler(ABC):
         self.epoch = 0
         self.position = 0  # batches of the current epoch handed out
         self.plan_seconds = 0.0  # wall time of the last plan computation
+        self.last_batch_size = 0  # size of the global batch whose share was yielded last
         self._resume_at = 0
         self._plan: list[np.ndarray] | None = None
         self._plan_epoch: int | None = None
@@ -154,6 +155,7 @@ class EpochBatchSampler(ABC):
         self.position = start
         for batch in batches[start:]:
             self.position += 1
+            self.last_batch_size = len(batch)
             yield self.shard(batch)
 
     def set_epoch(self, epoch: int) -> None:

@@ -154,6 +154,8 @@ def train_run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     trainer = Trainer(encoder, objective, data, config, out, evaluate,
                       show_progress=show_progress)
     fit = trainer.fit(resume=resume)
+    if not trainer.is_main:  # under torchrun, rank 0 selects, tests and reports
+        return RunResult(fit, out / "final", None, {})
     final = trainer.finalize()
     test = None
     if evaluate_test and config.eval.test is not None:

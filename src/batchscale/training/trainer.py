@@ -9,6 +9,14 @@ resumed run yields the same curve as an uninterrupted one.
 
 A NaN or Inf in the loss or in the gradients stops the run before the optimiser step with
 :class:`TrainingDiverged`, naming the step; the last checkpoint is left as it was.
+
+Under ``torchrun`` (a process group is up, :func:`~batchscale.batching.init_distributed`)
+each rank trains on its share of every global batch (the sampler shards it), the objective
+sees the global batch gathered from all ranks (:func:`~batchscale.batching.gather_batch`) and
+the gradients are averaged, so the run equals one process on the whole batch.
+``train.batch_size`` is the global batch. Rank 0 alone evaluates, writes the curve, the
+selected model and the checkpoints (with every rank's random state); every rank resumes from
+them.
 """
 
 from __future__ import annotations
@@ -28,6 +36,16 @@ import torch
 from torch import Tensor
 
 from ..batching import NoDuplicatesBatchSampler, RandomBatchSampler, cached_backward
+from ..batching.distributed import (
+    agree,
+    average_gradients,
+    barrier,
+    broadcast_parameters,
+    gather_rows,
+    rank,
+    world_size,
+)
+from ..batching.distributed_loss import gather_batch
 from ..batching.samplers import EpochBatchSampler
 from ..encoders import SentenceEncoder
 from .checkpoint import (
@@ -98,12 +116,34 @@ class FitResult:
         return self.examples / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
-def make_sampler(config: RunConfig, data: TrainingSet) -> EpochBatchSampler:
+def make_sampler(config: RunConfig, data: TrainingSet, *, rank: int = 0,
+                 world_size: int = 1) -> EpochBatchSampler:
     t = config.train
+    shard = dict(drop_last=t.drop_last, seed=t.seed, rank=rank, world_size=world_size)
     if t.sampler == "no_duplicates":
-        return NoDuplicatesBatchSampler.from_texts(data.columns, t.batch_size,
-                                                   drop_last=t.drop_last, seed=t.seed)
-    return RandomBatchSampler(len(data), t.batch_size, drop_last=t.drop_last, seed=t.seed)
+        return NoDuplicatesBatchSampler.from_texts(data.columns, t.batch_size, **shard)
+    return RandomBatchSampler(len(data), t.batch_size, **shard)
+
+
+def check_world_size(config: RunConfig, num_examples: int, world: int) -> None:
+    """Every rank needs a non-empty share of every batch (its collectives must run)."""
+    t = config.train
+    if t.batch_size % world:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of the number "
+                         f"of ranks ({world}): each rank takes an equal share of every batch")
+    rest = num_examples % t.batch_size
+    if world > 1 and rest and rest < world and not t.drop_last:
+        raise ValueError(f"the last batch of each epoch has {rest} example(s) for {world} "
+                         "ranks, so a rank would get none; set train.drop_last: true or "
+                         "change train.batch_size")
+
+
+def _gather_rng_states() -> list[dict[str, Tensor]]:
+    """Every rank's random state, rank 0 first (tensors, so no pickling crosses ranks)."""
+    state = rng_state()
+    gathered = {k: gather_rows(torch.stack(list(v)) if isinstance(v, list) else v[None])
+                for k, v in state.items()}
+    return [{k: v[r] for k, v in gathered.items()} for r in range(world_size())]
 
 
 class Trainer:
@@ -126,9 +166,12 @@ class Trainer:
         self.out = Path(out_dir)
         self.evaluate = evaluate
         self.metric = config.eval.metric
-        self.show_progress = show_progress
-        self.sampler = make_sampler(config, data)
+        self.rank, self.world = rank(), world_size()
+        self.is_main = self.rank == 0
+        self.show_progress = show_progress and self.is_main
         t = config.train
+        check_world_size(config, len(data), self.world)
+        self.sampler = make_sampler(config, data, rank=self.rank, world_size=self.world)
         self.steps_per_epoch = len(self.sampler)
         if t.max_examples is not None:
             self.total_steps = math.ceil(t.max_examples / t.batch_size)
@@ -142,6 +185,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_linear(s, total, warm))
         self.progress = Progress()
+        broadcast_parameters(self.parameters)
 
     # -- set-up -----------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -172,8 +216,18 @@ class Trainer:
             emb = self.encoder(features)
         return emb.float()
 
+    def _loss(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
+        """The objective on the global batch (this rank's share alone on one process)."""
+        embeddings, labels = gather_batch(embeddings, labels)
+        return self.objective(embeddings, labels)
+
     def _backward(self, sides: list[list[str]], labels: Tensor | None) -> float:
-        """Loss of the batch; its gradients accumulated into ``.grad``."""
+        """Loss of the batch; its gradients accumulated into ``.grad`` (averaged over ranks)."""
+        loss = self._local_backward(sides, labels)
+        average_gradients(self.parameters)
+        return loss
+
+    def _local_backward(self, sides: list[list[str]], labels: Tensor | None) -> float:
         features = [self.encoder.tokenize(texts) for texts in sides]
         if labels is not None:
             labels = labels.to(self.encoder.device)
@@ -181,12 +235,12 @@ class Trainer:
         if gc is not None:
             chunk = gc.chunk_size if gc.chunk_size or gc.max_tokens else 32
             loss = cached_backward(self._encode, features,
-                                   lambda *embs: self.objective(list(embs), labels),
+                                   lambda *embs: self._loss(list(embs), labels),
                                    chunk_size=None if gc.max_tokens else chunk,
                                    max_tokens=gc.max_tokens, sort_by_length=gc.sort_by_length)
             self._check_finite("the loss", loss)
             return float(loss)
-        loss = self.objective([self._encode(f) for f in features], labels)
+        loss = self._loss([self._encode(f) for f in features], labels)
         self._check_finite("the loss", loss)
         loss.backward()
         return float(loss.detach())
@@ -217,6 +271,19 @@ class Trainer:
 
     # -- evaluation points ------------------------------------------------------------------
     def _point(self, started: float, bar) -> None:
+        rngs = _gather_rng_states()  # a collective: every rank, before rank 0 alone goes on
+        if self.is_main:
+            self._main_point(started, bar, rngs)
+        else:  # the same counters as rank 0, for a consistent resume
+            p = self.progress
+            p.loss_sum, p.loss_steps = 0.0, 0
+            p.curve_points += 1
+            p.wall_seconds += time.perf_counter() - started
+            self.objective.pop_diagnostics()
+        barrier(f"the evaluation point after {self.progress.examples} examples (rank 0 "
+                "evaluates and writes the checkpoint meanwhile)")
+
+    def _main_point(self, started: float, bar, rngs: list[dict[str, Tensor]]) -> None:
         p = self.progress
         t0 = time.perf_counter()
         metrics = self.evaluate(self.encoder)
@@ -246,7 +313,7 @@ class Trainer:
         self._append_curve(record)
         p.curve_points += 1
         p.wall_seconds += time.perf_counter() - started
-        self._checkpoint()
+        self._checkpoint(rngs)
         if bar is not None:
             bar.set_postfix({"loss": record["train_loss"], f"dev {self.metric}": value},
                             refresh=False)
@@ -271,7 +338,7 @@ class Trainer:
                 if line.strip()]
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, rngs: list[dict[str, Tensor]]) -> None:
         p = self.progress
         folder = self.out / CHECKPOINTS
         state = {
@@ -280,7 +347,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "objective": self.objective.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs,
         }
 
         def write(tmp: Path) -> None:
@@ -294,8 +361,7 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.out / CHECKPOINTS)
-        if ckpt is None:
-            raise RunDirectoryError(f"{self.out}: no checkpoint to resume from")
+        assert ckpt is not None  # checked by _check_start
         saved = (self.out / CONFIG).read_text(encoding="utf-8")
         if saved != dump_config(self.config):
             raise RunDirectoryError(
@@ -308,25 +374,48 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.objective.load_state_dict(state["objective"])
-        set_rng_state(state["rng"])
+        rngs = state["rng"]
+        # Each rank its own stream; a run resumed on more ranks than it had starts the new
+        # ranks from rank 0's state.
+        set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         self.progress = Progress(**state["progress"])
-        # Points written after the checkpoint are replayed, so they are dropped.
-        lines = self.read_curve()[: self.progress.curve_points]
-        atomic_write_text(self.out / CURVE, "".join(json.dumps(r) + "\n" for r in lines))
+        if self.is_main:
+            # Points written after the checkpoint are replayed, so they are dropped.
+            lines = self.read_curve()[: self.progress.curve_points]
+            atomic_write_text(self.out / CURVE, "".join(json.dumps(r) + "\n" for r in lines))
 
     def _start(self, resume: bool) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.out)
-        remove_stale_temporaries(self.out / CHECKPOINTS)
+        # Every rank checks the run directory before rank 0 changes it, and they agree, so
+        # that no rank goes on to wait for one that refused.
+        error: Exception | None = None
+        try:
+            self._check_start(resume)
+        except (RunDirectoryError, OSError) as e:
+            error = e
+        if not agree(error is None, "the run directory"):
+            raise error or RunDirectoryError(f"{self.out}: another rank refused the run "
+                                             "directory (see rank 0's error)")
         if resume:
             self._resume()
+        else:
+            if self.is_main:
+                atomic_write_text(self.out / CONFIG, dump_config(self.config))
+            self.progress = Progress(next_eval=0 if self.config.eval.at_start
+                                     else self.config.eval.every_examples)
+        barrier("the start of the run")
+
+    def _check_start(self, resume: bool) -> None:
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
+            remove_stale_temporaries(self.out / CHECKPOINTS)
+        if resume:
+            if latest_checkpoint(self.out / CHECKPOINTS) is None:
+                raise RunDirectoryError(f"{self.out}: no checkpoint to resume from")
             return
         if latest_checkpoint(self.out / CHECKPOINTS) is not None or (self.out / CURVE).exists():
             raise RunDirectoryError(f"{self.out}: holds a run already; pass --resume to "
                                     "continue it or choose another --out")
-        atomic_write_text(self.out / CONFIG, dump_config(self.config))
-        self.progress = Progress(next_eval=0 if self.config.eval.at_start
-                                 else self.config.eval.every_examples)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> FitResult:
@@ -351,10 +440,10 @@ class Trainer:
                     loss = self._step(indices)
                     p.train_seconds += time.perf_counter() - t0
                     p.step += 1
-                    p.examples += len(indices)
+                    p.examples += self.sampler.last_batch_size
                     p.loss_sum += loss
                     p.loss_steps += 1
-                    bar.update(len(indices))
+                    bar.update(self.sampler.last_batch_size)
                     last = p.step >= self.total_steps
                     if p.examples >= p.next_eval or last:
                         while p.next_eval <= p.examples:
