@@ -27,7 +27,7 @@ from batchscale.batching.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from batchscale.batching.distributed_loss import gathered_pair_loss
+from batchscale.batching.distributed_loss import gathered_pair_loss, local_pair_loss
 from batchscale.batching.gradient_cache import cached_backward
 from batchscale.losses import LearnableTemperature, bsc_loss, infonce_loss, weince_loss
 
@@ -118,7 +118,23 @@ SCENARIOS = {
     "weince_cached": (torch.float64, 4, "cached"),
     "weince_cached_tiled": (torch.float64, 4, "cached_tiled"),
     "infonce_cached_ddp_tokens": (torch.float32, 4, "ddp"),
+    # OpenCLIP's local loss: each rank scores its own anchors; the mean over ranks is
+    # compared with the single process's loss.
+    "bsc_local_uneven": (torch.float64, 5, "local"),
+    "weince_local_cached_tiled": (torch.float64, 4, "local_weince"),
 }
+
+
+def local_rows(loss_fn, temperature: Tensor, labels: Tensor, **options):
+    """The rows-direction loss that local_pair_loss calls, with this rank's labels bound."""
+
+    def rows(anchors, positives, *, hard_negatives, answer_ids, anchor_pool):
+        extra = {"anchor_pool": anchor_pool} if loss_fn is weince_loss else {}
+        return loss_fn(anchors, positives, temperature, directions="q->a",
+                       hard_negatives=hard_negatives, labels=labels, answer_ids=answer_ids,
+                       **extra, **options)
+
+    return rows
 
 
 def run_scenario(kind: str, model: nn.Module, temperature: nn.Module, part: dict) -> Tensor:
@@ -153,6 +169,26 @@ def run_scenario(kind: str, model: nn.Module, temperature: nn.Module, part: dict
             ),
             chunk_size=3,
         )
+    if kind == "local":
+        q, a, n = (model(part[s]) for s in "qan")
+        loss = local_pair_loss(
+            local_rows(bsc_loss, temperature(), part["labels"], tile_size=None),
+            q, a, hard_negatives=n, query_ids=part["query_ids"], answer_ids=part["answer_ids"],
+        )
+        loss.backward()
+        return loss.detach()
+    if kind == "local_weince":
+        # WEINCE's rho0 is a quantile over all anchors: it must see the other ranks' rho.
+        return cached_backward(
+            model,
+            [part["q"], part["a"], part["n"]],
+            lambda q, a, n: local_pair_loss(
+                local_rows(weince_loss, temperature(), part["labels"], tile_size=3),
+                q, a, hard_negatives=n, query_ids=part["query_ids"],
+                answer_ids=part["answer_ids"],
+            ),
+            chunk_size=3,
+        )
     assert kind == "ddp"
     return cached_backward(
         model,
@@ -167,7 +203,7 @@ def single_process(kind: str, model: nn.Module, temperature: nn.Module, batch: d
     """The reference: one process, the whole batch, one plain forward and backward, the dense
     (B x B) loss."""
     q, a, n = (model(batch[s]) for s in "qan")
-    if kind == "plain":
+    if kind in ("plain", "local"):
         loss = bsc_loss(
             q,
             a,
@@ -180,6 +216,10 @@ def single_process(kind: str, model: nn.Module, temperature: nn.Module, batch: d
         )
     elif kind in ("cached", "cached_tiled"):
         loss = weince_loss(q, a, temperature(), hard_negatives=n, tile_size=None)
+    elif kind == "local_weince":
+        loss = weince_loss(q, a, temperature(), hard_negatives=n, labels=batch["labels"],
+                           query_ids=batch["query_ids"], answer_ids=batch["answer_ids"],
+                           tile_size=None)
     else:
         loss = infonce_loss(q, a, temperature(), tile_size=None)
     loss.backward()
@@ -208,6 +248,9 @@ def worker_equivalence(out_dir: str) -> None:
         part = shard(global_batch(), rows)
         encoder = DistributedDataParallel(model) if kind == "ddp" else model
         loss = run_scenario(kind, encoder, temperature, part)
+        if kind.startswith("local"):  # each rank holds its share of the loss: report the mean
+            torch.distributed.all_reduce(loss)
+            loss /= info.world_size
         # DDP averaged the encoder's gradients already; the temperature is outside DDP.
         average_gradients(
             temperature.parameters()

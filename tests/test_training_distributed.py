@@ -2,9 +2,11 @@
 the same curve (training loss and dev metric at every point) and the same selected model.
 
 The config exercises the whole engine at once: WEINCE (whose lambda couples the anchors
-through a batch quantile), a learnable temperature, the memory-linear loss (tiles of 16 for
-a batch of 32) and the gradient cache (chunks of 8); the static encoder has no dropout, so
-the two runs can agree to rounding.
+through a batch quantile) with label-aware masking, a learnable temperature, the
+memory-linear loss (tiles of 16 for a batch of 32), the gradient cache (chunks of 8), plus a
+CoSENT term and VRNS (which couple all pairs: computed on the gathered batch). Both ways
+negatives cross ranks are run: OpenCLIP's local loss (the default) and the global loss. The
+static encoder has no dropout, so the runs can agree to rounding.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ pytestmark = pytest.mark.distributed
 
 CONFIG = """\
 model: {name: 'static:default'}
-loss: {name: weince, temperature: 0.05, learnable_temperature: true, tile_size: 16}
+loss: {name: weince, temperature: 0.05, learnable_temperature: true, tile_size: 16,
+       label_threshold: 0.6, vrns_weight: 0.1, plus: [{name: cosent, weight: 0.5}]}
 optim: {lr: 0.05}
 train: {batch_size: 32, max_examples: 192, seed: 3, gradient_cache: {chunk_size: 8}}
 eval: {every_examples: 96, geometry: false, dtype: float32, test: null}
@@ -50,18 +53,28 @@ def _curve(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    tmp = tmp_path_factory.mktemp("ddp-train")
+def one_process(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("one-process")
     config = tmp / "config.yaml"
     config.write_text(CONFIG, encoding="utf-8")
-    common = ["train", str(config), "--no-progress", "--set", f"data.data_dir={shared_data}"]
-    one, two = tmp / "one", tmp / "two"
-    _run([sys.executable, "-m", "batchscale", *common, "--out", str(one)])
+    _run([sys.executable, "-m", "batchscale", "train", str(config), "--no-progress",
+          "--set", f"data.data_dir={shared_data}", "--out", str(tmp / "run")])
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module", params=["local", "global"])
+def runs(request: pytest.FixtureRequest, one_process: Path, shared_data: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    tmp = tmp_path_factory.mktemp(f"two-ranks-{request.param}")
+    config = tmp / "config.yaml"
+    config.write_text(CONFIG, encoding="utf-8")
     done = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
                  "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                 f"--master-port={_free_port()}", "-m", "batchscale", *common,
-                 "--out", str(two), "--dist-timeout", "120"])
-    return one, two, done.stdout
+                 f"--master-port={_free_port()}", "-m", "batchscale", "train", str(config),
+                 "--no-progress", "--set", f"data.data_dir={shared_data}",
+                 "--set", f"train.distributed_loss={request.param}",
+                 "--out", str(tmp / "run"), "--dist-timeout", "120"])
+    return one_process, tmp / "run", done.stdout
 
 
 def test_two_ranks_give_the_curve_of_one_process(runs):
@@ -86,10 +99,11 @@ def test_two_ranks_train_the_same_weights(runs):
     one, two, _ = runs
     last = "checkpoint-000000000192"
     wa, wb = (_weights(run / "checkpoints" / last / "model") for run in (one, two))
-    start = _weights(one / "best")  # selected at 0 examples: the initial model
-    assert json.loads((one / "best" / "batchscale.json").read_text())["examples"] == 0
-    assert wa.keys() == wb.keys() == start.keys()
-    assert max(float((wa[n] - start[n]).abs().max()) for n in wa) > 1e-3  # it trained
+    best = _weights(one / "best")  # selected at 96 examples
+    assert json.loads((one / "best" / "batchscale.json").read_text())["examples"] == 96
+    assert json.loads((two / "best" / "batchscale.json").read_text())["examples"] == 96
+    assert wa.keys() == wb.keys() == best.keys()
+    assert max(float((wa[n] - best[n]).abs().max()) for n in wa) > 1e-3  # it trained on
     # AdamW divides by the root of the squared gradients, which turns float32 rounding in
     # near-zero gradients (rows of unused tokens) into steps of up to lr: 6 steps of lr 0.05
     # move weights by up to 0.15, and the runs agree to 1e-4 (measured: 2.7e-5).
@@ -120,3 +134,7 @@ def test_batches_that_ranks_cannot_share_are_refused_by_name():
         check_world_size(config, 101, 8)
     check_world_size(config, 101, 4)  # 5 examples for 4 ranks: every rank has one
     check_world_size(config_from_dict({"train": {"batch_size": 32, "drop_last": True}}), 101, 8)
+    coord = config_from_dict({"loss": {"normalization": "coord"}, "train": {"batch_size": 32}})
+    with pytest.raises(ValueError, match=r"loss\.normalization: coord .* distributed_loss: global"):
+        check_world_size(coord, 96, 2)
+    check_world_size(coord, 96, 1)  # one process: the local loss is the whole loss

@@ -4,7 +4,8 @@ Batch composition: :class:`RandomBatchSampler`, :class:`NoDuplicatesBatchSampler
 :class:`BSCShuffleSampler` (BSC's kNN / k-means hard-batch shuffling),
 :class:`TeacherHardBatchSampler`, and the per-epoch statistics (:func:`mean_hardest_negative`,
 :func:`duplicate_rate`). Batch size free of activation memory: :func:`cached_backward`
-(gradient cache). Negatives across ``torch.distributed`` ranks: :func:`gathered_pair_loss`,
+(gradient cache). Negatives across ``torch.distributed`` ranks: :func:`local_pair_loss`
+(OpenCLIP's local loss), :func:`gathered_pair_loss` and :func:`gather_batch` (the global loss),
 :func:`gather_with_grad`, :func:`init_distributed`. The memory-linear loss itself lives in
 :mod:`batchscale.losses` (``tile_size``).
 """
@@ -24,7 +25,7 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from .distributed_loss import gathered_pair_loss
+from .distributed_loss import gather_batch, gathered_pair_loss, local_pair_loss
 from .embedding_cache import EmbeddingCache
 from .gradient_cache import cached_backward
 from .hard_batches import BSCShuffleSampler, TeacherHardBatchSampler
@@ -47,11 +48,13 @@ __all__ = [
     "duplicate_rate",
     "duplicate_stats",
     "epoch_hardest_negative",
+    "gather_batch",
     "gather_rows",
     "gather_with_grad",
     "gathered_pair_loss",
     "hardest_negatives",
     "init_distributed",
+    "local_pair_loss",
     "mean_hardest_negative",
     "no_duplicate_batches",
     "shutdown_distributed",

@@ -302,3 +302,13 @@ def agree(ok: bool, what: str, group: dist.ProcessGroup | None = None) -> bool:
     _run(f"agree on {what}", lambda: dist.all_reduce(flag, group=group), group)
     return bool(flag.item() == 0)
 
+
+def mean_across_ranks(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """The mean over the ranks of a detached tensor (``x`` itself on one process): a value
+    that each rank holds a part of, such as the local loss."""
+    if not is_distributed(group):
+        return x
+    total = x.detach().clone()
+    _run("mean_across_ranks (all_reduce)", lambda: dist.all_reduce(total, group=group), group)
+    return total / world_size(group)
+

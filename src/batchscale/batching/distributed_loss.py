@@ -7,19 +7,20 @@ loss of :mod:`batchscale.losses` whatever couples the anchors (WEINCE's batch qu
 rho, ``normalization="coord"``), and with :func:`average_gradients` (or DDP) the parameter
 gradients equal one process's on the whole batch (see
 :mod:`batchscale.batching.distributed`). The price is the B x B similarity block on every
-rank; OpenCLIP's local loss (each rank scores only its own anchors' rows and columns) needs
-the losses to take "anchors are a slice of the candidates".
+rank. :func:`local_pair_loss` is OpenCLIP's local loss: each rank scores only its own
+anchors' rows and columns (m_r x B similarities), with the same gradients.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 from torch import distributed as dist
 
-from .distributed import gather_rows, gather_with_grad, is_distributed
+from .distributed import gather_rows, gather_with_grad, is_distributed, rank
 
 
 def _per_example(name: str, value: object, rows: int, device: torch.device) -> Tensor:
@@ -125,3 +126,99 @@ def gathered_pair_loss(
             parts.append(gather_rows(ids[m:], group))
         extra["answer_ids"] = torch.cat(parts)
     return loss_fn(q, a, **extra, **loss_kwargs)
+
+
+class RowLoss(Protocol):
+    """A batch-softmax loss in the rows direction only: each anchor against its positive
+    (same row of ``positives``) and every other candidate, averaged over the anchors; e.g.
+    ``functools.partial(bsc_loss, temperature=0.05, directions="q->a")``."""
+
+    def __call__(self, anchors: Tensor, positives: Tensor, *, hard_negatives: Tensor | None,
+                 answer_ids: Tensor | None, anchor_pool: Callable[[Tensor], Tensor]
+                 ) -> Tensor: ...
+
+
+def _without(x: Tensor, rows: slice) -> Tensor:
+    return torch.cat([x[: rows.start], x[rows.stop :]])
+
+
+def local_pair_loss(
+    row_loss: RowLoss,
+    q: Tensor,
+    a: Tensor,
+    *,
+    directions: Literal["both", "q->a", "a->q"] = "both",
+    hard_negatives: Tensor | None = None,
+    query_ids: object = None,
+    answer_ids: object = None,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    r"""OpenCLIP's local loss: this rank's anchors against every rank's candidates.
+
+    Rows (L0): this rank's queries against all answers and all hard negatives; columns (L1):
+    this rank's answers against all queries. Each is one call of ``row_loss`` with this
+    rank's pairs as anchors and positives and the other ranks' rows as extra candidates, so
+    the similarity work per rank is m_r x B instead of B x B. The per-anchor losses are the
+    global loss's (the same candidates, masks and labels); batch-level statistics (WEINCE's
+    rho0) see every rank's anchors through ``anchor_pool``, an all-gather. The result is
+    scaled by W m_r / B, so that the mean over ranks is the global loss and, with the
+    gradients averaged across ranks, the gradients are the global loss's (see
+    :mod:`batchscale.batching.distributed`). One process: the plain loss.
+
+    ``row_loss`` binds everything else (temperature, labels of this rank's pairs, tiles).
+    Losses that normalise over the batch axis (``normalization="coord"``) need the global
+    batch (:func:`gather_batch`).
+    """
+    if directions not in ("both", "q->a", "a->q"):
+        raise ValueError(f"local_pair_loss: `directions` must be both, q->a or a->q, got "
+                         f"{directions!r}")
+    for name, x in (("q", q), ("a", a)):
+        if not isinstance(x, Tensor) or x.ndim != 2:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"local_pair_loss: `{name}` must be a 2-D tensor, got {got}")
+    m = q.shape[0]
+    if a.shape[0] != m:
+        raise ValueError(f"local_pair_loss: `q` and `a` must hold the same pairs, got {m} "
+                         f"and {a.shape[0]}")
+    if hard_negatives is not None and hard_negatives.ndim == 3:
+        hard_negatives = hard_negatives.reshape(-1, hard_negatives.shape[-1])
+    h = 0 if hard_negatives is None else hard_negatives.shape[0]
+    distributed = is_distributed(group)
+
+    def pool(x: Tensor) -> Tensor:
+        return gather_rows(x, group) if distributed else x
+
+    counts = [m]
+    if distributed:
+        counts = [int(c) for c in gather_rows(torch.tensor([m], device=q.device), group)]
+    mine = slice(sum(counts[: rank(group)]), sum(counts[: rank(group)]) + m)
+    total = sum(counts)
+    a_ids = q_ids = None
+    if answer_ids is not None:
+        a_ids = _per_example("answer_ids", answer_ids, m + h, q.device)
+    if query_ids is not None:
+        q_ids = _per_example("query_ids", query_ids, m, q.device)
+
+    parts = []
+    if directions in ("both", "q->a"):
+        extra = [_without(gather_with_grad(a, group), mine)] if distributed else []
+        if hard_negatives is not None:
+            extra.append(gather_with_grad(hard_negatives, group))
+        ids = None
+        if a_ids is not None:
+            ids = torch.cat([a_ids[:m], _without(pool(a_ids[:m]), mine)] if distributed
+                            else [a_ids[:m]])
+            if h:
+                ids = torch.cat([ids, pool(a_ids[m:])])
+        parts.append(row_loss(q, a, hard_negatives=torch.cat(extra) if extra else None,
+                              answer_ids=ids, anchor_pool=pool))
+    if directions in ("both", "a->q"):
+        extra = [_without(gather_with_grad(q, group), mine)] if distributed else []
+        ids = None
+        if q_ids is not None:
+            ids = torch.cat([q_ids, _without(pool(q_ids), mine)]) if distributed else q_ids
+        parts.append(row_loss(a, q, hard_negatives=torch.cat(extra) if extra else None,
+                              answer_ids=ids, anchor_pool=pool))
+    loss = parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2
+    world = len(counts)
+    return loss * (world * m / total) if distributed else loss

@@ -11,7 +11,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .weince_tail import WeinceConfig, WeinceLambda, weince_lambda
+from .weince_tail import AnchorPool, WeinceConfig, WeinceLambda, weince_lambda
 
 
 class LogitBlock(NamedTuple):
@@ -64,6 +64,7 @@ class WeinceMixture:
     (see :mod:`batchscale.losses.weince_tail` for lam)."""
 
     config: WeinceConfig = field(default_factory=WeinceConfig)
+    anchor_pool: AnchorPool | None = None  # rho0 over anchors beyond this call's
 
     @property
     def tail(self) -> WeinceConfig:
@@ -71,7 +72,8 @@ class WeinceMixture:
 
     def row_state(self, sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None,
                   anchors: Tensor) -> WeinceLambda:
-        return weince_lambda(sims, positive_index, candidate_mask, anchors, self.config)
+        return weince_lambda(sims, positive_index, candidate_mask, anchors, self.config,
+                             self.anchor_pool)
 
     def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
                ) -> LogitBlock:

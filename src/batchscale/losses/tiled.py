@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .batch_softmax import ContrastiveBatch, Directions, candidate_mask
-from .logits import LogitBlock, LogitPolicy
+from .logits import LogitBlock, LogitPolicy, WeinceMixture
 from .softmax import weighted_anchor_mean
 from .weince_tail import TailFit, WeinceConfig, WeinceLambda, fit_tail, mix_lambda, tail_size
 
@@ -97,7 +97,8 @@ def _tail_state(policy: LogitPolicy, anchors: Tensor, candidates: Tensor, ids: T
     if cfg is None:
         return None
     fit = streaming_tail_fit(anchors.detach(), candidates.detach(), ids, cfg, tile)
-    return mix_lambda(fit, is_anchor, cfg, anchors.dtype)
+    pool = policy.anchor_pool if isinstance(policy, WeinceMixture) else None
+    return mix_lambda(fit, is_anchor, cfg, anchors.dtype, pool)
 
 
 # --- the tiled softmax cross-entropy ---------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import Tensor
 from .batch_softmax import Directions
 from .logits import WeinceMixture
 from .pair_loss import TileSize, pair_loss
-from .weince_tail import WeinceConfig, WeinceStats
+from .weince_tail import AnchorPool, WeinceConfig, WeinceStats
 
 
 def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
@@ -27,7 +27,7 @@ def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
                 labels: Tensor | None = None, label_threshold: float | None = None,
                 query_ids: Tensor | None = None, answer_ids: Tensor | None = None,
                 tile_size: TileSize = "auto", config: WeinceConfig | None = None,
-                return_stats: bool = False,
+                return_stats: bool = False, anchor_pool: AnchorPool | None = None,
                 **weince_options: object) -> Tensor | tuple[Tensor, WeinceStats]:
     """WEINCE over a batch of pairs; returns a 0-dim tensor (and :class:`WeinceStats` with
     ``return_stats=True``, computed from the same lambdas, no second pass).
@@ -36,6 +36,9 @@ def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
     are those of :func:`~batchscale.losses.bsc_loss`; the WEINCE constants come from
     ``config`` or as keywords (``quantile``, ``kappa_rho``, ``kappa_aic``, ``margin``,
     ``factors`` = ``"both" | "rho" | "aic"``, ...), with the authors' defaults.
+    ``anchor_pool`` maps the rho of this call's anchors to the rho of every anchor of the
+    batch, for the quantile rho0, when the call sees only some anchors (a rank's share under
+    :func:`~batchscale.batching.local_pair_loss`, which passes an all-gather).
     """
     if config is None:
         config = WeinceConfig.from_kwargs("weince_loss", **weince_options)
@@ -47,7 +50,7 @@ def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
                              normalization="l2", hard_negatives=hard_negatives, labels=labels,
                              label_threshold=label_threshold, query_ids=query_ids,
                              answer_ids=answer_ids, tile_size=tile_size,
-                             policy=WeinceMixture(config))
+                             policy=WeinceMixture(config, anchor_pool))
     if return_stats:
         return loss, WeinceStats.from_lambdas(states)
     return loss

@@ -24,6 +24,7 @@ and :func:`batchscale.losses.logits.weince_logits` unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -33,6 +34,9 @@ from torch import Tensor
 from .softmax import negative_counts
 
 WeinceFactors = Literal["both", "rho", "aic"]
+#: Maps the rho of this call's anchors to the rho of every anchor of the batch, for rho0
+#: when a call sees only some of the anchors (a rank's share under the local loss).
+AnchorPool = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -200,10 +204,14 @@ def fit_tail(top_negatives: Tensor, k: Tensor, cfg: WeinceConfig) -> TailFit:
     return TailFit(rho, aic_g - aic_w, n >= 3, k > 0)
 
 
-def mix_lambda(fit: TailFit, anchors: Tensor, cfg: WeinceConfig, dtype: torch.dtype
-               ) -> WeinceLambda:
-    """lambda_i from the anchors' fits: rho0 is the q-quantile of rho over the anchors."""
-    pool = torch.sort(fit.rho[anchors & fit.has_negative]).values
+def mix_lambda(fit: TailFit, anchors: Tensor, cfg: WeinceConfig, dtype: torch.dtype,
+               anchor_pool: AnchorPool | None = None) -> WeinceLambda:
+    """lambda_i from the anchors' fits: rho0 is the q-quantile of rho over the anchors (over
+    every anchor of the batch with ``anchor_pool``)."""
+    pool = fit.rho[anchors & fit.has_negative]
+    if anchor_pool is not None:
+        pool = anchor_pool(pool)
+    pool = torch.sort(pool).values
     if pool.numel() > 0:
         rho0 = pool[round(cfg.quantile * (pool.numel() - 1))]
     else:
@@ -223,10 +231,11 @@ def mix_lambda(fit: TailFit, anchors: Tensor, cfg: WeinceConfig, dtype: torch.dt
 
 
 def lambda_from_tail(top_negatives: Tensor, k: Tensor, anchors: Tensor,
-                     cfg: WeinceConfig) -> WeinceLambda:
+                     cfg: WeinceConfig, anchor_pool: AnchorPool | None = None) -> WeinceLambda:
     """lambda_i from each anchor's largest negative similarities (sorted descending), its tail
     size k_i and which rows are anchors. Rows with fewer than 3 fit points get lambda = 0."""
-    return mix_lambda(fit_tail(top_negatives, k, cfg), anchors, cfg, top_negatives.dtype)
+    return mix_lambda(fit_tail(top_negatives, k, cfg), anchors, cfg, top_negatives.dtype,
+                      anchor_pool)
 
 
 # Up to this many non-negatives per row (the positive, masked false negatives), the tail is
@@ -256,7 +265,8 @@ def top_negatives(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor |
 
 
 def weince_lambda(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None = None,
-                  anchors: Tensor | None = None, cfg: WeinceConfig | None = None) -> WeinceLambda:
+                  anchors: Tensor | None = None, cfg: WeinceConfig | None = None,
+                  anchor_pool: AnchorPool | None = None) -> WeinceLambda:
     """lambda_i for every row of a dense similarity matrix.
 
     ``sims`` (rows, cols) cosine similarities; ``positive_index`` (rows,) each row's positive;
@@ -272,4 +282,4 @@ def weince_lambda(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor |
         k = tail_size(num_negatives, cfg)
         k_max = int(k.max()) if rows > 0 else 0
         top = top_negatives(sims.detach(), positive_index, candidate_mask, num_negatives, k_max)
-        return lambda_from_tail(top, k, anchors, cfg)
+        return lambda_from_tail(top, k, anchors, cfg, anchor_pool)

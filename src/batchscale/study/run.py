@@ -149,7 +149,8 @@ def train_run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     seed_everything(config.train.seed, config.train.deterministic)
     data, holdout = load_training_data(config)
     encoder = build_encoder(config)
-    objective = Objective(config.loss, num_examples=len(data)).to(encoder.device)
+    objective = Objective(config.loss, num_examples=len(data),
+                          cross_ranks=config.train.distributed_loss).to(encoder.device)
     evaluate = make_evaluator(config, data, holdout)
     trainer = Trainer(encoder, objective, data, config, out, evaluate,
                       show_progress=show_progress)

@@ -136,6 +136,9 @@ class TrainConfig(_Strict):
     drop_last: bool = False
     #: Gradient caching: exact large-batch gradients with one chunk's activation memory.
     gradient_cache: GradientCacheConfig | None = None
+    #: Under torchrun: ``local`` (OpenCLIP's local loss: each rank scores its own anchors
+    #: against every rank's candidates) or ``global`` (every rank computes the whole loss).
+    distributed_loss: Literal["local", "global"] = "local"
     bf16: bool = False
     seed: int = Field(default=0, ge=0)
     deterministic: bool = False

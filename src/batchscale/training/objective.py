@@ -5,15 +5,26 @@ side of the batch (queries, answers[, hard negatives]) and the pairs' labels in 
 None). Loss parameters (a learnable temperature) live here, with their own learning rate,
 and so do the loss's diagnostics (WEINCE's lambdas), averaged between evaluation points.
 Terms listed under ``loss.plus`` are added with their weights (one objective, several losses).
+
+Under ``torchrun`` the objective decides how the batch crosses ranks (the trainer passes each
+rank's share): ``cross_ranks="local"`` (OpenCLIP's local loss) scores this rank's anchors
+against every rank's candidates for the batch-softmax terms
+(:func:`~batchscale.batching.local_pair_loss`) and computes the other terms (CoSENT, MSE,
+triplet, VRNS: cheap, some coupling all pairs) on the gathered batch; ``"global"`` computes
+every term on the gathered batch (:func:`~batchscale.batching.gather_batch`). Both give the
+gradients of one process on the whole batch once the trainer averages them across ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..batching.distributed import is_distributed
+from ..batching.distributed_loss import gather_batch, local_pair_loss
 from ..losses import (
     LearnableTemperature,
     bsc_loss,
@@ -29,17 +40,26 @@ from .config import LossConfig
 
 #: BSC's label threshold on [0, 1] scores (t = 0.6), used by bsc_mse when none is set.
 DEFAULT_LABEL_THRESHOLD = 0.6
+#: Losses with a softmax over the batch's candidates: under the local loss, each rank scores
+#: only its own anchors.
+SOFTMAX_LOSSES = frozenset({"bsc", "infonce", "weince", "bsc_mse"})
+CrossRanks = Literal["local", "global"]
 
 
 class Objective(nn.Module):
     """``forward(embeddings, labels) -> 0-dim loss`` for the configured loss."""
 
-    def __init__(self, config: LossConfig, num_examples: int) -> None:
+    def __init__(self, config: LossConfig, num_examples: int,
+                 cross_ranks: CrossRanks = "local") -> None:
         super().__init__()
+        if cross_ranks not in ("local", "global"):
+            raise ValueError(f"`cross_ranks` must be 'local' or 'global', got {cross_ranks!r}")
         self.config = config
         self.num_examples = num_examples
+        self.cross_ranks = cross_ranks
         self.temperature_module = (LearnableTemperature(config.temperature)
                                    if config.learnable_temperature else None)
+        # name -> [weighted sum, total weight] since the last pop
         self._stats: dict[str, list[float]] = {}
 
     @property
@@ -64,45 +84,80 @@ class Objective(nn.Module):
             self.temperature_module.clamp_()
 
     def forward(self, embeddings: Sequence[Tensor], labels: Tensor | None) -> Tensor:
+        """The loss of the batch: on one process, of ``embeddings`` (queries, answers[,
+        hard negatives]); under torchrun, of the global batch whose share this rank holds
+        (see the module docstring; with the local loss the value is this rank's part, and
+        its mean over the ranks is the global loss)."""
         c = self.config
-        q, a, *rest = embeddings
-        negatives = rest[0] if rest else None
         if self.needs_labels and labels is None:
             raise ValueError(f"loss {', '.join(c.scored_terms)} needs a graded label on "
                              "every pair")
+        local = self.cross_ranks == "local" and is_distributed()
+        gathered: list[Tensor | None] = []  # the global batch, gathered once when needed
+
+        def whole() -> tuple[list[Tensor], Tensor | None]:
+            if not gathered:
+                sides, all_labels = gather_batch(list(embeddings), labels)
+                gathered.extend([*sides, all_labels])
+            return gathered[:-1], gathered[-1]  # type: ignore[return-value]
+
         tau = self.temperature()
-        loss = self._term(c, q, a, negatives, labels, tau)
-        for term in c.plus:
-            loss = loss + term.weight * self._term(term, q, a, negatives, labels,
-                                                   term.temperature)
+        loss: Tensor | float = 0.0
+        for i, term in enumerate(c.terms()):
+            weight = 1.0 if i == 0 else term.weight  # type: ignore[attr-defined]
+            t_tau = tau if i == 0 else term.temperature
+            if local and term.name in SOFTMAX_LOSSES:
+                value = self._local_term(term, embeddings, labels, t_tau)
+            else:
+                (q, a, *rest), batch_labels = whole()
+                value = self._term(term, q, a, rest[0] if rest else None, batch_labels, t_tau)
+            loss = loss + weight * value
         if c.vrns_weight > 0:
+            (q, a, *_), _ = whole()
             loss = loss + c.vrns_weight * vrns_penalty(q, a, max(2, self.num_examples))
         if self.temperature_module is not None:
             self._record(temperature=float(torch.as_tensor(tau).detach()))
         return loss
 
+    def _local_term(self, c: LossConfig, embeddings: Sequence[Tensor], labels: Tensor | None,
+                    tau: float | Tensor) -> Tensor:
+        """A batch-softmax term as OpenCLIP's local loss: this rank's anchors, every rank's
+        candidates; each direction is the term's rows direction with these anchors."""
+        q, a, *rest = embeddings
+
+        def rows(anchors: Tensor, positives: Tensor, *, hard_negatives: Tensor | None,
+                 answer_ids: Tensor | None, anchor_pool) -> Tensor:
+            return self._term(c, anchors, positives, hard_negatives, labels, tau,
+                              directions="q->a", anchor_pool=anchor_pool)
+
+        directions = "q->a" if c.name == "infonce" else c.directions
+        return local_pair_loss(rows, q, a, directions=directions,
+                               hard_negatives=rest[0] if rest else None)
+
     def _term(self, c: LossConfig, q: Tensor, a: Tensor, negatives: Tensor | None,
-              labels: Tensor | None, tau: float | Tensor) -> Tensor:
+              labels: Tensor | None, tau: float | Tensor, *, directions: str | None = None,
+              anchor_pool=None) -> Tensor:
         masking = dict(labels=labels, label_threshold=c.label_threshold) \
             if c.label_threshold is not None and labels is not None else {}
+        directions = directions or c.directions
         if c.name == "bsc":
-            return bsc_loss(q, a, tau, directions=c.directions, normalization=c.normalization,
+            return bsc_loss(q, a, tau, directions=directions, normalization=c.normalization,
                             hard_negatives=negatives, tile_size=c.tile_size, **masking)
         if c.name == "infonce":
             return infonce_loss(q, a, tau, normalization=c.normalization,
                                 hard_negatives=negatives, tile_size=c.tile_size, **masking)
         if c.name == "weince":
-            loss, stats = weince_loss(q, a, tau, directions=c.directions,
+            loss, stats = weince_loss(q, a, tau, directions=directions,
                                       hard_negatives=negatives, tile_size=c.tile_size,
-                                      return_stats=True, **masking)
-            self._record(weince_mean_lambda=stats.mean_lambda,
+                                      return_stats=True, anchor_pool=anchor_pool, **masking)
+            self._record(weight=stats.anchors, weince_mean_lambda=stats.mean_lambda,
                          weince_weibull_share=stats.weibull_share)
             return loss
         if c.name == "bsc_mse":
             threshold = c.label_threshold if c.label_threshold is not None \
                 else DEFAULT_LABEL_THRESHOLD
             return bsc_mse_loss(q, a, labels, tau, mu=c.mu, label_threshold=threshold,
-                                directions=c.directions, normalization=c.normalization,
+                                directions=directions, normalization=c.normalization,
                                 hard_negatives=negatives, tile_size=c.tile_size)
         if c.name == "cosine_mse":
             return cosine_mse_loss(q, a, labels)
@@ -114,12 +169,21 @@ class Objective(nn.Module):
             return triplet_loss(q, a, negatives, margin=c.triplet_margin)
         raise ValueError(f"unknown loss {c.name!r}")  # the config's Literal forbids this
 
-    def _record(self, **values: float) -> None:
+    def _record(self, weight: float = 1.0, **values: float) -> None:
         for k, v in values.items():
-            self._stats.setdefault(k, []).append(float(v))
+            acc = self._stats.setdefault(k, [0.0, 0.0])
+            acc[0] += float(v) * weight
+            acc[1] += weight
 
-    def pop_diagnostics(self) -> dict[str, float]:
-        """Means of the diagnostics recorded since the last call."""
-        out = {k: sum(v) / len(v) for k, v in self._stats.items() if v}
+    def pop_diagnostics(self, reduce: Callable[[Tensor], Tensor] | None = None
+                        ) -> dict[str, float]:
+        """Means of the diagnostics recorded since the last call (WEINCE's per anchor, the
+        temperature per step). ``reduce`` (e.g. a mean across ranks, whose anchors differ
+        under the local loss) is applied to the sums and weights first; every rank must then
+        call it, with the same loss."""
+        keys = sorted(self._stats)
+        sums = torch.tensor([self._stats[k] for k in keys], dtype=torch.float64).reshape(-1, 2)
         self._stats = {}
-        return out
+        if reduce is not None:
+            sums = reduce(sums)
+        return {k: float(s / w) for k, (s, w) in zip(keys, sums.tolist(), strict=True) if w > 0}

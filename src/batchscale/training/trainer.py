@@ -12,8 +12,9 @@ A NaN or Inf in the loss or in the gradients stops the run before the optimiser 
 
 Under ``torchrun`` (a process group is up, :func:`~batchscale.batching.init_distributed`)
 each rank trains on its share of every global batch (the sampler shards it), the objective
-sees the global batch gathered from all ranks (:func:`~batchscale.batching.gather_batch`) and
-the gradients are averaged, so the run equals one process on the whole batch.
+takes the negatives from every rank (``train.distributed_loss``: OpenCLIP's local loss or the
+global one, see :class:`~batchscale.training.Objective`) and the gradients are averaged, so
+the run equals one process on the whole batch.
 ``train.batch_size`` is the global batch. Rank 0 alone evaluates, writes the curve, the
 selected model and the checkpoints (with every rank's random state); every rank resumes from
 them.
@@ -42,10 +43,10 @@ from ..batching.distributed import (
     barrier,
     broadcast_parameters,
     gather_rows,
+    mean_across_ranks,
     rank,
     world_size,
 )
-from ..batching.distributed_loss import gather_batch
 from ..batching.samplers import EpochBatchSampler
 from ..encoders import SentenceEncoder
 from .checkpoint import (
@@ -136,6 +137,11 @@ def check_world_size(config: RunConfig, num_examples: int, world: int) -> None:
         raise ValueError(f"the last batch of each epoch has {rest} example(s) for {world} "
                          "ranks, so a rank would get none; set train.drop_last: true or "
                          "change train.batch_size")
+    coord = [f"loss{'' if i == 0 else f'.plus.{i - 1}'}.normalization"
+             for i, term in enumerate(config.loss.terms()) if term.normalization == "coord"]
+    if world > 1 and coord and t.distributed_loss == "local":
+        raise ValueError(f"{coord[0]}: coord normalises over the whole batch, which the local "
+                         "loss does not see on one rank; set train.distributed_loss: global")
 
 
 def _gather_rng_states() -> list[dict[str, Tensor]]:
@@ -216,18 +222,9 @@ class Trainer:
             emb = self.encoder(features)
         return emb.float()
 
-    def _loss(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
-        """The objective on the global batch (this rank's share alone on one process)."""
-        embeddings, labels = gather_batch(embeddings, labels)
-        return self.objective(embeddings, labels)
-
     def _backward(self, sides: list[list[str]], labels: Tensor | None) -> float:
-        """Loss of the batch; its gradients accumulated into ``.grad`` (averaged over ranks)."""
-        loss = self._local_backward(sides, labels)
-        average_gradients(self.parameters)
-        return loss
-
-    def _local_backward(self, sides: list[list[str]], labels: Tensor | None) -> float:
+        """Loss of the batch; its gradients accumulated into ``.grad`` (averaged over ranks).
+        Under the local loss each rank holds part of the loss: the mean over ranks is it."""
         features = [self.encoder.tokenize(texts) for texts in sides]
         if labels is not None:
             labels = labels.to(self.encoder.device)
@@ -235,15 +232,16 @@ class Trainer:
         if gc is not None:
             chunk = gc.chunk_size if gc.chunk_size or gc.max_tokens else 32
             loss = cached_backward(self._encode, features,
-                                   lambda *embs: self._loss(list(embs), labels),
+                                   lambda *embs: self.objective(list(embs), labels),
                                    chunk_size=None if gc.max_tokens else chunk,
                                    max_tokens=gc.max_tokens, sort_by_length=gc.sort_by_length)
-            self._check_finite("the loss", loss)
-            return float(loss)
-        loss = self._loss([self._encode(f) for f in features], labels)
-        self._check_finite("the loss", loss)
-        loss.backward()
-        return float(loss.detach())
+        else:
+            loss = self.objective([self._encode(f) for f in features], labels)
+            loss.backward()
+        loss = mean_across_ranks(loss.detach())
+        self._check_finite("the loss", loss)  # the same value on every rank: all stop
+        average_gradients(self.parameters)
+        return float(loss)
 
     def _check_finite(self, what: str, value: Tensor) -> None:
         if not bool(torch.isfinite(value).all()):
@@ -271,19 +269,21 @@ class Trainer:
 
     # -- evaluation points ------------------------------------------------------------------
     def _point(self, started: float, bar) -> None:
-        rngs = _gather_rng_states()  # a collective: every rank, before rank 0 alone goes on
+        # Collectives first, on every rank, before rank 0 alone goes on.
+        rngs = _gather_rng_states()
+        diagnostics = self.objective.pop_diagnostics(reduce=mean_across_ranks)
         if self.is_main:
-            self._main_point(started, bar, rngs)
+            self._main_point(started, bar, rngs, diagnostics)
         else:  # the same counters as rank 0, for a consistent resume
             p = self.progress
             p.loss_sum, p.loss_steps = 0.0, 0
             p.curve_points += 1
             p.wall_seconds += time.perf_counter() - started
-            self.objective.pop_diagnostics()
         barrier(f"the evaluation point after {self.progress.examples} examples (rank 0 "
                 "evaluates and writes the checkpoint meanwhile)")
 
-    def _main_point(self, started: float, bar, rngs: list[dict[str, Tensor]]) -> None:
+    def _main_point(self, started: float, bar, rngs: list[dict[str, Tensor]],
+                    diagnostics: dict[str, float]) -> None:
         p = self.progress
         t0 = time.perf_counter()
         metrics = self.evaluate(self.encoder)
@@ -302,7 +302,6 @@ class Trainer:
             "dev": metrics,
             "eval_seconds": time.perf_counter() - t0,
         }
-        diagnostics = self.objective.pop_diagnostics()
         if diagnostics:
             record["loss_diagnostics"] = diagnostics
         p.loss_sum, p.loss_steps = 0.0, 0
