@@ -135,6 +135,6 @@ def test_batches_that_ranks_cannot_share_are_refused_by_name():
     check_world_size(config, 101, 4)  # 5 examples for 4 ranks: every rank has one
     check_world_size(config_from_dict({"train": {"batch_size": 32, "drop_last": True}}), 101, 8)
     coord = config_from_dict({"loss": {"normalization": "coord"}, "train": {"batch_size": 32}})
-    with pytest.raises(ValueError, match=r"loss\.normalization: coord .* distributed_loss: global"):
+    with pytest.raises(ValueError, match=r"loss\.normalization: coord .*distributed_loss: global"):
         check_world_size(coord, 96, 2)
     check_world_size(coord, 96, 1)  # one process: the local loss is the whole loss
