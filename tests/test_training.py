@@ -75,6 +75,13 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
             for k, v in load_file(str(p)).items()}
 
 
+def _epochs(out: Path) -> list[dict]:
+    """The per-epoch composition records, without their timings."""
+    lines = (out / "epochs.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds")}
+            for line in lines]
+
+
 class _Interrupt(Exception):
     pass
 
@@ -96,6 +103,10 @@ RESUME_CASES = {
         "loss": {"name": "weince", "learnable_temperature": True},
         "train": {"sampler": "no_duplicates", "gradient_cache": {"chunk_size": 3}},
     },
+    # The plan of the epoch in progress and the embedding cache for the next are in the
+    # checkpoint: the resumed run plans the same batches.
+    "bsc_knn": {"train": {"sampler": "bsc_knn", "hard_batches": {"knn_candidates": 16}}},
+    "teacher": {"train": {"sampler": "teacher"}},
 }
 
 
@@ -117,9 +128,11 @@ def test_resume_gives_the_uninterrupted_curve(case, tiny_st_dir, scored_pairs, t
     assert _without_time(resumed.fit.curve) == _without_time(whole.fit.curve)
     a, b = _weights(whole.final_dir), _weights(resumed.final_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [_epochs(run.fit.out_dir) for run in (whole, resumed)]
+    assert epochs[0] == epochs[1] and [e["epoch"] for e in epochs[0]] == [0, 1]
     # the training loss moved and the curve records the examples-seen abscissa
     assert whole.fit.curve[-1]["train_loss"] is not None
-    if case != "plain":
+    if RESUME_CASES[case].get("loss", {}).get("name") == "weince":
         assert "weince_mean_lambda" in whole.fit.curve[-1]["loss_diagnostics"]
         assert "temperature" in whole.fit.curve[-1]["loss_diagnostics"]
 
@@ -135,6 +148,24 @@ def test_resume_across_an_epoch_boundary(tiny_st_dir, scored_pairs, tmp_path, mo
             train_run(config, tmp_path / "cut", show_progress=False)
     resumed = train_run(config, tmp_path / "cut", resume=True, show_progress=False)
     assert _without_time(resumed.fit.curve) == _without_time(whole.fit.curve)
+
+
+def test_bsc_shuffling_resumed_mid_epoch_plans_the_next_epoch_alike(tiny_st_dir, scored_pairs,
+                                                                    tmp_path, monkeypatch):
+    """Cut in epoch 0 (after the checkpoint at step 5): epoch 1 is planned from the training
+    embeddings of epoch 0, half of them cached before the cut, so the cache is checkpointed."""
+    config = _config(tiny_st_dir, scored_pairs, **RESUME_CASES["bsc_knn"])
+    whole = train_run(config, tmp_path / "whole", show_progress=False)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 6)
+        with pytest.raises(_Interrupt):
+            train_run(config, tmp_path / "cut", show_progress=False)
+    resumed = train_run(config, tmp_path / "cut", resume=True, show_progress=False)
+    assert _without_time(resumed.fit.curve) == _without_time(whole.fit.curve)
+    records = [json.loads(line) for line in
+               (whole.fit.out_dir / "epochs.jsonl").read_text().splitlines()]
+    # epoch 0 encoded the pairs (no training embeddings yet); epoch 1 used the cached ones
+    assert records[0]["embed_seconds"] > 0 and records[1]["embed_seconds"] == 0
 
 
 def test_selection_is_the_best_dev_point_and_final_reproduces_it(tiny_st_dir, scored_pairs,

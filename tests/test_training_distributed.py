@@ -29,7 +29,8 @@ model: {name: 'static:default'}
 loss: {name: weince, temperature: 0.05, learnable_temperature: true, tile_size: 16,
        label_threshold: 0.6, vrns_weight: 0.1, plus: [{name: cosent, weight: 0.5}]}
 optim: {lr: 0.05}
-train: {batch_size: 32, max_examples: 192, seed: 3, gradient_cache: {chunk_size: 8}}
+train: {batch_size: 32, max_examples: 192, seed: 3, gradient_cache: {chunk_size: 8},
+        hard_batches: {n_clusters: 64}}
 eval: {every_examples: 96, geometry: false, dtype: float32, test: null}
 """
 
@@ -53,28 +54,43 @@ def _curve(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def one_process(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("one-process")
-    config = tmp / "config.yaml"
-    config.write_text(CONFIG, encoding="utf-8")
-    _run([sys.executable, "-m", "batchscale", "train", str(config), "--no-progress",
-          "--set", f"data.data_dir={shared_data}", "--out", str(tmp / "run")])
-    return tmp / "run"
+def one_process(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One process's run for a sampler, made once per sampler."""
+    runs: dict[str, Path] = {}
+
+    def run(sampler: str) -> Path:
+        if sampler not in runs:
+            tmp = tmp_path_factory.mktemp(f"one-process-{sampler}")
+            config = tmp / "config.yaml"
+            config.write_text(CONFIG, encoding="utf-8")
+            _run([sys.executable, "-m", "batchscale", "train", str(config), "--no-progress",
+                  "--set", f"data.data_dir={shared_data}", "--set", f"train.sampler={sampler}",
+                  "--out", str(tmp / "run")])
+            runs[sampler] = tmp / "run"
+        return runs[sampler]
+
+    return run
 
 
-@pytest.fixture(scope="module", params=["local", "global"])
-def runs(request: pytest.FixtureRequest, one_process: Path, shared_data: Path,
+# (how negatives cross ranks, sampler): BSC's shuffling is planned by rank 0 from its
+# embedding cache and adopted by rank 1.
+MODES = [("local", "random"), ("global", "random"), ("local", "bsc_kmeans")]
+
+
+@pytest.fixture(scope="module", params=MODES, ids=["-".join(m) for m in MODES])
+def runs(request: pytest.FixtureRequest, one_process, shared_data: Path,
          tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    tmp = tmp_path_factory.mktemp(f"two-ranks-{request.param}")
+    mode, sampler = request.param
+    tmp = tmp_path_factory.mktemp(f"two-ranks-{mode}-{sampler}")
     config = tmp / "config.yaml"
     config.write_text(CONFIG, encoding="utf-8")
     done = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
                  "--nproc-per-node=2", "--master-addr=127.0.0.1",
                  f"--master-port={_free_port()}", "-m", "batchscale", "train", str(config),
                  "--no-progress", "--set", f"data.data_dir={shared_data}",
-                 "--set", f"train.distributed_loss={request.param}",
+                 "--set", f"train.distributed_loss={mode}", "--set", f"train.sampler={sampler}",
                  "--out", str(tmp / "run"), "--dist-timeout", "120"])
-    return one_process, tmp / "run", done.stdout
+    return one_process(sampler), tmp / "run", done.stdout
 
 
 def test_two_ranks_give_the_curve_of_one_process(runs):
@@ -99,9 +115,10 @@ def test_two_ranks_train_the_same_weights(runs):
     one, two, _ = runs
     last = "checkpoint-000000000192"
     wa, wb = (_weights(run / "checkpoints" / last / "model") for run in (one, two))
-    best = _weights(one / "best")  # selected at 96 examples
-    assert json.loads((one / "best" / "batchscale.json").read_text())["examples"] == 96
-    assert json.loads((two / "best" / "batchscale.json").read_text())["examples"] == 96
+    best = _weights(one / "best")  # selected at 0 or 96 examples, by both runs alike
+    selected = [json.loads((run / "best" / "batchscale.json").read_text())["examples"]
+                for run in (one, two)]
+    assert selected[0] == selected[1] < 192
     assert wa.keys() == wb.keys() == best.keys()
     assert max(float((wa[n] - best[n]).abs().max()) for n in wa) > 1e-3  # it trained on
     # AdamW divides by the root of the squared gradients, which turns float32 rounding in
@@ -119,6 +136,14 @@ def test_rank_zero_alone_reports_and_every_rank_state_is_saved(runs):
 
     state = read_state(two / "checkpoints" / "checkpoint-000000000192")
     assert len(state["rng"]) == 2
+
+
+def test_two_ranks_log_the_epochs_of_one_process(runs):
+    one, two, _ = runs
+    a, b = (json.loads((run / "epochs.jsonl").read_text()) for run in (one, two))
+    for key in ("epoch", "examples", "complete", "sampler", "batches", "duplicate_rate"):
+        assert a[key] == b[key], key
+    assert b["hardest_negative"] == pytest.approx(a["hardest_negative"], abs=1e-5)
 
 
 def test_batches_that_ranks_cannot_share_are_refused_by_name():

@@ -2,6 +2,7 @@
 
 Batch composition: :class:`RandomBatchSampler`, :class:`NoDuplicatesBatchSampler`,
 :class:`BSCShuffleSampler` (BSC's kNN / k-means hard-batch shuffling),
+:class:`ShingleShuffleSampler` (its model-free random-word-shingle variant),
 :class:`TeacherHardBatchSampler`, and the per-epoch statistics (:func:`mean_hardest_negative`,
 :func:`duplicate_rate`). Batch size free of activation memory: :func:`cached_backward`
 (gradient cache). Negatives across ``torch.distributed`` ranks: :func:`local_pair_loss`
@@ -28,7 +29,7 @@ from .distributed import (
 from .distributed_loss import gather_batch, gathered_pair_loss, local_pair_loss
 from .embedding_cache import EmbeddingCache
 from .gradient_cache import cached_backward
-from .hard_batches import BSCShuffleSampler, TeacherHardBatchSampler
+from .hard_batches import BSCShuffleSampler, ShingleShuffleSampler, TeacherHardBatchSampler
 from .no_duplicates import no_duplicate_batches
 from .samplers import EpochBatchSampler, NoDuplicatesBatchSampler, RandomBatchSampler
 from .text_keys import text_keys
@@ -42,6 +43,7 @@ __all__ = [
     "EpochBatchSampler",
     "NoDuplicatesBatchSampler",
     "RandomBatchSampler",
+    "ShingleShuffleSampler",
     "TeacherHardBatchSampler",
     "average_gradients",
     "cached_backward",

@@ -31,9 +31,11 @@ def _as_matrix(name: str, x: Tensor | np.ndarray) -> Tensor:
 
 
 @torch.no_grad()
-def hardest_negatives(queries: Tensor | np.ndarray, answers: Tensor | np.ndarray) -> Tensor:
+def hardest_negatives(queries: Tensor | np.ndarray, answers: Tensor | np.ndarray,
+                      rows: Tensor | None = None) -> Tensor:
     """(m,) float32: for each anchor i, max over j != i of cos(q_i, a_j). Empty when m < 2
-    (no negatives). Detached: a statistic, not a loss."""
+    (no negatives). Detached: a statistic, not a loss. ``rows`` (int indices): only those
+    anchors, each still against every answer (a sample, O(len(rows) * m))."""
     q = _as_matrix("queries", queries).detach().float()
     a = _as_matrix("answers", answers).detach().float()
     if q.shape != a.shape:
@@ -41,13 +43,14 @@ def hardest_negatives(queries: Tensor | np.ndarray, answers: Tensor | np.ndarray
     m = q.shape[0]
     if m < 2:
         return torch.zeros(0, device=q.device)
-    q = torch.nn.functional.normalize(q, dim=1)
+    index = torch.arange(m, device=q.device) if rows is None else rows.to(q.device)
+    q = torch.nn.functional.normalize(q[index], dim=1)
     a = torch.nn.functional.normalize(a, dim=1)
-    out = torch.empty(m, device=q.device)
-    for start in range(0, m, _ROW_BLOCK):
+    out = torch.empty(len(index), device=q.device)
+    for start in range(0, len(index), _ROW_BLOCK):
         sim = q[start : start + _ROW_BLOCK] @ a.T
-        rows = torch.arange(sim.shape[0], device=q.device)
-        sim[rows, rows + start] = -torch.inf  # the positive is not a negative
+        block = torch.arange(sim.shape[0], device=q.device)
+        sim[block, index[start : start + _ROW_BLOCK]] = -torch.inf  # the positive
         out[start : start + _ROW_BLOCK] = sim.max(dim=1).values
     return out
 

@@ -312,3 +312,27 @@ def mean_across_ranks(x: Tensor, group: dist.ProcessGroup | None = None) -> Tens
     _run("mean_across_ranks (all_reduce)", lambda: dist.all_reduce(total, group=group), group)
     return total / world_size(group)
 
+
+def broadcast_tensor(x: Tensor | None, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Rank 0's tensor on every rank (``x`` is ignored elsewhere and may be None): a plan
+    that rank 0 computed alone. Its shape and dtype (int64 or float32) travel first."""
+    if not is_distributed(group):
+        if x is None:
+            raise ValueError("broadcast_tensor: rank 0 must give a tensor")
+        return x
+    device = _collective_device(group)
+    head = torch.full((_MAX_DIMS + 1,), -1, dtype=torch.int64, device=device)
+    if rank(group) == 0:
+        if x is None or x.dtype not in (torch.int64, torch.float32) or x.ndim > _MAX_DIMS:
+            raise ValueError("broadcast_tensor: rank 0 must give an int64 or float32 tensor "
+                             f"of at most {_MAX_DIMS} dims")
+        head[0] = 0 if x.dtype == torch.int64 else 1
+        head[1 : x.ndim + 1] = torch.tensor(x.shape, dtype=torch.int64)
+    _run("broadcast_tensor (shape)", lambda: dist.broadcast(head, src=0, group=group), group)
+    shape = [int(v) for v in head[1:].tolist() if v >= 0]
+    dtype = torch.int64 if int(head[0]) == 0 else torch.float32
+    out = x.to(device).contiguous() if rank(group) == 0 and x is not None else \
+        torch.empty(shape, dtype=dtype, device=device)
+    _run("broadcast_tensor", lambda: dist.broadcast(out, src=0, group=group), group)
+    return out
+

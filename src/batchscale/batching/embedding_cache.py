@@ -66,3 +66,18 @@ class EmbeddingCache:
                 "an epoch with drop_last=True skips some, so encode those or keep drop_last off"
             )
         return self._table.copy()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The table and which rows were written, for a checkpoint (N x d float32): a resumed
+        run plans its next epoch from the same embeddings as an uninterrupted one."""
+        return {"table": torch.from_numpy(self._table.copy()),
+                "seen": torch.from_numpy(self._seen.copy())}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        table = np.asarray(state["table"], dtype=np.float32)
+        seen = np.asarray(state["seen"], dtype=bool)
+        if table.shape != self._table.shape or seen.shape != self._seen.shape:
+            raise ValueError(f"the cached embeddings have shape {table.shape}, this cache "
+                             f"{self._table.shape}")
+        self._table[:], self._seen[:] = table, seen
+

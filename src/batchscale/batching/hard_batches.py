@@ -16,7 +16,7 @@ often copies of the same text, false negatives that the rule moves to a later ba
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -34,6 +34,7 @@ from .grouping import (
 )
 from .no_duplicates import check_keys, no_duplicate_batches
 from .samplers import EpochBatchSampler, check_int, split_batches
+from .shingles import ShingleSets
 
 Variant = Literal["knn", "kmeans"]
 VARIANTS: tuple[str, ...] = ("knn", "kmeans")
@@ -132,6 +133,49 @@ class BSCShuffleSampler(EpochBatchSampler):
             self.labels, _ = kmeans(x, self.n_clusters, seed=seed)
             self.groups = cluster_groups(self.labels, self.group_size, rng)
         return _cut(pack_groups(self.groups), self.keys, self.batch_size)
+
+
+class ShingleShuffleSampler(EpochBatchSampler):
+    """BSC's fast variant without a model: groups of examples that share a random word
+    shingle (MinHash over word n-grams, :class:`~batchscale.batching.shingles.ShingleSets`),
+    split at ``group_size``, a new hash each epoch; packed and cut as
+    :class:`BSCShuffleSampler` does. Deterministic from the seed, the epoch and the texts."""
+
+    def __init__(
+        self,
+        columns: Sequence[Sequence[str]],
+        batch_size: int,
+        *,
+        group_size: int = 8,
+        shingle_size: int = 2,
+        keys: np.ndarray | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.shingles = ShingleSets(columns, shingle_size)
+        super().__init__(
+            len(self.shingles),
+            batch_size,
+            drop_last=drop_last,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        self.group_size = check_int("group_size", group_size, 1)
+        if self.batch_size % self.group_size:
+            raise ValueError(
+                f"`group_size` ({group_size}) must divide `batch_size` ({batch_size}), so that "
+                "whole groups fill a batch"
+            )
+        self.keys = None if keys is None else check_keys(keys, self.num_examples)
+        self.labels: np.ndarray | None = None  # the last plan's group ids
+
+    def plan_epoch(self, epoch: int) -> list[np.ndarray]:
+        self.labels = self.shingles.minhash(self.rng(epoch, stream=1))
+        groups = cluster_groups(self.labels, self.group_size, self.rng(epoch))
+        return _cut(pack_groups(groups), self.keys, self.batch_size)
 
 
 class TeacherHardBatchSampler(EpochBatchSampler):

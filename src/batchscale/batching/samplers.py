@@ -120,6 +120,24 @@ class EpochBatchSampler(ABC):
             self._plan, self._plan_epoch = plan, self.epoch
         return self._plan
 
+    @property
+    def planned(self) -> bool:
+        """The current epoch's plan exists (computed, adopted or restored from a state)."""
+        return self._plan is not None and self._plan_epoch == self.epoch
+
+    def adopt_plan(self, batches: list[np.ndarray]) -> None:
+        """Use ``batches`` (as :meth:`global_batches` returns them) as the current epoch's
+        plan: under torchrun, rank 0 plans a model-dependent epoch and the others adopt it, so
+        that every rank steps through the same batches."""
+        sizes = [len(b) for b in batches]
+        n, b = self.num_examples, self.batch_size
+        expected = [b] * (n // b) + ([n % b] if n % b and not self.drop_last else [])
+        if sizes != expected:
+            raise ValueError(f"adopt_plan: batch sizes {sizes[:5]}... do not fit {n} examples "
+                             f"in batches of {b} (drop_last={self.drop_last})")
+        self._plan = [np.asarray(x, dtype=np.int64) for x in batches]
+        self._plan_epoch = self.epoch
+
     def _check_plan(self, plan: list[np.ndarray]) -> None:
         # Cheap (O(N)) and it guards the promises the trainer relies on: exact length, every
         # example exactly once.

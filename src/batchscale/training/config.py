@@ -127,12 +127,38 @@ class GradientCacheConfig(_Strict):
         return self
 
 
+class HardBatchConfig(_Strict):
+    """Options of the samplers that group similar examples (``train.sampler``: ``bsc_knn``,
+    ``bsc_kmeans``, ``teacher``)."""
+
+    #: BSC: examples per group (s); must divide train.batch_size.
+    group_size: int = Field(default=8, ge=1)
+    #: BSC kNN variant: neighbours searched per example (200-500 in the paper).
+    knn_candidates: int = Field(default=300, ge=1)
+    #: BSC k-means variant: number of clusters (about 300 in the paper).
+    n_clusters: int = Field(default=300, ge=1)
+    #: Cut the grouped order by the no-duplicates rule (near neighbours are often copies of
+    #: the same text: false negatives).
+    no_duplicates: bool = True
+    #: BSC shingle variant: words per shingle (MinHash over word n-grams of both texts).
+    shingle_size: int = Field(default=2, ge=1)
+    #: Teacher-mined batches: the fixed model whose embeddings are clustered (``default``, a
+    #: model directory); null: the model being trained, as it is at the start.
+    teacher: str | None = None
+
+
 class TrainConfig(_Strict):
     batch_size: int = Field(default=32, ge=2)
     epochs: float = Field(default=1.0, gt=0.0)
     #: Stop after this many examples instead (overrides epochs).
     max_examples: int | None = Field(default=None, ge=1)
-    sampler: Literal["random", "no_duplicates"] = "random"
+    #: Batch composition: ``random``, ``no_duplicates`` (no text twice in a batch),
+    #: ``bsc_knn`` / ``bsc_kmeans`` (BSC's shuffling, recomputed each epoch from the current
+    #: model's embeddings), ``bsc_shingle`` (its model-free variant: groups sharing a random
+    #: word shingle), ``teacher`` (hard batches mined once from a fixed model).
+    sampler: Literal["random", "no_duplicates", "bsc_knn", "bsc_kmeans", "bsc_shingle",
+                     "teacher"] = "random"
+    hard_batches: HardBatchConfig = HardBatchConfig()
     drop_last: bool = False
     #: Gradient caching: exact large-batch gradients with one chunk's activation memory.
     gradient_cache: GradientCacheConfig | None = None
@@ -187,6 +213,12 @@ class RunConfig(_Strict):
                 raise ValueError(f"{key}: {term.name} needs scored pairs, not triplets")
             if term.name == "triplet" and self.data.kind != "triplets":
                 raise ValueError(f"{key}: triplet needs data.kind: triplets")
+        t = self.train
+        if (t.sampler in ("bsc_knn", "bsc_kmeans", "bsc_shingle")
+                and t.batch_size % t.hard_batches.group_size):
+            raise ValueError(f"train.hard_batches.group_size ({t.hard_batches.group_size}) must "
+                             f"divide train.batch_size ({t.batch_size}): whole groups fill a "
+                             "batch")
         if self.eval.dev.split == "holdout" and self.data.dev_holdout == 0.0:
             raise ValueError("eval.dev.split: holdout needs data.dev_holdout > 0")
         return self

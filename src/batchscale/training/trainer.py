@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..batching import NoDuplicatesBatchSampler, RandomBatchSampler, cached_backward
+from ..batching import cached_backward
 from ..batching.distributed import (
     agree,
     average_gradients,
@@ -47,7 +47,6 @@ from ..batching.distributed import (
     rank,
     world_size,
 )
-from ..batching.samplers import EpochBatchSampler
 from ..encoders import SentenceEncoder
 from .checkpoint import (
     atomic_directory,
@@ -60,6 +59,7 @@ from .checkpoint import (
     set_rng_state,
     write_state,
 )
+from .composition import BatchComposition
 from .config import RunConfig, dump_config
 from .examples import TrainingSet
 from .objective import Objective
@@ -68,6 +68,7 @@ from .schedule import scaled_lr, warmup_linear, warmup_steps
 Evaluator = Callable[[SentenceEncoder], dict[str, Any]]
 
 CURVE = "curve.jsonl"
+EPOCHS = "epochs.jsonl"
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -97,6 +98,7 @@ class Progress:
     best_examples: int | None = None
     loss_sum: float = 0.0
     loss_steps: int = 0
+    epoch_records: int = 0
 
     def state(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -115,15 +117,6 @@ class FitResult:
     @property
     def pairs_per_second(self) -> float:
         return self.examples / self.train_seconds if self.train_seconds > 0 else float("nan")
-
-
-def make_sampler(config: RunConfig, data: TrainingSet, *, rank: int = 0,
-                 world_size: int = 1) -> EpochBatchSampler:
-    t = config.train
-    shard = dict(drop_last=t.drop_last, seed=t.seed, rank=rank, world_size=world_size)
-    if t.sampler == "no_duplicates":
-        return NoDuplicatesBatchSampler.from_texts(data.columns, t.batch_size, **shard)
-    return RandomBatchSampler(len(data), t.batch_size, **shard)
 
 
 def check_world_size(config: RunConfig, num_examples: int, world: int) -> None:
@@ -177,7 +170,9 @@ class Trainer:
         self.show_progress = show_progress and self.is_main
         t = config.train
         check_world_size(config, len(data), self.world)
-        self.sampler = make_sampler(config, data, rank=self.rank, world_size=self.world)
+        self.composition = BatchComposition(config, data, encoder, rank=self.rank,
+                                            world_size=self.world)
+        self.sampler = self.composition.sampler
         self.steps_per_epoch = len(self.sampler)
         if t.max_examples is not None:
             self.total_steps = math.ceil(t.max_examples / t.batch_size)
@@ -222,6 +217,10 @@ class Trainer:
             emb = self.encoder(features)
         return emb.float()
 
+    def _objective(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
+        self.composition.observe(embeddings)
+        return self.objective(embeddings, labels)
+
     def _backward(self, sides: list[list[str]], labels: Tensor | None) -> float:
         """Loss of the batch; its gradients accumulated into ``.grad`` (averaged over ranks).
         Under the local loss each rank holds part of the loss: the mean over ranks is it."""
@@ -232,11 +231,11 @@ class Trainer:
         if gc is not None:
             chunk = gc.chunk_size if gc.chunk_size or gc.max_tokens else 32
             loss = cached_backward(self._encode, features,
-                                   lambda *embs: self.objective(list(embs), labels),
+                                   lambda *embs: self._objective(list(embs), labels),
                                    chunk_size=None if gc.max_tokens else chunk,
                                    max_tokens=gc.max_tokens, sort_by_length=gc.sort_by_length)
         else:
-            loss = self.objective([self._encode(f) for f in features], labels)
+            loss = self._objective([self._encode(f) for f in features], labels)
             loss.backward()
         loss = mean_across_ranks(loss.detach())
         self._check_finite("the loss", loss)  # the same value on every rank: all stop
@@ -329,12 +328,23 @@ class Trainer:
             f.flush()
             os.fsync(f.fileno())
 
-    def read_curve(self) -> list[dict[str, Any]]:
-        path = self.out / CURVE
+    def read_curve(self, name: str = CURVE) -> list[dict[str, Any]]:
+        path = self.out / name
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip()]
+
+    def _end_epoch(self, complete: bool) -> None:
+        """Append the epoch's composition record (rank 0 writes it)."""
+        p = self.progress
+        record = self.composition.epoch_record(p.epoch, p.examples, complete)
+        if self.is_main:
+            with open(self.out / EPOCHS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        p.epoch_records += 1
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint(self, rngs: list[dict[str, Tensor]]) -> None:
@@ -345,6 +355,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "composition": self.composition.state(),
             "objective": self.objective.state_dict(),
             "rng": rngs,
         }
@@ -372,6 +383,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
+        if "composition" in state:
+            self.composition.load_state(state["composition"])
         self.objective.load_state_dict(state["objective"])
         rngs = state["rng"]
         # Each rank its own stream; a run resumed on more ranks than it had starts the new
@@ -379,9 +392,11 @@ class Trainer:
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         self.progress = Progress(**state["progress"])
         if self.is_main:
-            # Points written after the checkpoint are replayed, so they are dropped.
-            lines = self.read_curve()[: self.progress.curve_points]
-            atomic_write_text(self.out / CURVE, "".join(json.dumps(r) + "\n" for r in lines))
+            # Points and epochs written after the checkpoint are replayed, so they are dropped.
+            kept = ((CURVE, self.progress.curve_points), (EPOCHS, self.progress.epoch_records))
+            for name, count in kept:
+                lines = self.read_curve(name)[:count]
+                atomic_write_text(self.out / name, "".join(json.dumps(r) + "\n" for r in lines))
 
     def _start(self, resume: bool) -> None:
         # Every rank checks the run directory before rank 0 changes it, and they agree, so
@@ -433,7 +448,7 @@ class Trainer:
                 started = time.perf_counter()
                 p.next_eval = every
             while p.step < self.total_steps:
-                self.sampler.set_epoch(p.epoch)
+                p.train_seconds += self.composition.plan(p.epoch)
                 for indices in self.sampler:
                     t0 = time.perf_counter()
                     loss = self._step(indices)
@@ -444,6 +459,8 @@ class Trainer:
                     p.loss_steps += 1
                     bar.update(self.sampler.last_batch_size)
                     last = p.step >= self.total_steps
+                    if last:  # before the final checkpoint, which then counts it
+                        self._end_epoch(complete=self.sampler.position == len(self.sampler))
                     if p.examples >= p.next_eval or last:
                         while p.next_eval <= p.examples:
                             p.next_eval += every
@@ -452,6 +469,7 @@ class Trainer:
                     if last:
                         break
                 else:
+                    self._end_epoch(complete=True)
                     p.epoch += 1
                     continue
                 break
