@@ -36,6 +36,7 @@ from batchscale.batching.embedding_cache import EmbeddingCache
 from batchscale.batching.grouping import l2_normalize
 from batchscale.batching.hard_batches import (
     BSCShuffleSampler,
+    ShingleShuffleSampler,
     TeacherHardBatchSampler,
 )
 from batchscale.batching.samplers import (
@@ -131,7 +132,8 @@ def cost_rounds(model, queries, answers, batches, steps: int, rounds: int, batch
     return step_s, embed_q, embed_both
 
 
-def compositions(n: int, batch: int, keys: np.ndarray, emb: dict[str, np.ndarray]):
+def compositions(n: int, batch: int, keys: np.ndarray, emb: dict[str, np.ndarray],
+                 texts: list[list[str]]):
     """name -> (make(seed) -> sampler, embeddings to set each epoch or None)."""
     pair, q, dropout = emb["pair"], emb["q"], emb["dropout"]
     return {
@@ -149,6 +151,11 @@ def compositions(n: int, batch: int, keys: np.ndarray, emb: dict[str, np.ndarray
         "BSC k-means +nodup": (
             lambda s: BSCShuffleSampler(n, batch, seed=s, variant="kmeans", keys=keys),
             pair,
+        ),
+        "BSC shingle": (lambda s: ShingleShuffleSampler(texts, batch, seed=s), None),
+        "BSC shingle +nodup": (
+            lambda s: ShingleShuffleSampler(texts, batch, seed=s, keys=keys),
+            None,
         ),
         "teacher-mined": (lambda s: TeacherHardBatchSampler(pair, batch, seed=s), None),
         "teacher-mined +nodup": (
@@ -256,7 +263,7 @@ def main() -> None:
     header = f"{'composition':<26}{'hardest neg. cos':>17}{'dup. rate':>11}{'plan s':>9}"
     print(header + f"{'setup s':>9}")
     results = {}
-    for name, (make, x) in compositions(n, batch, keys, emb).items():
+    for name, (make, x) in compositions(n, batch, keys, emb, [queries, answers]).items():
         hardest, dup, plan, setup = measure(make, x, args.epochs, q, a, keys)
         results[name] = (hardest, plan)
         print(f"{name:<26}{hardest:>17.4f}{dup:>11.4f}{plan:>9.3f}{setup:>9.3f}")
@@ -295,6 +302,7 @@ def main() -> None:
         "BSC kNN (q only) +nodup": (embed_q_s, "queries"),
         "BSC k-means": (embed_both_s, "both sides"),
         "BSC kNN, cached emb.": (cache_s, "none: kept from the training steps"),
+        "BSC shingle": (0.0, "none: word shingles of the texts"),
         "teacher-mined": (0.0, "none: once, before training"),
     }
     for name, (need_s, what) in needs.items():
