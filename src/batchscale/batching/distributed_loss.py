@@ -30,6 +30,19 @@ def _per_example(name: str, value: object, rows: int, device: torch.device) -> T
     return t
 
 
+def _pair_rows(fn: str, q: object, a: object) -> int:
+    """m, after checking that ``q`` and ``a`` are (m, d) tensors of the same pairs."""
+    for name, x in (("q", q), ("a", a)):
+        if not isinstance(x, Tensor) or x.ndim != 2:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{fn}: `{name}` must be a 2-D tensor, got {got}")
+    m = q.shape[0]  # type: ignore[union-attr]
+    if a.shape[0] != m:  # type: ignore[union-attr]
+        raise ValueError(f"{fn}: `q` and `a` must hold the same pairs, got {m} and "
+                         f"{a.shape[0]}")  # type: ignore[union-attr]
+    return m
+
+
 def gather_batch(
     embeddings: Sequence[Tensor],
     labels: Tensor | None = None,
@@ -91,15 +104,7 @@ def gathered_pair_loss(
             if v is not None
         }
         return loss_fn(q, a, **kwargs, **loss_kwargs)
-    for name, x in (("q", q), ("a", a)):
-        if not isinstance(x, Tensor) or x.ndim != 2:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"gathered_pair_loss: `{name}` must be a 2-D tensor, got {got}")
-    m = q.shape[0]
-    if a.shape[0] != m:
-        raise ValueError(
-            f"gathered_pair_loss: `q` and `a` must hold the same pairs, got {m} and {a.shape[0]}"
-        )
+    m = _pair_rows("gathered_pair_loss", q, a)
     sides = [q, a]
     h = 0
     if hard_negatives is not None:
@@ -172,14 +177,7 @@ def local_pair_loss(
     if directions not in ("both", "q->a", "a->q"):
         raise ValueError(f"local_pair_loss: `directions` must be both, q->a or a->q, got "
                          f"{directions!r}")
-    for name, x in (("q", q), ("a", a)):
-        if not isinstance(x, Tensor) or x.ndim != 2:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"local_pair_loss: `{name}` must be a 2-D tensor, got {got}")
-    m = q.shape[0]
-    if a.shape[0] != m:
-        raise ValueError(f"local_pair_loss: `q` and `a` must hold the same pairs, got {m} "
-                         f"and {a.shape[0]}")
+    m = _pair_rows("local_pair_loss", q, a)
     if hard_negatives is not None and hard_negatives.ndim == 3:
         hard_negatives = hard_negatives.reshape(-1, hard_negatives.shape[-1])
     h = 0 if hard_negatives is None else hard_negatives.shape[0]

@@ -40,6 +40,17 @@ Variant = Literal["knn", "kmeans"]
 VARIANTS: tuple[str, ...] = ("knn", "kmeans")
 
 
+def check_group_size(group_size: int, batch_size: int) -> int:
+    """A group size that divides the batch size, so that whole groups fill a batch."""
+    s = check_int("group_size", group_size, 1)
+    if batch_size % s:
+        raise ValueError(
+            f"`group_size` ({group_size}) must divide `batch_size` ({batch_size}), so that "
+            "whole groups fill a batch"
+        )
+    return s
+
+
 def _cut(order: np.ndarray, keys: np.ndarray | None, batch_size: int) -> list[np.ndarray]:
     if keys is None:
         return split_batches(order, batch_size)
@@ -88,12 +99,7 @@ class BSCShuffleSampler(EpochBatchSampler):
             rank=rank,
             world_size=world_size,
         )
-        self.group_size = check_int("group_size", group_size, 1)
-        if self.batch_size % self.group_size:
-            raise ValueError(
-                f"`group_size` ({group_size}) must divide `batch_size` ({batch_size}), so that "
-                "whole groups fill a batch"
-            )
+        self.group_size = check_group_size(group_size, self.batch_size)
         if variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
@@ -163,12 +169,7 @@ class ShingleShuffleSampler(EpochBatchSampler):
             rank=rank,
             world_size=world_size,
         )
-        self.group_size = check_int("group_size", group_size, 1)
-        if self.batch_size % self.group_size:
-            raise ValueError(
-                f"`group_size` ({group_size}) must divide `batch_size` ({batch_size}), so that "
-                "whole groups fill a batch"
-            )
+        self.group_size = check_group_size(group_size, self.batch_size)
         self.keys = None if keys is None else check_keys(keys, self.num_examples)
         self.labels: np.ndarray | None = None  # the last plan's group ids
 
