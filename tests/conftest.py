@@ -55,6 +55,42 @@ def build_tiny_bert(path: Path, *, hidden: int = 32, layers: int = 2, seed: int 
     return path
 
 
+def tiny_mean_pooled_bert(dtype, *, seq: int, dropout: float = 0.1):
+    """A tiny random BERT (seed 0), mean-pooled over the attention mask: an encoder module
+    for gradient tests that need no tokenizer."""
+    import torch
+    from torch import nn
+    from transformers import BertConfig, BertModel
+
+    class MeanPooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=seq, hidden_dropout_prob=dropout,
+                                attention_probs_dropout_prob=dropout)
+            self.bert = BertModel(config, add_pooling_layer=False).to(dtype)
+
+        def forward(self, inputs):
+            hidden = self.bert(**inputs).last_hidden_state
+            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1)
+
+    return MeanPooled()
+
+
+def random_token_batch(n: int, seed: int, *, seq: int) -> dict:
+    """Right-padded random token ids (1..99) of lengths 2..seq, with their attention mask."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, seq + 1, (n,), generator=g)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 100, (n, seq), generator=g) * mask
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def corrupt_copy(src: Path, dst: Path, line: int, edit) -> Path:
     """Copy ``src`` to ``dst`` with line ``line`` (1-based) replaced by ``edit(bytes)``
     (the line without its end); returns ``dst``."""

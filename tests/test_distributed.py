@@ -30,6 +30,7 @@ from batchscale.batching.distributed import (
 from batchscale.batching.distributed_loss import gathered_pair_loss, local_pair_loss
 from batchscale.batching.gradient_cache import cached_backward
 from batchscale.losses import LearnableTemperature, bsc_loss, infonce_loss, weince_loss
+from conftest import random_token_batch, tiny_mean_pooled_bert
 
 pytestmark = pytest.mark.distributed
 
@@ -43,40 +44,11 @@ HERE = Path(__file__).resolve()
 
 def make_model(dtype: torch.dtype) -> nn.Module:
     """A tiny random BERT, mean-pooled; no dropout, so 1 and 2 processes can agree."""
-    from transformers import BertConfig, BertModel
-
-    class MeanPooled(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            config = BertConfig(
-                vocab_size=100,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-                max_position_embeddings=SEQ,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
-            self.bert = BertModel(config, add_pooling_layer=False).to(dtype)
-
-        def forward(self, inputs: dict[str, Tensor]) -> Tensor:
-            hidden = self.bert(**inputs).last_hidden_state
-            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            return (hidden * mask).sum(1) / mask.sum(1)
-
-    return MeanPooled().train()
+    return tiny_mean_pooled_bert(dtype, seq=SEQ, dropout=0.0).train()
 
 
 def token_batch(n: int, seed: int) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, SEQ + 1, (n,), generator=g)
-    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
-    return {
-        "input_ids": torch.randint(1, 100, (n, SEQ), generator=g) * mask,
-        "attention_mask": mask,
-    }
+    return random_token_batch(n, seed, seq=SEQ)
 
 
 def global_batch() -> dict[str, object]:
@@ -130,9 +102,17 @@ def local_rows(loss_fn, temperature: Tensor, labels: Tensor, **options):
 
     def rows(anchors, positives, *, hard_negatives, answer_ids, anchor_pool):
         extra = {"anchor_pool": anchor_pool} if loss_fn is weince_loss else {}
-        return loss_fn(anchors, positives, temperature, directions="q->a",
-                       hard_negatives=hard_negatives, labels=labels, answer_ids=answer_ids,
-                       **extra, **options)
+        return loss_fn(
+            anchors,
+            positives,
+            temperature,
+            directions="q->a",
+            hard_negatives=hard_negatives,
+            labels=labels,
+            answer_ids=answer_ids,
+            **extra,
+            **options,
+        )
 
     return rows
 
@@ -173,7 +153,11 @@ def run_scenario(kind: str, model: nn.Module, temperature: nn.Module, part: dict
         q, a, n = (model(part[s]) for s in "qan")
         loss = local_pair_loss(
             local_rows(bsc_loss, temperature(), part["labels"], tile_size=None),
-            q, a, hard_negatives=n, query_ids=part["query_ids"], answer_ids=part["answer_ids"],
+            q,
+            a,
+            hard_negatives=n,
+            query_ids=part["query_ids"],
+            answer_ids=part["answer_ids"],
         )
         loss.backward()
         return loss.detach()
@@ -184,7 +168,10 @@ def run_scenario(kind: str, model: nn.Module, temperature: nn.Module, part: dict
             [part["q"], part["a"], part["n"]],
             lambda q, a, n: local_pair_loss(
                 local_rows(weince_loss, temperature(), part["labels"], tile_size=3),
-                q, a, hard_negatives=n, query_ids=part["query_ids"],
+                q,
+                a,
+                hard_negatives=n,
+                query_ids=part["query_ids"],
                 answer_ids=part["answer_ids"],
             ),
             chunk_size=3,
@@ -217,9 +204,16 @@ def single_process(kind: str, model: nn.Module, temperature: nn.Module, batch: d
     elif kind in ("cached", "cached_tiled"):
         loss = weince_loss(q, a, temperature(), hard_negatives=n, tile_size=None)
     elif kind == "local_weince":
-        loss = weince_loss(q, a, temperature(), hard_negatives=n, labels=batch["labels"],
-                           query_ids=batch["query_ids"], answer_ids=batch["answer_ids"],
-                           tile_size=None)
+        loss = weince_loss(
+            q,
+            a,
+            temperature(),
+            hard_negatives=n,
+            labels=batch["labels"],
+            query_ids=batch["query_ids"],
+            answer_ids=batch["answer_ids"],
+            tile_size=None,
+        )
     else:
         loss = infonce_loss(q, a, temperature(), tile_size=None)
     loss.backward()

@@ -13,47 +13,23 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import Tensor, nn
-from transformers import BertConfig, BertModel
 
 from batchscale.batching.chunking import split_inputs
 from batchscale.batching.gradient_cache import cached_backward
 from batchscale.losses import LearnableTemperature, bsc_loss, infonce_loss, weince_loss
+from conftest import random_token_batch, tiny_mean_pooled_bert
 
 SEQ = 16
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-class MeanPooled(nn.Module):
+def tiny_bert(dtype: torch.dtype, dropout: float = 0.1) -> nn.Module:
     """A tiny random BERT with dropout, mean-pooled over the attention mask."""
-
-    def __init__(self, dtype: torch.dtype, dropout: float = 0.1) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=SEQ,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout,
-        )
-        self.bert = BertModel(config, add_pooling_layer=False).to(dtype)
-
-    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
-        hidden = self.bert(**inputs).last_hidden_state
-        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1)
+    return tiny_mean_pooled_bert(dtype, seq=SEQ, dropout=dropout)
 
 
 def token_batch(n: int, seed: int) -> dict[str, Tensor]:
-    """Right-padded random token ids of lengths 2..SEQ."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, SEQ + 1, (n,), generator=g)
-    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(1, 100, (n, SEQ), generator=g) * mask
-    return {"input_ids": ids, "attention_mask": mask}
+    return random_token_batch(n, seed, seq=SEQ)
 
 
 def loss_closure(name: str) -> Callable[..., Tensor]:
@@ -112,7 +88,7 @@ RULES = {
 @pytest.mark.parametrize("rule", ["count", "sorted", "tokens"])
 @pytest.mark.parametrize("loss", ["bsc", "weince"])
 def test_matches_full_graph_with_dropout(dtype: torch.dtype, rule: str, loss: str) -> None:
-    model = MeanPooled(dtype).train()
+    model = tiny_bert(dtype).train()
     batch, loss_fn = sides(), loss_closure(loss)
     want_loss = full_graph_reference(model, batch, loss_fn, RULES[rule], seed=7)
     want = grads(model)
@@ -132,7 +108,7 @@ def test_matches_full_graph_with_dropout(dtype: torch.dtype, rule: str, loss: st
 def test_dropout_masks_are_what_makes_it_match() -> None:
     """The same comparison with the reference's masks drawn from another seed fails by far
     more than the tolerance: the equality above is the replay of the masks."""
-    model = MeanPooled(torch.float64).train()
+    model = tiny_bert(torch.float64).train()
     batch, loss_fn = sides(), loss_closure("bsc")
     full_graph_reference(model, batch, loss_fn, RULES["count"], seed=8)
     other_seed = grads(model)
@@ -145,7 +121,7 @@ def test_dropout_masks_are_what_makes_it_match() -> None:
 
 @pytest.mark.parametrize("rule", ["count", "sorted", "tokens"])
 def test_dropout_off_matches_one_pass_over_the_whole_batch(rule: str) -> None:
-    model = MeanPooled(torch.float64).eval()  # eval: no dropout, so no chunking reference
+    model = tiny_bert(torch.float64).eval()  # eval: no dropout, so no chunking reference
     batch, loss_fn = sides(), loss_closure("bsc")
     want_loss = loss_fn(*[model(inputs) for inputs in batch])
     want_loss.backward()
@@ -157,8 +133,8 @@ def test_dropout_off_matches_one_pass_over_the_whole_batch(rule: str) -> None:
 
 def test_chunks_given_as_a_list_and_a_learnable_temperature() -> None:
     """Pre-chunked sides, one encoder per side, a loss parameter and an unused side."""
-    model = MeanPooled(torch.float64).eval()
-    other = MeanPooled(torch.float64).eval()
+    model = tiny_bert(torch.float64).eval()
+    other = tiny_bert(torch.float64).eval()
     temperature = LearnableTemperature(0.1).double()
     q, a, _ = sides()
 
@@ -178,7 +154,7 @@ def test_chunks_given_as_a_list_and_a_learnable_temperature() -> None:
 
 
 def test_gradients_accumulate_over_calls() -> None:
-    model = MeanPooled(torch.float64).eval()
+    model = tiny_bert(torch.float64).eval()
     batch, loss_fn = sides(), loss_closure("bsc")
     loss_fn(*[model(inputs) for inputs in batch]).backward()
     want = {k: 2 * v for k, v in grads(model).items()}
@@ -188,7 +164,7 @@ def test_gradients_accumulate_over_calls() -> None:
 
 
 def test_without_grad_only_the_loss() -> None:
-    model = MeanPooled(torch.float64).eval()
+    model = tiny_bert(torch.float64).eval()
     batch, loss_fn = sides(), loss_closure("weince")
     with torch.no_grad():
         want = loss_fn(*[model(inputs) for inputs in batch])
@@ -268,7 +244,7 @@ def test_bad_rule(rule: dict, message: str) -> None:
 
 
 def test_bad_inputs() -> None:
-    model = MeanPooled(torch.float64).eval()
+    model = tiny_bert(torch.float64).eval()
     batch = sides()
     with pytest.raises(ValueError, match="must return a 0-dim tensor"):
         cached_backward(model, batch, lambda q, a, n: torch.stack([q.sum(), a.sum()]), chunk_size=4)
@@ -284,7 +260,7 @@ def test_bad_inputs() -> None:
 
 def test_an_encoder_that_writes_into_its_inputs_does_not_change_the_replay() -> None:
     """sentence-transformers stores outputs in the features dict; some poolings edit the mask."""
-    model = MeanPooled(torch.float64).eval()
+    model = tiny_bert(torch.float64).eval()
     batch, loss_fn = sides(), loss_closure("bsc")
     loss_fn(*[model(inputs) for inputs in batch]).backward()
     want = grads(model)
