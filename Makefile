@@ -32,9 +32,11 @@ install-test: $(VENV)/.installed-test
 # The batch-size study (configs/study-demo.yaml, ~10 minutes on 2 cores): sweep, then the
 # report; the last line printed is the Markdown report's path. A rerun skips finished runs.
 DEMO_STORE := runs/study-demo/study.sqlite
+# Runs in progress (checkpoints at every evaluation point) on tmpfs where there is one.
+DEMO_WORK  := $(if $(wildcard /dev/shm/.),/dev/shm/batchscale-$(shell id -u)-study-demo,runs/study-demo/work)
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/batchscale sweep configs/study-demo.yaml --store $(DEMO_STORE)
+	$(VENV)/bin/batchscale sweep configs/study-demo.yaml --store $(DEMO_STORE) --work $(DEMO_WORK)
 	$(VENV)/bin/batchscale report $(DEMO_STORE) --out runs/study-demo/report
 
 # The packaged default model on STS-B test (a minute).

@@ -270,6 +270,14 @@ def sweep_from_dict(raw: object, source: str = "sweep", path: Path | None = None
         config = SweepConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format(e, source)) from None
+    examples = config.budget.examples
+    uneven = [b for b in config.grid.batch_sizes if examples is not None and examples % b]
+    if uneven:
+        b = uneven[0]
+        raise ConfigError(
+            f"{source}: budget.examples: {examples} is not a multiple of batch size {b}; the "
+            f"trainer takes whole batches, so that run would see {-(-examples // b) * b} "
+            "examples. Use a common multiple of grid.batch_sizes")
     base = _resolve_base(config, path, source)
     for a, b in config.report.compare or []:
         for name in (a, b):

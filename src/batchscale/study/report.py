@@ -107,7 +107,8 @@ def compute(meta: dict[str, str], runs: list[dict[str, Any]]) -> dict[str, Any]:
                                    "test": _iv(t_interval([r["test"] for r in group
                                                            if r["test"] is not None]))}
             for frac in (0.95, 0.99):
-                hits = [_reach(r, frac * r["best_dev"]) for r in group]
+                hits = [_reach(r, frac * r["best_dev"]) for r in group
+                        if r["best_dev"] is not None]
                 key = f"{round(frac * 100)}"
                 row[f"examples_to_{key}"] = _iv(t_interval([h[0] for h in hits if h]))
                 row[f"seconds_to_{key}"] = _iv(t_interval([h[1] for h in hits if h]))
@@ -174,8 +175,10 @@ def compute(meta: dict[str, str], runs: list[dict[str, Any]]) -> dict[str, Any]:
             n = min(len(r["curve"]) for r in group)
             points = []
             for i in range(n):
-                devs = [r["curve"][i]["dev"] for r in group]
+                devs = [r["curve"][i]["dev"] for r in group if r["curve"][i]["dev"] is not None]
                 secs = [r["curve"][i]["seconds"] for r in group]
+                if not devs:  # a NaN score (a collapsed encoder) at this point in every seed
+                    continue
                 points.append({"examples": group[0]["curve"][i]["examples"],
                                "seconds": sum(secs) / len(secs),
                                "dev": sum(devs) / len(devs), "lo": min(devs), "hi": max(devs)})

@@ -91,10 +91,11 @@ def trend(batch_sizes: Sequence[int], values: Sequence[float]) -> Trend | None:
                  len(x))
 
 
-def first_reach(examples: Sequence[int], seconds: Sequence[float], dev: Sequence[float],
+def first_reach(examples: Sequence[int], seconds: Sequence[float],
+                dev: Sequence[float | None],
                 threshold: float) -> tuple[int, float] | None:
     """(examples, seconds) of the first point with dev >= threshold; None if none."""
     for e, s, d in zip(examples, seconds, dev, strict=True):
-        if d >= threshold:
+        if d is not None and d >= threshold:
             return int(e), float(s)
     return None

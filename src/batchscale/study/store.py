@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS curve (
     run_id INTEGER NOT NULL REFERENCES runs, point INTEGER NOT NULL,
     examples INTEGER NOT NULL, steps INTEGER NOT NULL, seconds REAL NOT NULL,
-    wall_seconds REAL, dev REAL NOT NULL, train_loss REAL, lr REAL,
+    wall_seconds REAL, dev REAL, train_loss REAL, lr REAL,
     PRIMARY KEY (run_id, point));
 CREATE TABLE IF NOT EXISTS metrics (
     run_id INTEGER NOT NULL REFERENCES runs, split TEXT NOT NULL, name TEXT NOT NULL,
