@@ -36,7 +36,8 @@ DEMO_STORE := runs/study-demo/study.sqlite
 DEMO_WORK  := $(if $(wildcard /dev/shm/.),/dev/shm/batchscale-$(shell id -u)-study-demo,runs/study-demo/work)
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/batchscale sweep configs/study-demo.yaml --store $(DEMO_STORE) --work $(DEMO_WORK)
+	$(VENV)/bin/batchscale sweep configs/study-demo.yaml --store $(DEMO_STORE) --work $(DEMO_WORK) \
+		--threads 1
 	$(VENV)/bin/batchscale report $(DEMO_STORE) --out runs/study-demo/report
 
 # The packaged default model on STS-B test (a minute).

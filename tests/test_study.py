@@ -416,3 +416,31 @@ def test_training_on_stsb_plus_snli(shared_data):
     assert data.columns[0][len(stsb)] == snli[0].text1
     with pytest.raises(ConfigError, match=r"data\.train"):
         config_from_dict({"data": {"train": []}})
+
+
+def test_a_diverged_run_is_recorded_and_retried(tmp_path, tiny_static, data_dir, monkeypatch):
+    import batchscale.study.sweep as sweep_module
+    from batchscale.training import TrainingDiverged
+
+    raw = _sweep_dict(tiny_static, data_dir, seeds=[0],
+                      losses={"infonce": {"name": "infonce"}})
+    sweep = sweep_from_dict(raw)
+    real = sweep_module.train_run
+
+    def flaky(config, out, **kw):
+        if config.train.batch_size == 32:
+            raise TrainingDiverged("step 3 (after 96 examples): the loss is nan")
+        return real(config, out, **kw)
+
+    monkeypatch.setattr(sweep_module, "train_run", flaky)
+    store = tmp_path / "d.sqlite"
+    summary = sweep_module.run_sweep(sweep, store, log=lambda _: None)
+    assert (summary.ran, summary.failed) == (1, 1)
+    md, _ = write_report(store, tmp_path / "rep")
+    assert "Diverged (NaN / Inf, not in the tables): infonce batch 32 (1 attempts)" in \
+        md.read_text(encoding="utf-8")
+    monkeypatch.setattr(sweep_module, "train_run", real)
+    summary = sweep_module.run_sweep(sweep, store, log=lambda _: None)
+    assert (summary.skipped, summary.ran, summary.failed) == (1, 1, 0)
+    md, _ = write_report(store, tmp_path / "rep")
+    assert "Diverged" not in md.read_text(encoding="utf-8")

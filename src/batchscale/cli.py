@@ -151,6 +151,9 @@ def _add_sweep(commands: argparse._SubParsersAction) -> None:
                                              "or base.data.data_dir=/data (repeatable)")
     p.add_argument("--keep-runs", action="store_true",
                    help="keep each run's directory (selected model, checkpoints)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's). 1 is much faster on a small "
+                        "machine shared with other jobs")
     p.add_argument("--progress", action="store_true", help="progress bars per run")
     p.set_defaults(run=_run_sweep)
 
@@ -164,6 +167,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from .training import ConfigError, RunDirectoryError, TrainingDiverged
 
     _setup_output(not args.progress)
+    if args.threads is not None and args.threads < 1:
+        print("batchscale sweep: error: --threads must be >= 1", file=sys.stderr)
+        return 1
     try:
         sweep = load_sweep(args.config, args.overrides)
         shard = parse_shard(args.shard) if args.shard else None
@@ -173,12 +179,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
                 f"study-shard-{shard[0]}-of-{shard[1]}.sqlite"
             store = Path("runs") / sweep.config.name / name
         summary = run_sweep(sweep, store, work_dir=args.work, shard=shard,
-                            show_progress=args.progress, keep_runs=args.keep_runs)
+                            show_progress=args.progress, keep_runs=args.keep_runs,
+                            threads=args.threads)
     except (ConfigError, DataError, EncoderLoadError, RunDirectoryError, StoreError,
             TrainingDiverged, FileNotFoundError, ValueError) as e:
         print(f"batchscale sweep: error: {e}", file=sys.stderr)
         return 1
-    print(f"{summary.ran} runs done, {summary.skipped} were done before; store: "
+    failed = f", {summary.failed} diverged (recorded; a rerun retries them)" \
+        if summary.failed else ""
+    print(f"{summary.ran} runs done, {summary.skipped} were done before{failed}; store: "
           f"{summary.store}")
     return 0
 

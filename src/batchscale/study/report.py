@@ -45,6 +45,7 @@ def load_runs(store_path: str | Path) -> tuple[dict[str, str], list[dict[str, An
         runs = store.runs()
         for r in runs:
             r["curve"] = store.curve(r["id"])
+        meta["_failures"] = json.dumps(store.failures())
     return meta, runs
 
 
@@ -184,7 +185,14 @@ def compute(meta: dict[str, str], runs: list[dict[str, Any]]) -> dict[str, Any]:
                                "dev": sum(devs) / len(devs), "lo": min(devs), "hi": max(devs)})
             curves.append({"loss": labels[arm], "batch_size": b, "points": points})
 
+    failures: dict[tuple[str, int], int] = {}
+    for f in json.loads(meta.get("_failures", "[]")):
+        arm = (f["loss"], float(f["vrns_weight"]), f["lr_scaling"])
+        key = (labels.get(arm) or arm_label(arm, vrns, rules), f["batch_size"])
+        failures[key] = failures.get(key, 0) + 1
     return {"sweep": sweep.get("name", meta.get("sweep_name")), "metric": metric,
+            "failures": [{"loss": k[0], "batch_size": k[1], "attempts": v}
+                         for k, v in sorted(failures.items())],
             "store": {"sweep_hash": meta.get("sweep_hash"),
                       "package_version": meta.get("package_version"),
                       "created_at": meta.get("created_at")},
@@ -269,7 +277,9 @@ def _notes(data: dict[str, Any]) -> list[str]:
         "t interval. n/a: too few seeds or points.",
         "Seconds are training seconds (evaluation excluded); peak memory is CUDA's peak "
         "allocation on a GPU, else the peak resident set of the process during the run.",
-    ]
+    ] + (["Diverged (NaN / Inf, not in the tables): " + "; ".join(
+        f"{f['loss']} batch {f['batch_size']} ({f['attempts']} attempts)"
+        for f in data.get("failures", []))] if data.get("failures") else [])
 
 
 def _md_cell(text: str) -> str:

@@ -10,7 +10,9 @@ Tables:
   score, the test score, the run's config and the package version;
 * ``curve``: the run's evaluation points (examples, steps, seconds, dev metric, loss, lr);
 * ``metrics``: every numeric final metric, by split (``dev``: the selected checkpoint's dev
-  figures, ``test``: its test figures).
+  figures, ``test``: its test figures);
+* ``failures``: runs that diverged (NaN / Inf), with the error; such a cell is not finished,
+  so a rerun tries it again.
 
 A run is finished exactly when its ``runs`` row exists. That row, its curve and its metrics
 are written in one transaction, so a kill at any moment leaves either all of them or none:
@@ -50,6 +52,9 @@ CREATE TABLE IF NOT EXISTS curve (
     examples INTEGER NOT NULL, steps INTEGER NOT NULL, seconds REAL NOT NULL,
     wall_seconds REAL, dev REAL, train_loss REAL, lr REAL,
     PRIMARY KEY (run_id, point));
+CREATE TABLE IF NOT EXISTS failures (
+    id INTEGER PRIMARY KEY, cell_id TEXT NOT NULL REFERENCES cells, failed_at TEXT NOT NULL,
+    error TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
     run_id INTEGER NOT NULL REFERENCES runs, split TEXT NOT NULL, name TEXT NOT NULL,
     value REAL NOT NULL, PRIMARY KEY (run_id, split, name));
@@ -164,6 +169,19 @@ class Store:
                               (cell_id,)).fetchone()
         return row[0]
 
+    def add_failure(self, cell_id: str, error: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO failures (cell_id, failed_at, error) VALUES (?, ?, ?)",
+                       (cell_id, now(), error))
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Failures of cells that have no finished run, with the cell's factors."""
+        rows = self.db.execute(
+            "SELECT f.*, c.loss, c.vrns_weight, c.batch_size, c.seed, c.lr_scaling "
+            "FROM failures f JOIN cells c USING (cell_id) WHERE f.cell_id NOT IN "
+            "(SELECT cell_id FROM runs) ORDER BY c.idx, f.id")
+        return [dict(r) for r in rows]
+
     # -- finished runs ----------------------------------------------------------------------
     def add_run(self, run: dict[str, Any], curve: list[dict[str, Any]],
                 metrics: dict[str, dict[str, float]]) -> int:
@@ -256,6 +274,9 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict[str, int]:
                                           "FROM attempts"):
                         db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, "
                                    "resumed) VALUES (?, ?, ?, ?, ?)", tuple(a))
+                    for f in s.db.execute("SELECT cell_id, failed_at, error FROM failures"):
+                        db.execute("INSERT INTO failures (cell_id, failed_at, error) "
+                                   "VALUES (?, ?, ?)", tuple(f))
                     for run in s.runs():
                         if run["cell_id"] in done:
                             skipped += 1
