@@ -29,7 +29,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# The batch-size study (configs/study-demo.yaml, ~10 minutes on 2 cores): sweep, then the
+# The batch-size study (configs/study-demo.yaml, 7 minutes on 2 busy cores): sweep, then the
 # report; the last line printed is the Markdown report's path. A rerun skips finished runs.
 DEMO_STORE := runs/study-demo/study.sqlite
 # Runs in progress (checkpoints at every evaluation point) on tmpfs where there is one.
