@@ -174,6 +174,20 @@ def test_sweep_config_errors_name_file_and_key(tmp_path, tiny_static, data_dir):
         sweep_from_dict({**raw, "report": {"compare": [["bsc", "infonce"]]}}, "s.yaml")
 
 
+@pytest.mark.parametrize("preset", ["study-demo.yaml", "study-stsb-minilm.yaml",
+                                    "study-scifact-minilm.yaml"])
+def test_study_presets_validate(preset):
+    sweep = load_sweep(SRC.parent / "configs" / preset)
+    sizes = sweep.config.grid.batch_sizes
+    assert len(sweep.cells) == len(sizes) * 3 * 3 * (len(sweep.config.grid.vrns_weights or [0]))
+    if preset == "study-demo.yaml":
+        assert (min(sizes), max(sizes)) == (16, 4096)
+        assert sweep.base.model.name == "static:default"
+        assert sweep.base.data.train == ["stsb", "snli"]
+    else:
+        assert (min(sizes), max(sizes)) == (8, 1024) and sweep.base.model.name == "default"
+
+
 def test_cells_hash_their_resolved_config(tiny_static, data_dir):
     sweep = sweep_from_dict(_sweep_dict(tiny_static, data_dir, vrns_weights=[0.0, 1.0]))
     assert len(sweep.cells) == 2 * 2 * 2 * 2
