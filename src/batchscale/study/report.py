@@ -276,7 +276,9 @@ def _notes(data: dict[str, Any]) -> list[str]:
         "over seeds; trend: least-squares slope against log2(batch size) over every run, 95% "
         "t interval. n/a: too few seeds or points.",
         "Seconds are training seconds (evaluation excluded); peak memory is CUDA's peak "
-        "allocation on a GPU, else the peak resident set of the process during the run.",
+        "allocation on a GPU, else the peak resident set of the process during the run, "
+        "which includes the process's baseline and heap kept from earlier runs (read CPU "
+        "differences between batch sizes as rough).",
     ] + (["Diverged (NaN / Inf, not in the tables): " + "; ".join(
         f"{f['loss']} batch {f['batch_size']} ({f['attempts']} attempts)"
         for f in data.get("failures", []))] if data.get("failures") else [])
