@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_eval(commands)
     _add_train(commands)
+    _add_sweep(commands)
+    _add_merge(commands)
+    _add_report(commands)
     return parser
 
 
@@ -143,6 +146,120 @@ def _run_train(args: argparse.Namespace) -> int:
         shutdown_distributed()
     if info.is_main:
         print(summary_table(result))
+    return 0
+
+
+# -- sweep, merge, report ------------------------------------------------------------------
+def _add_sweep(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "sweep", help="run a grid of training runs into a results store",
+        description="Run every cell of a sweep config (batch sizes x losses x seeds x lr "
+                    "rules at a fixed budget) and record each finished run in an SQLite "
+                    "store. Rerunning the command skips finished runs and restarts (or "
+                    "resumes) the interrupted one.")
+    p.add_argument("config", type=Path, help="sweep YAML (see configs/study-*.yaml)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="results store (default: runs/NAME/study.sqlite, or "
+                        "runs/NAME/study-shard-I-of-N.sqlite with --shard)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only shard I of N (0-based): cells whose grid index is I mod N")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder for the runs in progress (default: beside the store)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a sweep value, e.g. budget.examples=2000 "
+                                             "or base.data.data_dir=/data (repeatable)")
+    p.add_argument("--keep-runs", action="store_true",
+                   help="keep each run's directory (selected model, checkpoints)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's). 1 is much faster on a small "
+                        "machine shared with other jobs")
+    p.add_argument("--progress", action="store_true", help="progress bars per run")
+    p.set_defaults(run=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .encoders import EncoderLoadError
+    from .study.grid import load_sweep, parse_shard
+    from .study.store import StoreError
+    from .study.sweep import run_sweep
+    from .training import ConfigError, RunDirectoryError, TrainingDiverged
+
+    _setup_output(not args.progress)
+    if args.threads is not None and args.threads < 1:
+        print("batchscale sweep: error: --threads must be >= 1", file=sys.stderr)
+        return 1
+    try:
+        sweep = load_sweep(args.config, args.overrides)
+        shard = parse_shard(args.shard) if args.shard else None
+        store = args.store
+        if store is None:
+            name = "study.sqlite" if shard is None else \
+                f"study-shard-{shard[0]}-of-{shard[1]}.sqlite"
+            store = Path("runs") / sweep.config.name / name
+        summary = run_sweep(sweep, store, work_dir=args.work, shard=shard,
+                            show_progress=args.progress, keep_runs=args.keep_runs,
+                            threads=args.threads)
+    except (ConfigError, DataError, EncoderLoadError, RunDirectoryError, StoreError,
+            TrainingDiverged, FileNotFoundError, ValueError) as e:
+        print(f"batchscale sweep: error: {e}", file=sys.stderr)
+        return 1
+    failed = f", {summary.failed} diverged (recorded; a rerun retries them)" \
+        if summary.failed else ""
+    print(f"{summary.ran} runs done, {summary.skipped} were done before{failed}; store: "
+          f"{summary.store}")
+    return 0
+
+
+def _add_merge(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "merge", help="combine the stores of several shards",
+        description="Combine results stores of the same sweep (e.g. its shards) into OUT; "
+                    "stores of different sweeps (another grid) are refused.")
+    p.add_argument("out", type=Path, help="the merged store (created, or of the same sweep)")
+    p.add_argument("inputs", type=Path, nargs="+", help="stores to merge")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .study.store import StoreError, merge_stores
+
+    if any(i.resolve() == args.out.resolve() for i in args.inputs):
+        print("batchscale merge: error: OUT is also an input", file=sys.stderr)
+        return 1
+    try:
+        counts = merge_stores(args.out, list(args.inputs))
+    except StoreError as e:
+        print(f"batchscale merge: error: {e}", file=sys.stderr)
+        return 1
+    print(f"merged {counts['added']} runs into {args.out}"
+          + (f" ({counts['skipped']} duplicates skipped)" if counts["skipped"] else ""))
+    return 0
+
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "report", help="write the study report (Markdown + self-contained HTML)",
+        description="Curves, final quality with 95% CIs, convergence speed, throughput and "
+                    "memory, the trend against log2(batch size) and paired differences, "
+                    "from a results store. Prints the Markdown report's path last.")
+    p.add_argument("store", type=Path, help="results store")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report folder (default: STORE's stem + '-report' beside it)")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .study.report import write_report
+    from .study.store import StoreError
+
+    try:
+        md, page = write_report(args.store, args.out)
+    except StoreError as e:
+        print(f"batchscale report: error: {e}", file=sys.stderr)
+        return 1
+    print(f"HTML report: {page}")
+    print(md)
     return 0
 
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from ..data import BeirDataset, Pair, load_pairs, load_stsb, load_triplets
+from ..data import BeirDataset, Pair, load_pairs, load_snli_pairs, load_stsb, load_triplets
 from ..encoders import SentenceEncoder
 from ..encoders.encoder import resolve_dtype
 from ..evaluation import evaluate_retrieval, evaluate_sts, pair_geometry, run_task, task_path
+from ..evaluation.tasks import default_data_dir
 from ..training import Objective, RunConfig, Trainer, TrainingSet
 from ..training.checkpoint import atomic_write_text
 from ..training.trainer import FitResult
@@ -46,6 +47,8 @@ def load_training_data(config: RunConfig) -> tuple[TrainingSet, Any]:
     """The training set and, with ``data.dev_holdout``, the held-out dev part (an STS pair
     list or a BEIR split)."""
     d = config.data
+    if isinstance(d.train, list):
+        return _combined_pairs(config, d.train)
     train = d.train
     if train == "stsb" or train == "scifact" or train.startswith("beir:"):
         kind, path = task_path(train, _data_dir(config))
@@ -57,6 +60,8 @@ def load_training_data(config: RunConfig) -> tuple[TrainingSet, Any]:
             kept, held = ds.holdout("train", d.dev_holdout, seed=config.train.seed)
             return TrainingSet.from_records(ds.training_pairs(kept)), (ds, held)
         return TrainingSet.from_records(ds.training_pairs("train")), None
+    if _is_snli(train):
+        return _holdout_pairs(_snli_pairs(config, train), d.dev_holdout, config.train.seed)
     path = Path(train)
     if d.kind == "triplets":
         cols = d.columns or ["anchor", "positive", "negative"]
@@ -64,6 +69,57 @@ def load_training_data(config: RunConfig) -> tuple[TrainingSet, Any]:
     cols = d.columns or ["sentence1", "sentence2"]
     records = list(load_pairs(path, columns=cols, score_column=d.score_column,
                               score_range=d.score_range))
+    return _holdout_pairs(records, d.dev_holdout, config.train.seed)
+
+
+#: SNLI splits that ``snli`` trains on (the shared copy has no train split).
+SNLI_TRAIN_SPLITS = ("dev", "test")
+
+
+def _is_snli(source: str) -> bool:
+    return source == "snli" or source.startswith("snli:")
+
+
+def _snli_pairs(config: RunConfig, source: str) -> list[Pair]:
+    """(premise, entailed hypothesis) pairs with label 1.0 (a positive pair), so that they
+    can join graded pairs under label-aware masking. ``snli``: dev + test; ``snli:SPLIT``."""
+    base = _data_dir(config) or default_data_dir()
+    splits = SNLI_TRAIN_SPLITS if source == "snli" else (source[len("snli:"):],)
+    return [Pair(p.text1, p.text2, label=1.0) for split in splits
+            for p in load_snli_pairs(base / "snli", split)]
+
+
+def _combined_pairs(config: RunConfig, sources: list[str]) -> tuple[TrainingSet, Any]:
+    """Pair sources concatenated in order; every pair labelled or none (else label-aware
+    masking would silently turn off)."""
+    d = config.data
+    if d.kind != "pairs":
+        raise ValueError("data.train: a list of sources takes pairs (data.kind: pairs)")
+    records: list[Pair] = []
+    labelled: dict[str, bool] = {}
+    for source in sources:
+        if source in ("stsb", "scifact") or source.startswith("beir:"):
+            kind, path = task_path(source, _data_dir(config))
+            if kind == "sts":
+                part = list(load_stsb(path, "train"))
+            elif d.dev_holdout > 0:
+                raise ValueError(f"data.train: {source} in a list of sources cannot have "
+                                 "data.dev_holdout (hold out from a single retrieval source)")
+            else:
+                part = list(BeirDataset(path).training_pairs("train"))
+        elif _is_snli(source):
+            part = _snli_pairs(config, source)
+        else:
+            cols = d.columns or ["sentence1", "sentence2"]
+            part = list(load_pairs(Path(source), columns=cols, score_column=d.score_column,
+                                   score_range=d.score_range))
+        records += part
+        labelled[source] = all(p.label is not None for p in part)
+    if len(set(labelled.values())) > 1:
+        raise ValueError("data.train: some sources have a label on every pair "
+                         f"({', '.join(k for k, v in labelled.items() if v)}) and some do not "
+                         f"({', '.join(k for k, v in labelled.items() if not v)}); combine "
+                         "sources of one kind")
     return _holdout_pairs(records, d.dev_holdout, config.train.seed)
 
 

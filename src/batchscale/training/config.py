@@ -31,8 +31,10 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    #: ``stsb``, ``scifact``, ``beir:PATH`` (train judgements) or a JSONL / CSV / TSV file.
-    train: str = "stsb"
+    #: ``stsb``, ``scifact``, ``beir:PATH`` (train judgements), ``snli`` (entailment pairs of
+    #: SNLI dev + test, label 1) or a JSONL / CSV / TSV file; or a list of pair sources,
+    #: concatenated in order (e.g. ``[stsb, snli]``).
+    train: str | list[str] = "stsb"
     #: For files: ``pairs`` (two text columns, optional score) or ``triplets``.
     kind: Literal["pairs", "triplets"] = "pairs"
     columns: list[str] | None = None
@@ -42,6 +44,13 @@ class DataConfig(_Strict):
     dev_holdout: float = Field(default=0.0, ge=0.0, lt=1.0)
     #: Folder with stsbenchmark/ and scifact/ (default: $BATCHSCALE_DATA or ../shared/data).
     data_dir: Path | None = None
+
+    @field_validator("train")
+    @classmethod
+    def _sources(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and (not v or not all(s.strip() for s in v)):
+            raise ValueError("a list of training sources must be non-empty, without empty names")
+        return v
 
 
 #: Losses that regress the pairs' graded labels and so need them on every pair.

@@ -199,8 +199,13 @@ class Trainer:
         groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": o.weight_decay},
                                         {"params": no_decay, "weight_decay": 0.0}]
         groups += self.objective.param_groups()
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
-                                 betas=o.betas, eps=o.eps)
+        groups = [g for g in groups if g["params"]]
+        # The fused kernel: one pass over each parameter, ~10x faster than the per-tensor
+        # loop on a CPU for a large embedding matrix (a static encoder's 30k x 384).
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                    for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=self.lr, betas=o.betas, eps=o.eps,
+                                 fused=fused or None)
 
     @property
     def parameters(self) -> list[Tensor]:

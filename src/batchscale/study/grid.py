@@ -1,0 +1,313 @@
+"""The sweep configuration: a base run, a grid and a budget, expanded into cells.
+
+A sweep file is YAML, validated strictly (an unknown key is an error naming the file and the
+key path)::
+
+    name: study-demo
+    base: {model: ..., data: ..., loss: ..., optim: ..., eval: ...}   # or a path to a run config
+    grid:
+      batch_sizes: [16, 64, 256]
+      losses:                       # named LossConfig variants, merged over base.loss
+        bsc: {name: bsc}
+        weince: {name: weince}
+      vrns_weights: [0.0, 0.1]      # each loss without and with VRNS (optional)
+      seeds: [0, 1, 2]
+      lr_scaling: [sqrt]            # none | linear | sqrt (optim.reference_batch_size)
+    budget: {examples: 20000}       # or {epochs: 2}: the same for every cell
+    report: {target: 75.0}          # optional: the fixed dev target of the convergence table
+
+Every cell is one training run; its identity is a hash of its resolved :class:`RunConfig`
+(so the same run is recognised across shards, stores and reruns), and the sweep's identity
+is the hash of its sorted cell ids (two stores can be merged only when these agree).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..training.config import ConfigError, RunConfig, load_config
+
+LrRule = Literal["none", "linear", "sqrt"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Grid(_Strict):
+    batch_sizes: list[int] = Field(min_length=1)
+    #: Named loss variants: LossConfig fields merged over ``base.loss``.
+    losses: dict[str, dict[str, Any]] = Field(min_length=1)
+    #: VRNS weights crossed with every loss (None: each variant's own ``vrns_weight``).
+    vrns_weights: list[float] | None = None
+    seeds: list[int] = Field(default=[0], min_length=1)
+    lr_scaling: list[LrRule] = Field(default=["none"], min_length=1)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v: list[int]) -> list[int]:
+        if any(b < 2 for b in v):
+            raise ValueError(f"every batch size must be >= 2, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"batch sizes repeat: {v}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct and >= 0, got {v}")
+        return v
+
+    @field_validator("vrns_weights")
+    @classmethod
+    def _vrns(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(w < 0 for w in v) or len(set(v)) != len(v)):
+            raise ValueError(f"VRNS weights must be a non-empty list of distinct values >= 0, "
+                             f"got {v}")
+        return v
+
+    @field_validator("lr_scaling")
+    @classmethod
+    def _rules(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"rules repeat: {v}")
+        return v
+
+    @field_validator("losses")
+    @classmethod
+    def _names(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, fields in v.items():
+            if not name.strip() or not isinstance(fields, dict):
+                raise ValueError(f"{name!r}: a loss variant is a name and a mapping of "
+                                 "loss fields")
+        return v
+
+
+class Budget(_Strict):
+    """The same training budget for every cell: examples seen, or epochs."""
+
+    examples: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one(self) -> Budget:
+        if (self.examples is None) == (self.epochs is None):
+            raise ValueError("give examples or epochs (exactly one)")
+        return self
+
+
+class ReportSettings(_Strict):
+    #: A fixed dev score every run is timed to (None: 95% of the best dev score of the study).
+    target: float | None = None
+    #: Paired differences (A minus B) between loss variants, by name (None: weince minus
+    #: infonce where the grid has both).
+    compare: list[tuple[str, str]] | None = None
+    bootstrap_resamples: int = Field(default=9999, ge=100)
+    seed: int = 0
+
+
+class SweepConfig(_Strict):
+    name: str = Field(min_length=1)
+    #: A run config: inline, or the path of a YAML run config (relative to the sweep file).
+    base: dict[str, Any] | str = {}
+    grid: Grid
+    budget: Budget
+    report: ReportSettings = ReportSettings()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid. ``index`` orders the grid (seeds outermost, so that a partial
+    sweep holds whole seeds); ``id`` is the hash of ``config``."""
+
+    index: int
+    loss: str
+    vrns_weight: float
+    batch_size: int
+    seed: int
+    lr_scaling: str
+    config: RunConfig
+
+    @property
+    def id(self) -> str:
+        return config_hash(self.config)
+
+    def label(self) -> str:
+        vrns = f"+vrns{self.vrns_weight:g}" if self.vrns_weight > 0 else ""
+        return (f"{self.loss}{vrns} B={self.batch_size} seed={self.seed} "
+                f"lr={self.lr_scaling}")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep: its config (with the base resolved) and its cells in grid order."""
+
+    config: SweepConfig
+    base: RunConfig
+    cells: tuple[Cell, ...]
+    source: str
+
+    @property
+    def hash(self) -> str:
+        """The sweep's identity: the hash of its sorted cell ids."""
+        ids = sorted(c.id for c in self.cells)
+        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+    def resolved(self) -> dict[str, Any]:
+        """The sweep config with the base inlined (what the store keeps)."""
+        out = self.config.model_dump(mode="json")
+        out["base"] = self.base.model_dump(mode="json")
+        return out
+
+    def shard(self, i: int, n: int) -> list[Cell]:
+        """The cells of shard ``i`` of ``n`` (0-based): grid indices congruent to i mod n,
+        so every shard gets a mix of batch sizes and losses."""
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"--shard {i}/{n}: need 0 <= i < n")
+        return [c for c in self.cells if c.index % n == i]
+
+
+def config_hash(config: RunConfig) -> str:
+    """A stable hash of a resolved run config (canonical JSON, sorted keys)."""
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n), 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: {where}: unknown key")
+        else:
+            lines.append(f"{source}: {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve_base(config: SweepConfig, path: Path | None, source: str) -> RunConfig:
+    if isinstance(config.base, str):
+        base_path = Path(config.base)
+        if not base_path.is_absolute() and path is not None:
+            base_path = path.parent / base_path
+        return load_config(base_path)
+    from ..training.config import config_from_dict
+
+    return config_from_dict(config.base, f"{source}: base")
+
+
+def expand(config: SweepConfig, base: RunConfig, source: str) -> list[Cell]:
+    """Every cell of the grid, each config validated (errors name the variant)."""
+    g = config.grid
+    raw = base.model_dump(mode="json")
+    cells: list[Cell] = []
+    for name, fields in g.losses.items():
+        if g.vrns_weights is not None and "vrns_weight" in fields:
+            raise ConfigError(f"{source}: grid.losses.{name}.vrns_weight: set VRNS weights in "
+                              "grid.vrns_weights or in the variants, not both")
+    index = 0
+    for seed in g.seeds:
+        for name, fields in g.losses.items():
+            for w in g.vrns_weights if g.vrns_weights is not None else [None]:
+                for rule in g.lr_scaling:
+                    for b in g.batch_sizes:
+                        loss = _merge(raw["loss"], fields)
+                        if w is not None:
+                            loss["vrns_weight"] = w
+                        run = _merge(raw, {"loss": loss,
+                                           "optim": {"lr_scaling": rule},
+                                           "train": {"batch_size": b, "seed": seed}})
+                        if config.budget.examples is not None:
+                            run["train"]["max_examples"] = config.budget.examples
+                        else:
+                            run["train"]["max_examples"] = None
+                            run["train"]["epochs"] = config.budget.epochs
+                        try:
+                            rc = RunConfig.model_validate(run)
+                        except ValidationError as e:
+                            raise ConfigError(_format(e, f"{source}: grid.losses.{name}")) \
+                                from None
+                        cells.append(Cell(index, name, float(rc.loss.vrns_weight), b, seed,
+                                          rule, rc))
+                        index += 1
+    ids = [c.id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{source}: grid: two cells resolve to the same run config "
+                          "(two loss variants with the same fields?)")
+    return cells
+
+
+def sweep_from_dict(raw: object, source: str = "sweep", path: Path | None = None) -> Sweep:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a sweep config must be a mapping, got "
+                          f"{type(raw).__name__}")
+    try:
+        config = SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+    examples = config.budget.examples
+    uneven = [b for b in config.grid.batch_sizes if examples is not None and examples % b]
+    if uneven:
+        b = uneven[0]
+        raise ConfigError(
+            f"{source}: budget.examples: {examples} is not a multiple of batch size {b}; the "
+            f"trainer takes whole batches, so that run would see {-(-examples // b) * b} "
+            "examples. Use a common multiple of grid.batch_sizes")
+    base = _resolve_base(config, path, source)
+    for a, b in config.report.compare or []:
+        for name in (a, b):
+            if name not in config.grid.losses:
+                raise ConfigError(f"{source}: report.compare: {name!r} is not a loss of "
+                                  f"grid.losses ({', '.join(config.grid.losses)})")
+    return Sweep(config, base, tuple(expand(config, base, source)), source)
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read and validate a sweep file; ``overrides`` (``key.path=value``) apply to it, e.g.
+    ``budget.examples=2000`` or ``base.data.data_dir=/data``."""
+    from ..training.config import apply_overrides
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the sweep config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    source = str(path)
+    if overrides:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: a sweep config must be a mapping")
+        if isinstance(raw.get("base"), str) and any(o.startswith("base.") for o in overrides):
+            base_path = Path(raw["base"])
+            if not base_path.is_absolute():
+                base_path = path.parent / base_path
+            raw = dict(raw, base=yaml.safe_load(base_path.read_text(encoding="utf-8")) or {})
+        raw = apply_overrides(raw, overrides)
+        source += " (with --set)"
+    return sweep_from_dict(raw, source, path)

@@ -1,0 +1,290 @@
+"""The results store: one SQLite file (WAL) per sweep or shard.
+
+Tables:
+
+* ``meta``: the sweep's identity (``sweep_hash``), its resolved config, the schema version
+  and the package version that created the store;
+* ``cells``: every cell of the grid (factors and resolved run config), written up front;
+* ``attempts``: one row each time a run starts (a restarted run has several);
+* ``runs``: one row per *finished* run: timings, throughput, peak memory, the selected dev
+  score, the test score, the run's config and the package version;
+* ``curve``: the run's evaluation points (examples, steps, seconds, dev metric, loss, lr);
+* ``metrics``: every numeric final metric, by split (``dev``: the selected checkpoint's dev
+  figures, ``test``: its test figures);
+* ``failures``: runs that diverged (NaN / Inf), with the error; such a cell is not finished,
+  so a rerun tries it again.
+
+A run is finished exactly when its ``runs`` row exists. That row, its curve and its metrics
+are written in one transaction, so a kill at any moment leaves either all of them or none:
+at most the run in progress is lost, and a rerun restarts it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cells (
+    cell_id TEXT PRIMARY KEY, idx INTEGER NOT NULL, loss TEXT NOT NULL,
+    loss_name TEXT NOT NULL, vrns_weight REAL NOT NULL, batch_size INTEGER NOT NULL,
+    seed INTEGER NOT NULL, lr_scaling TEXT NOT NULL, config TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY, cell_id TEXT NOT NULL REFERENCES cells, started_at TEXT NOT NULL,
+    host TEXT, pid INTEGER, resumed INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY, cell_id TEXT NOT NULL UNIQUE REFERENCES cells,
+    started_at TEXT NOT NULL, finished_at TEXT NOT NULL, package_version TEXT NOT NULL,
+    host TEXT, device TEXT, metric TEXT NOT NULL, examples INTEGER NOT NULL,
+    steps INTEGER NOT NULL, train_seconds REAL NOT NULL, wall_seconds REAL NOT NULL,
+    throughput REAL, peak_memory_mb REAL, memory_kind TEXT, best_dev REAL,
+    best_examples INTEGER, last_dev REAL, test REAL, config TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS curve (
+    run_id INTEGER NOT NULL REFERENCES runs, point INTEGER NOT NULL,
+    examples INTEGER NOT NULL, steps INTEGER NOT NULL, seconds REAL NOT NULL,
+    wall_seconds REAL, dev REAL, train_loss REAL, lr REAL,
+    PRIMARY KEY (run_id, point));
+CREATE TABLE IF NOT EXISTS failures (
+    id INTEGER PRIMARY KEY, cell_id TEXT NOT NULL REFERENCES cells, failed_at TEXT NOT NULL,
+    error TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id INTEGER NOT NULL REFERENCES runs, split TEXT NOT NULL, name TEXT NOT NULL,
+    value REAL NOT NULL, PRIMARY KEY (run_id, split, name));
+"""
+
+_RUN_COLUMNS = ("cell_id", "started_at", "finished_at", "package_version", "host", "device",
+                "metric", "examples", "steps", "train_seconds", "wall_seconds", "throughput",
+                "peak_memory_mb", "memory_kind", "best_dev", "best_examples", "last_dev",
+                "test", "config")
+_CURVE_COLUMNS = ("point", "examples", "steps", "seconds", "wall_seconds", "dev",
+                  "train_loss", "lr")
+
+
+class StoreError(ValueError):
+    """A store that cannot be used for this sweep (another sweep's, unreadable, ...)."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+class Store:
+    """An open results store. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise StoreError(f"{self.path}: no such store")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            with self.transaction():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a usable results store ({e})") from None
+        version = self.meta("schema_version")
+        if version is not None and int(version) != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema version {version}, this batchscale reads "
+                             f"{SCHEMA_VERSION}")
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an exception)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- meta and cells ---------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def all_meta(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self.db.execute("SELECT key, value FROM meta")}
+
+    def initialise(self, sweep_hash: str, name: str, resolved: dict[str, Any],
+                   package_version: str, cells: Iterable[dict[str, Any]]) -> None:
+        """Bind a new store to a sweep, or check that an existing one holds the same sweep
+        (then the stored sweep config is updated: report settings may change)."""
+        with self.transaction() as db:
+            existing = self.meta("sweep_hash")
+            if existing is not None and existing != sweep_hash:
+                stored = self.meta("sweep_name")
+                raise StoreError(
+                    f"{self.path}: holds another sweep ({stored!r}, grid hash {existing}; this "
+                    f"config's grid hash is {sweep_hash}); use another --store, or the config "
+                    "that made it")
+            values = {"schema_version": str(SCHEMA_VERSION), "sweep_hash": sweep_hash,
+                      "sweep_name": name, "sweep_config": json.dumps(resolved, sort_keys=True)}
+            if existing is None:
+                values["created_at"] = now()
+                values["package_version"] = package_version
+            for k, v in values.items():
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (k, v))
+            for c in cells:
+                db.execute(
+                    "INSERT OR IGNORE INTO cells (cell_id, idx, loss, loss_name, vrns_weight, "
+                    "batch_size, seed, lr_scaling, config) VALUES (:cell_id, :idx, :loss, "
+                    ":loss_name, :vrns_weight, :batch_size, :seed, :lr_scaling, :config)", c)
+
+    def finished_cells(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT cell_id FROM runs")}
+
+    def record_attempt(self, cell_id: str, host: str, pid: int, resumed: bool) -> str:
+        started = now()
+        with self.transaction() as db:
+            db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, resumed) "
+                       "VALUES (?, ?, ?, ?, ?)", (cell_id, started, host, pid, int(resumed)))
+        return started
+
+    def first_attempt(self, cell_id: str) -> str | None:
+        row = self.db.execute("SELECT MIN(started_at) FROM attempts WHERE cell_id = ?",
+                              (cell_id,)).fetchone()
+        return row[0]
+
+    def add_failure(self, cell_id: str, error: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO failures (cell_id, failed_at, error) VALUES (?, ?, ?)",
+                       (cell_id, now(), error))
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Failures of cells that have no finished run, with the cell's factors."""
+        rows = self.db.execute(
+            "SELECT f.*, c.loss, c.vrns_weight, c.batch_size, c.seed, c.lr_scaling "
+            "FROM failures f JOIN cells c USING (cell_id) WHERE f.cell_id NOT IN "
+            "(SELECT cell_id FROM runs) ORDER BY c.idx, f.id")
+        return [dict(r) for r in rows]
+
+    # -- finished runs ----------------------------------------------------------------------
+    def add_run(self, run: dict[str, Any], curve: list[dict[str, Any]],
+                metrics: dict[str, dict[str, float]]) -> int:
+        """Insert a finished run, its curve and its metrics in one transaction."""
+        with self.transaction() as db:
+            return self._insert_run(db, run, curve, metrics)
+
+    def _insert_run(self, db: sqlite3.Connection, run: dict[str, Any],
+                    curve: list[dict[str, Any]], metrics: dict[str, dict[str, float]]) -> int:
+        cols = ", ".join(_RUN_COLUMNS)
+        marks = ", ".join(f":{c}" for c in _RUN_COLUMNS)
+        cur = db.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})",
+                         {c: run.get(c) for c in _RUN_COLUMNS})
+        run_id = int(cur.lastrowid)
+        ccols = ", ".join(_CURVE_COLUMNS)
+        cmarks = ", ".join(f":{c}" for c in _CURVE_COLUMNS)
+        for point in curve:
+            db.execute(f"INSERT INTO curve (run_id, {ccols}) VALUES (:run_id, {cmarks})",
+                       {"run_id": run_id, **{c: point.get(c) for c in _CURVE_COLUMNS}})
+        for split, values in metrics.items():
+            for name, value in values.items():
+                db.execute("INSERT INTO metrics (run_id, split, name, value) VALUES (?, ?, ?, ?)",
+                           (run_id, split, name, float(value)))
+        return run_id
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Finished runs joined with their cell's factors, in grid order."""
+        rows = self.db.execute(
+            "SELECT r.*, c.idx, c.loss, c.loss_name, c.vrns_weight, c.batch_size, c.seed, "
+            "c.lr_scaling FROM runs r JOIN cells c USING (cell_id) ORDER BY c.idx")
+        return [dict(r) for r in rows]
+
+    def curve(self, run_id: int) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM curve WHERE run_id = ? ORDER BY point", (run_id,))
+        return [dict(r) for r in rows]
+
+    def metrics(self, run_id: int) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for r in self.db.execute("SELECT split, name, value FROM metrics WHERE run_id = ?",
+                                 (run_id,)):
+            out.setdefault(r[0], {})[r[1]] = r[2]
+        return out
+
+    def cells(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM cells ORDER BY idx")]
+
+
+def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict[str, int]:
+    """Combine shard stores into ``out`` (new or holding the same sweep). Every input must
+    hold the same sweep (same grid hash); a run finished in several inputs is taken once (the
+    first). Returns counts: runs added, duplicates skipped."""
+    if not inputs:
+        raise StoreError("merge: no input stores")
+    sources = []
+    for p in inputs:
+        if not Path(p).is_file():
+            raise StoreError(f"{p}: no such store")
+        s = Store(p, create=False)
+        if s.meta("sweep_hash") is None:
+            s.close()
+            raise StoreError(f"{p}: an empty store (no sweep was started in it)")
+        sources.append(s)
+    try:
+        first = sources[0]
+        want = first.meta("sweep_hash")
+        for s in sources[1:]:
+            if s.meta("sweep_hash") != want:
+                raise StoreError(
+                    f"{s.path}: holds another sweep (grid hash {s.meta('sweep_hash')}, "
+                    f"{s.meta('sweep_name')!r}) than {first.path} (grid hash {want}, "
+                    f"{first.meta('sweep_name')!r}); refusing to merge")
+        added = skipped = 0
+        with Store(out) as target:
+            have = target.meta("sweep_hash")
+            if have is not None and have != want:
+                raise StoreError(f"{target.path}: holds another sweep (grid hash {have}); "
+                                 f"the inputs have {want}; refusing to merge")
+            meta = first.all_meta()
+            target.initialise(want or "", meta.get("sweep_name", ""),
+                              json.loads(meta["sweep_config"]),
+                              meta.get("package_version", ""), first.cells())
+            done = target.finished_cells()
+            with target.transaction() as db:
+                for s in sources:
+                    for c in s.cells():
+                        db.execute("INSERT OR IGNORE INTO cells VALUES (:cell_id, :idx, :loss, "
+                                   ":loss_name, :vrns_weight, :batch_size, :seed, :lr_scaling, "
+                                   ":config)", c)
+                    for a in s.db.execute("SELECT cell_id, started_at, host, pid, resumed "
+                                          "FROM attempts"):
+                        db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, "
+                                   "resumed) VALUES (?, ?, ?, ?, ?)", tuple(a))
+                    for f in s.db.execute("SELECT cell_id, failed_at, error FROM failures"):
+                        db.execute("INSERT INTO failures (cell_id, failed_at, error) "
+                                   "VALUES (?, ?, ?)", tuple(f))
+                    for run in s.runs():
+                        if run["cell_id"] in done:
+                            skipped += 1
+                            continue
+                        target._insert_run(db, run, s.curve(run["id"]), s.metrics(run["id"]))
+                        done.add(run["cell_id"])
+                        added += 1
+        return {"added": added, "skipped": skipped}
+    finally:
+        for s in sources:
+            s.close()

@@ -1,0 +1,246 @@
+"""Run a sweep: every cell of the grid (or of one shard) is a training run, recorded in the
+results store when it finishes.
+
+Rerunning the same command continues: finished cells (a ``runs`` row) are skipped; a cell
+whose run was interrupted is resumed from its last trainer checkpoint when its run directory
+holds one for the same config (the trainer's exact resume), else restarted from scratch.
+Each run directory lives under the work folder only while the run is in progress (use
+``keep_runs`` to keep the selected models).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..training.checkpoint import latest_checkpoint
+from ..training.config import dump_config
+from ..training.trainer import TrainingDiverged
+from .grid import Cell, Sweep
+from .run import train_run
+from .store import Store, now
+
+
+def default_work_dir(store: Path) -> Path:
+    return store.parent / f"{store.stem}-runs"
+
+
+# -- memory ---------------------------------------------------------------------------------
+#: Freed memory kept by glibc at the top of the heap before it is returned (bytes).
+TRIM_THRESHOLD = 256 * 2**20
+
+
+def keep_large_allocations_in_heap() -> bool:
+    """Serve large allocations from the heap instead of fresh ``mmap`` pages (glibc only).
+
+    A static encoder's dense embedding gradient (30k x 384 floats, 47 MB) is allocated anew
+    at every step; from ``mmap`` every one of its pages faults on first touch, which made a
+    batch-16 step ~5x slower on a 2-core machine. With ``M_MMAP_MAX = 0`` the memory is
+    reused. Returns whether the setting took effect.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold,
+                                                                        TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+# -- peak memory ----------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of one run: CUDA's peak allocated bytes on a GPU, else the process's peak
+    resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` at the start of the
+    run; where that is refused, the process's lifetime peak)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.kind = "peak_rss"
+        except OSError:
+            self.kind = "peak_rss_lifetime"
+
+    def stop(self) -> tuple[float | None, str]:
+        """(MiB, kind)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_allocated"
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, self.kind
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_rss_lifetime"
+
+
+def _device(cell: Cell) -> torch.device:
+    d = cell.config.train.device
+    if d:
+        return torch.device(d)
+    if cell.config.model.name.startswith("static:"):
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -- one cell -------------------------------------------------------------------------------
+def _prepare(run_dir: Path, cell: Cell) -> bool:
+    """True when ``run_dir`` holds a resumable run of this cell; otherwise it is cleared."""
+    if run_dir.is_dir():
+        config = run_dir / "config.yaml"
+        if (latest_checkpoint(run_dir / "checkpoints") is not None and config.is_file()
+                and config.read_text(encoding="utf-8") == dump_config(cell.config)):
+            return True
+        shutil.rmtree(run_dir)
+    return False
+
+
+def _numbers(d: dict[str, Any] | None) -> dict[str, float]:
+    """The numeric entries of a metrics dict (nested and text entries left out)."""
+    if not d:
+        return {}
+    return {k: float(v) for k, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_cell(store: Store, cell: Cell, work: Path, *, show_progress: bool = False,
+             keep_runs: bool = False) -> int:
+    """Train one cell and record it; returns the run's row id."""
+    run_dir = work / cell.id
+    resumed = _prepare(run_dir, cell)
+    started = store.record_attempt(cell.id, socket.gethostname(), os.getpid(), resumed)
+    device = _device(cell)
+    memory = PeakMemory(device)
+    memory.start()
+    t0 = time.perf_counter()
+    result = train_run(cell.config, run_dir, resume=resumed, show_progress=show_progress)
+    wall = time.perf_counter() - t0
+    peak, kind = memory.stop()
+    fit, metric = result.fit, cell.config.eval.metric
+    curve = [{"point": i, "examples": r["examples"], "steps": r["steps"],
+              "seconds": r["seconds"], "wall_seconds": r.get("wall_seconds"),
+              "dev": float(r["dev"][metric]), "train_loss": r.get("train_loss"),
+              "lr": r.get("lr")} for i, r in enumerate(fit.curve)]
+    best = next((r for r in fit.curve if r["examples"] == fit.best_examples), None)
+    test = result.test or {}
+    test_metric = test.get(metric)
+    run = {
+        "cell_id": cell.id,
+        "started_at": store.first_attempt(cell.id) or started,
+        "finished_at": now(),
+        "package_version": __version__,
+        "host": socket.gethostname(),
+        "device": str(device),
+        "metric": metric,
+        "examples": fit.examples,
+        "steps": fit.curve[-1]["steps"] if fit.curve else 0,
+        "train_seconds": fit.train_seconds,
+        # A resumed run: its seconds before the interruption are in the last curve point.
+        "wall_seconds": max(wall, float(fit.curve[-1].get("wall_seconds") or 0.0))
+        if fit.curve else wall,
+        "throughput": fit.pairs_per_second,
+        "peak_memory_mb": peak,
+        "memory_kind": kind + ("_resumed" if resumed else ""),
+        "best_dev": fit.best_metric,
+        "best_examples": fit.best_examples,
+        "last_dev": curve[-1]["dev"] if curve else None,
+        "test": None if test_metric is None else float(test_metric),
+        "config": json.dumps(cell.config.model_dump(mode="json"), sort_keys=True),
+    }
+    metrics = {"dev": _numbers(best["dev"] if best else None), "test": _numbers(test)}
+    metrics["test"].pop("seconds", None)
+    run_id = store.add_run(run, curve, metrics)
+    if not keep_runs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return run_id
+
+
+# -- the sweep ------------------------------------------------------------------------------
+@dataclass
+class SweepSummary:
+    store: Path
+    cells: int
+    skipped: int
+    ran: int
+    failed: int = 0
+
+
+def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | None = None,
+              shard: tuple[int, int] | None = None, show_progress: bool = False,
+              keep_runs: bool = False, threads: int | None = None,
+              log: Callable[[str], None] = print) -> SweepSummary:
+    """Run the cells of ``sweep`` (of one shard) not yet finished in the store.
+
+    ``threads``: torch's intra-op threads for the whole sweep (None: torch's default). On a
+    small machine shared with other jobs, 1 avoids OpenMP's oversubscription: a batch-16
+    step of the static encoder took 66 ms with 1 thread and 340-380 ms with 2 on 2 busy
+    cores.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    store_path = Path(store_path)
+    work = Path(work_dir) if work_dir is not None else default_work_dir(store_path)
+    cells = list(sweep.cells) if shard is None else sweep.shard(*shard)
+    keep_large_allocations_in_heap()
+    with Store(store_path) as store:
+        store.initialise(sweep.hash, sweep.config.name, sweep.resolved(), __version__,
+                         [_cell_row(c) for c in sweep.cells])
+        done = store.finished_cells()
+        todo = [c for c in cells if c.id not in done]
+        where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
+        log(f"sweep {sweep.config.name}{where}: {len(cells)} cells, {len(cells) - len(todo)} "
+            f"finished already, {len(todo)} to run; store {store_path}")
+        for c in cells:  # finished before a kill that came ahead of the clean-up
+            if c.id in done and not keep_runs and (work / c.id).is_dir():
+                shutil.rmtree(work / c.id, ignore_errors=True)
+        failed = 0
+        for k, cell in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            try:
+                run_id = run_cell(store, cell, work, show_progress=show_progress,
+                                  keep_runs=keep_runs)
+            except TrainingDiverged as e:  # an outcome of the grid (a too-high lr), not a bug
+                store.add_failure(cell.id, str(e))
+                if not keep_runs:
+                    shutil.rmtree(work / cell.id, ignore_errors=True)
+                failed += 1
+                log(f"[{k}/{len(todo)}] {cell.label()}: diverged ({e})")
+                continue
+            row = store.db.execute("SELECT best_dev, test FROM runs WHERE id = ?",
+                                   (run_id,)).fetchone()
+            test = "" if row["test"] is None else f", test {row['test']:.2f}"
+            log(f"[{k}/{len(todo)}] {cell.label()}: dev {row['best_dev']:.2f}{test} "
+                f"({time.perf_counter() - t0:.1f} s)")
+    return SweepSummary(store_path, len(cells), len(cells) - len(todo), len(todo) - failed,
+                        failed)
+
+
+def _cell_row(c: Cell) -> dict[str, Any]:
+    return {"cell_id": c.id, "idx": c.index, "loss": c.loss, "loss_name": c.config.loss.name,
+            "vrns_weight": c.vrns_weight, "batch_size": c.batch_size, "seed": c.seed,
+            "lr_scaling": c.lr_scaling,
+            "config": json.dumps(c.config.model_dump(mode="json"), sort_keys=True)}
