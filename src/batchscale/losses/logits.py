@@ -57,12 +57,15 @@ class Shortfall(NamedTuple):
     inverse: Tensor | None   # 1 / u, and 0 where s was clamped (no gradient there)
 
 
-def mixed_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | None) -> Tensor:
-    """g = scale * s + mix * log u, a fresh buffer (``coef`` broadcast to ``sims``)."""
+def mixed_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | None,
+                 bias: Tensor | None = None) -> Tensor:
+    """g = scale * s + mix * log u (+ bias), a fresh buffer (``coef`` and ``bias`` broadcast
+    to ``sims``); the tiled path folds -logsumexp into ``bias`` to save a pass."""
+    g = sims * coef.scale if bias is None else torch.addcmul(bias, sims, coef.scale)
     if coef.mix is None:
-        return sims * coef.scale
+        return g
     assert shortfall is not None
-    return torch.mul(shortfall.log, coef.mix).addcmul_(sims, coef.scale)
+    return g.addcmul_(shortfall.log, coef.mix)
 
 
 def mixed_slope(coef: Coefficients, shortfall: Shortfall | None) -> Tensor:
@@ -73,11 +76,15 @@ def mixed_slope(coef: Coefficients, shortfall: Shortfall | None) -> Tensor:
     return torch.mul(shortfall.inverse, coef.mix.neg()).add_(coef.scale)
 
 
-def add_times_slope_(out: Tensor, grad_logits: Tensor, coef: Coefficients,
-                     shortfall: Shortfall | None) -> Tensor:
-    """out += grad_logits * dg/ds = grad * scale - (grad * mix) / u, without a dg/ds buffer
-    (the tiled backward adds both directions into one; ``grad_logits`` is consumed)."""
-    out.addcmul_(grad_logits, coef.scale)
+def slope_product_(grad_logits: Tensor, coef: Coefficients, shortfall: Shortfall | None,
+                   out: Tensor | None = None) -> Tensor:
+    """grad_logits * dg/ds = grad * scale - (grad * mix) / u, added to ``out`` when given,
+    without a dg/ds buffer (the tiled backward sums both directions; ``grad_logits`` is
+    consumed)."""
+    if out is None:
+        out = grad_logits * coef.scale
+    else:
+        out.addcmul_(grad_logits, coef.scale)
     if coef.mix is None:
         return out
     assert shortfall is not None and shortfall.inverse is not None
@@ -162,14 +169,19 @@ class WeinceMixture:
         return Coefficients(plain_weight / temperature, lam.neg(), plain_weight)
 
     def shortfall(self, sims: Tensor, slope: bool) -> Shortfall:
-        ceiling = torch.tensor(1.0 - self.config.eps, dtype=sims.dtype)
-        # u = 1 - min(s, 1 - eps); exact for the clamped entries (Sterbenz), so
-        # u == 1 - ceiling marks exactly the entries where the log term has no gradient.
-        u = torch.clamp(sims, max=ceiling).neg_().add_(1.0)
+        floor = 1.0 - torch.tensor(1.0 - self.config.eps, dtype=sims.dtype).item()
+        # u = 1 - min(s, 1 - eps) = max(1 - s, 1 - (1 - eps)) exactly: 1 - s is exact for
+        # s >= 1/2 (Sterbenz), and below that both sides round the same 1 - s. So u == floor
+        # marks exactly the clamped entries, where the log term has no gradient.
+        u = torch.rsub(sims, 1.0).clamp_min_(floor)
         log = torch.log(u)
         if not slope:
             return Shortfall(log, None)
-        return Shortfall(log, u.masked_fill_(u <= 1.0 - ceiling, float("inf")).reciprocal_())
+        clamped = u <= floor
+        inverse = u.reciprocal_()
+        if bool(clamped.any()):          # rare: s within eps of 1 (duplicates)
+            inverse.masked_fill_(clamped, 0.0)
+        return Shortfall(log, inverse)
 
     def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
                ) -> LogitBlock:

@@ -25,7 +25,9 @@ and :func:`batchscale.losses.logits.weince_logits` unchanged.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -280,6 +282,11 @@ def _threshold_top(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return top, counts >= k
 
 
+@cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchscale-topk")
+
+
 def sorted_top_values(x: Tensor, k: int) -> Tensor:
     """Each row's k largest entries of ``x`` (rows, cols), sorted descending: the values of
     ``torch.topk(x, k, dim=1, sorted=True)`` exactly (ties are equal values).
@@ -292,7 +299,16 @@ def sorted_top_values(x: Tensor, k: int) -> Tensor:
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
             or k == 0 or rows == 0 or cols < 4 * k or cols < 64 * _SAMPLE_STRIDE):
         return torch.topk(x, k, dim=1, sorted=True).values
-    top, exact = _threshold_top(x.detach().contiguous().numpy(), k)
+    array = x.detach().contiguous().numpy()
+    # numpy runs one thread per call but releases the GIL: split the rows over torch's
+    # thread count, as torch's own kernels would.
+    chunks = np.array_split(array, min(torch.get_num_threads(), max(1, rows // 8)))
+    if len(chunks) == 1:
+        top, exact = _threshold_top(array, k)
+    else:
+        parts = list(_pool(len(chunks)).map(_threshold_top, chunks, [k] * len(chunks)))
+        top = np.concatenate([p[0] for p in parts])
+        exact = np.concatenate([p[1] for p in parts])
     values = torch.from_numpy(top)
     if not exact.all():
         redo = torch.from_numpy(~exact)
