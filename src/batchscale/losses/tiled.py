@@ -185,7 +185,8 @@ class _Fits:
         top = sorted_top_values(negatives, int(k.max()))
         fit = fit_tail(top, k, cfg)
         self.fits.append(fit)
-        self.max_negative.append(top[:, 0] if top.shape[1] else negatives.amax(dim=1))
+        # a copy: a view of column 0 would keep the strip's whole sorted tail alive
+        self.max_negative.append(top[:, 0].clone() if top.shape[1] else negatives.amax(dim=1))
         return fit
 
     def fit(self) -> TailFit:
