@@ -122,6 +122,9 @@ class _Direction:
     state: WeinceLambda | None
 
 
+_Directions = _Direction | None       # None: the direction is not computed
+
+
 def _running(m: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return like.new_full((m,), float("-inf")), like.new_zeros(m), like.new_zeros(m)
 
@@ -250,6 +253,25 @@ def _shift(policy: LogitPolicy, coef: Coefficients, max_negative: Tensor, positi
     return mixed_logits(top, coef.part(slice(None), 0), policy.shortfall(top, slope=False))[:, 0]
 
 
+def _answer_anchors(sims_t: Tensor, answers: slice, plan: _Plan, tau: Tensor, k: Tensor,
+                    rho0: Tensor, positive_sims: Tensor
+                    ) -> tuple[WeinceLambda, Coefficients, Tensor]:
+    """L1 in a column strip: the answers' tail fits from their whole columns (the strip's
+    first rows), their lambdas (rho0 known since sweep 1), logit coefficients (broadcast
+    along the strip's rows) and log-sum-exp shifts."""
+    cfg = plan.policy.tail
+    assert cfg is not None
+    m = sims_t.shape[1]
+    fits = _Fits()
+    fit = _fit_without_positive(fits, sims_t[: answers.stop - answers.start],
+                                candidate_mask(plan.query_ids, answers, slice(0, m)),
+                                _diagonal(answers, slice(0, m), sims_t.device), k, cfg)
+    state = mix_lambda(fit, plan.is_anchor[answers], cfg, sims_t.dtype, rho0=rho0)
+    coef = plan.policy.coefficients(state, tau)
+    shift = _shift(plan.policy, coef, fits.max_negative[0], positive_sims)
+    return state, coef.part(slice(None), 0), shift
+
+
 def _weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: _Plan
                     ) -> tuple[_Directions, _Directions]:
     policy, cfg = plan.policy, plan.policy.tail
@@ -272,7 +294,7 @@ def _weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: _Plan
 
     # Sweep 2, column strips: sims_t[a, i] = s(q_i, candidate a). The tails need whole
     # strip rows; the logits are taken a tile of queries at a time, so that their passes
-    # run in cache rather than over the whole strip (measured ~3x slower).
+    # run in cache (the forward took ~25% less time than over whole strips at B = 8,192).
     row_sum, row_pos = q.new_zeros(m), q.new_zeros(m)
     col_lse, col_pos = q.new_zeros(m), q.new_zeros(m)
     col_states: list[WeinceLambda] = []
@@ -283,15 +305,10 @@ def _weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: _Plan
         if plan.cols and c.start < m:
             assert k_cols is not None and col_rho0 is not None
             answers = slice(c.start, min(c.stop, m))
-            mask = candidate_mask(plan.query_ids, answers, slice(0, m))
-            fits = _Fits()
-            fit = _fit_without_positive(fits, sims_t[: answers.stop - answers.start], mask,
-                                        _diagonal(c, slice(0, m), dev), k_cols[answers], cfg)
-            state = mix_lambda(fit, plan.is_anchor[answers], cfg, dtype, rho0=col_rho0)
+            state, coef, shift = _answer_anchors(sims_t, answers, plan, tau, k_cols[answers],
+                                                 col_rho0, positive_sims[answers])
             col_states.append(state)
-            coef = policy.coefficients(state, tau)
-            shift = _shift(policy, coef, fits.max_negative[0], positive_sims[answers])
-            col = (answers, coef.part(slice(None), 0), shift)
+            col = (answers, coef, shift)
             col_sum = q.new_zeros(answers.stop - answers.start)
         for chunk in _blocks(m, plan.tile):
             sub = sims_t[:, chunk]
@@ -324,8 +341,6 @@ def _weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: _Plan
         cols = _Direction(col_lse, col_pos, policy.coefficients(col_state, tau), col_state)
     return rows, cols
 
-
-_Directions = _Direction | None
 
 
 # --- the tiled softmax cross-entropy ---------------------------------------------------------
