@@ -166,10 +166,10 @@ def _plain_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: _Plan
 # --- WEINCE: two forward sweeps in strips -----------------------------------------------------
 
 
-# A strip holds at most this many similarities (16 MB in float32): whole rows for the tails,
-# and enough of them that the strip's matmul runs near the speed of square tiles (128-row
-# strips were ~25% slower, measured); 2^21 to 2^23 timed alike within noise.
-STRIP_ENTRIES = 1 << 22
+# A strip holds at most this many similarities (32 MB in float32): whole rows for the tails,
+# and enough of them that the strip's matmul runs near the speed of square tiles (256-row
+# strips ~10% slower, 128-row ~25% slower, measured at B = 32,768 on one thread).
+STRIP_ENTRIES = 1 << 23
 
 
 def _strip(width: int, tile: int) -> int:
