@@ -104,3 +104,41 @@ def test_tiled_gradcheck() -> None:
 
     inputs = tuple(x.clone().requires_grad_(True) for x in (q, a, h, tau))
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("k", [1, 37, 200])
+def test_sorted_top_values_equals_topk(k: int) -> None:
+    """The threshold path gives torch.topk's values exactly: ties, -inf (masked) entries,
+    rows whose strided sample over-estimates the k-th value (fallback), float32 and 64."""
+    from batchscale.losses.weince_tail import _threshold_top, sorted_top_values
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(40, 2048, generator=g, dtype=torch.float64)
+    x[0] = torch.round(x[0] * 4) / 4                   # heavy ties
+    x[1, ::3] = float("-inf")                          # masked candidates
+    x[2, : 2048 - k // 2] = float("-inf")              # fewer finite entries than k
+    x[3, ::16] = 10.0 + torch.arange(128.0)            # the sample holds the largest values
+    x[4] = 0.5                                         # all equal
+    _, exact = _threshold_top(x.numpy(), k)
+    if k > 1:
+        assert not exact[3], "the prefilter should fail on row 3 and fall back"
+    for dtype in (torch.float64, torch.float32):
+        y = x.to(dtype)
+        assert torch.equal(sorted_top_values(y, k), torch.topk(y, k, dim=1).values)
+
+
+def test_tiled_weince_equals_dense_on_the_threshold_path() -> None:
+    """A batch wide enough (> 1,024 candidates) for the sampled-threshold top-k, with
+    labels, ids and hard negatives, tiled against dense in float64."""
+    m, hard = 1100, 40
+    q, a, h = _case(m, hard, d=8, seed=11)
+    query_ids, answer_ids = _ids(m, hard, seed=3)
+    labels = (torch.rand(m, generator=torch.Generator().manual_seed(2)) > 0.1).long()
+    for kwargs in ({}, dict(labels=labels, query_ids=query_ids, answer_ids=answer_ids)):
+        dense_loss, dense_grads = _loss_and_grads(weince_loss, q, a, h, 0.1, tile_size=None,
+                                                  **kwargs)
+        tiled_loss, tiled_grads = _loss_and_grads(weince_loss, q, a, h, 0.1, tile_size=256,
+                                                  **kwargs)
+        assert tiled_loss.item() == pytest.approx(dense_loss.item(), rel=1e-6, abs=0)
+        for dense, tiled in zip(dense_grads, tiled_grads, strict=True):
+            assert torch.allclose(tiled, dense, rtol=1e-6, atol=1e-12)

@@ -26,6 +26,78 @@ class LogitBlock(NamedTuple):
     tau_weight: Tensor | None
 
 
+class Coefficients(NamedTuple):
+    """Per-anchor constants of g_ij = scale_i * s_ij + mix_i * log(1 - min(s_ij, 1 - eps)).
+
+    Every policy here is of this form (``mix`` None: no log term); the tiled path combines
+    them with a tile's :class:`Shortfall`, computed once and shared by both directions."""
+
+    scale: Tensor              # (anchors,) or 0-dim
+    mix: Tensor | None         # (anchors,)
+    tau_weight: Tensor | None  # (anchors,): dg/dtau = -tau_weight * s / tau^2; None means 1
+
+    def part(self, anchors: slice, dim: int) -> Coefficients:
+        """The coefficients of a block of anchors, shaped to broadcast over a block of
+        similarities whose anchors lie along ``dim`` (0: rows, 1: columns)."""
+
+        def cut(x: Tensor | None) -> Tensor | None:
+            if x is None or x.ndim == 0:
+                return x
+            return x[anchors, None] if dim == 0 else x[None, anchors]
+
+        scale = cut(self.scale)
+        assert scale is not None
+        return Coefficients(scale, cut(self.mix), cut(self.tau_weight))
+
+
+class Shortfall(NamedTuple):
+    """Per-entry terms of the log-shortfall logit, for one block of similarities."""
+
+    log: Tensor              # log(u), u = 1 - min(s, 1 - eps)
+    inverse: Tensor | None   # 1 / u, and 0 where s was clamped (no gradient there)
+
+
+def mixed_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | None,
+                 bias: Tensor | None = None) -> Tensor:
+    """g = scale * s + mix * log u (+ bias), a fresh buffer (``coef`` and ``bias`` broadcast
+    to ``sims``); the tiled path folds -logsumexp into ``bias`` to save a pass."""
+    if bias is None:
+        g = sims * coef.scale
+    elif bias.shape[-1] != 1 and coef.scale.ndim == 2:
+        g = torch.addcmul(bias, sims, coef.scale)       # per-column constants: vectorised
+    else:
+        # A per-row bias sends addcmul to torch's unvectorised CPU loop (~4x slower than
+        # this mul and add, measured), whether the scale is per row or a scalar.
+        g = torch.mul(sims, coef.scale).add_(bias)
+    if coef.mix is None:
+        return g
+    assert shortfall is not None
+    return g.addcmul_(shortfall.log, coef.mix)
+
+
+def mixed_slope(coef: Coefficients, shortfall: Shortfall | None) -> Tensor:
+    """dg/ds = scale - mix / u (d log u / ds = -1/u; 0 for the clamped entries)."""
+    if coef.mix is None:
+        return coef.scale
+    assert shortfall is not None and shortfall.inverse is not None
+    return torch.mul(shortfall.inverse, coef.mix.neg()).add_(coef.scale)
+
+
+def slope_product_(grad_logits: Tensor, coef: Coefficients, shortfall: Shortfall | None,
+                   out: Tensor | None = None) -> Tensor:
+    """grad_logits * dg/ds = grad * scale - (grad * mix) / u, added to ``out`` when given,
+    without a dg/ds buffer (the tiled backward sums both directions; ``grad_logits`` is
+    consumed)."""
+    if out is None:
+        out = grad_logits * coef.scale
+    else:
+        out.addcmul_(grad_logits, coef.scale)
+    if coef.mix is None:
+        return out
+    assert shortfall is not None and shortfall.inverse is not None
+    return out.addcmul_(grad_logits.mul_(coef.mix), shortfall.inverse, value=-1.0)
+
+
 class LogitPolicy(Protocol):
     @property
     def tail(self) -> WeinceConfig | None:
@@ -35,9 +107,28 @@ class LogitPolicy(Protocol):
                   anchors: Tensor) -> WeinceLambda | None:
         """Per-anchor constants computed once from the (detached) similarities."""
 
+    def coefficients(self, state: WeinceLambda | None, temperature: Tensor) -> Coefficients:
+        """The per-anchor constants of the logits of ``state``'s anchors."""
+
+    def shortfall(self, sims: Tensor, slope: bool) -> Shortfall | None:
+        """The per-entry log-shortfall terms (None when the logits have none); ``slope``:
+        also 1/u, which only the backward needs."""
+
     def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
                ) -> LogitBlock:
         """Logits g of a block of rows, with dg/ds and dg/dtau."""
+
+
+def _block(policy: LogitPolicy, sims: Tensor, state: WeinceLambda | None,
+           temperature: Tensor) -> LogitBlock:
+    """A policy's logits of a block of anchor rows, from its coefficients and shortfall."""
+    coef = policy.coefficients(state, temperature)
+    if coef.mix is not None:
+        coef = coef.part(slice(None), 0)
+    shortfall = policy.shortfall(sims, slope=True)
+    tau_weight = None if coef.tau_weight is None else coef.tau_weight.squeeze(1)
+    return LogitBlock(mixed_logits(sims, coef, shortfall), mixed_slope(coef, shortfall),
+                      tau_weight)
 
 
 @dataclass(frozen=True)
@@ -52,16 +143,21 @@ class ScaledCosine:
                   anchors: Tensor) -> None:
         return None
 
+    def coefficients(self, state: WeinceLambda | None, temperature: Tensor) -> Coefficients:
+        return Coefficients(1.0 / temperature, None, None)
+
+    def shortfall(self, sims: Tensor, slope: bool) -> None:
+        return None
+
     def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
                ) -> LogitBlock:
-        scale = 1.0 / temperature
-        return LogitBlock(sims * scale, scale, None)
+        return _block(self, sims, state, temperature)
 
 
 @dataclass(frozen=True)
 class WeinceMixture:
     """WEINCE's t-lambda select logits, g = (1 - lam) s / tau + lam * (-log(1 - min(s, 1 - eps)))
-    (see :mod:`batchscale.losses.weince_tail` for lam)."""
+    (see :mod:`batchscale.losses.weince_tail` for lam): scale = (1 - lam) / tau, mix = -lam."""
 
     config: WeinceConfig = field(default_factory=WeinceConfig)
     anchor_pool: AnchorPool | None = None  # rho0 over anchors beyond this call's
@@ -75,19 +171,32 @@ class WeinceMixture:
         return weince_lambda(sims, positive_index, candidate_mask, anchors, self.config,
                              self.anchor_pool)
 
+    def coefficients(self, state: WeinceLambda | None, temperature: Tensor) -> Coefficients:
+        assert state is not None
+        lam = state.lam.to(temperature.dtype)
+        plain_weight = 1.0 - lam
+        return Coefficients(plain_weight / temperature, lam.neg(), plain_weight)
+
+    def shortfall(self, sims: Tensor, slope: bool) -> Shortfall:
+        floor = 1.0 - torch.tensor(1.0 - self.config.eps, dtype=sims.dtype).item()
+        # u = 1 - min(s, 1 - eps) = max(1 - s, 1 - (1 - eps)) exactly: 1 - s is exact for
+        # s >= 1/2 (Sterbenz), and below that both sides round the same 1 - s. So u == floor
+        # marks exactly the clamped entries, where the log term has no gradient.
+        u = torch.rsub(sims, 1.0).clamp_min_(floor)
+        log = torch.log(u)
+        if not slope:
+            return Shortfall(log, None)
+        # Clamped entries are rare (s within eps of 1: duplicates); a min is ~20x cheaper
+        # than a bool mask and its any().
+        clamped = (u <= floor) if bool(u.amin() <= floor) else None
+        inverse = u.reciprocal_()
+        if clamped is not None:
+            inverse.masked_fill_(clamped, 0.0)
+        return Shortfall(log, inverse)
+
     def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
                ) -> LogitBlock:
-        assert state is not None
-        lam = state.lam.to(sims.dtype)[:, None]
-        plain_weight = 1.0 - lam
-        ceiling = torch.tensor(1.0 - self.config.eps, dtype=sims.dtype)
-        # shortfall u = 1 - min(s, 1 - eps); exact for the clamped entries (Sterbenz), so
-        # u == 1 - ceiling marks exactly the entries where the log term has no gradient.
-        shortfall = torch.clamp(sims, max=ceiling).neg_().add_(1.0)
-        logits = torch.log(shortfall).mul_(-lam).addcmul_(sims, plain_weight / temperature)
-        slope = shortfall.masked_fill_(shortfall <= 1.0 - ceiling, float("inf")).reciprocal_()
-        slope.mul_(lam).add_(plain_weight / temperature)
-        return LogitBlock(logits, slope, plain_weight.squeeze(1))
+        return _block(self, sims, state, temperature)
 
 
 def weince_logits(sims: Tensor, lam: Tensor, temperature: float | Tensor, eps: float) -> Tensor:
