@@ -34,15 +34,22 @@ class Interval:
         return self.lo is not None and self.hi is not None
 
 
+def _finite(values: Sequence[float]) -> np.ndarray:
+    """The values that are numbers (a failed or missing measurement is left out)."""
+    return np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+
+
+def _without_ci(x: np.ndarray) -> Interval | None:
+    """No value: None; one: its value with no interval (shown as n/a)."""
+    return None if len(x) == 0 else Interval(float(x[0]), None, None, 1)
+
+
 def t_interval(values: Sequence[float]) -> Interval | None:
     """Mean +- t_{0.975, n-1} * s / sqrt(n) (None for no values)."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    n = len(x)
-    if n == 0:
-        return None
-    mean = float(x.mean())
-    if n < 2:
-        return Interval(mean, None, None, n)
+    x = _finite(values)
+    if len(x) < 2:
+        return _without_ci(x)
+    n, mean = len(x), float(x.mean())
     half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
     return Interval(mean, mean - half, mean + half, n)
 
@@ -50,13 +57,10 @@ def t_interval(values: Sequence[float]) -> Interval | None:
 def bootstrap_interval(values: Sequence[float], *, resamples: int = 9999,
                        seed: int = 0) -> Interval | None:
     """Mean and percentile bootstrap interval of ``values`` (paired differences)."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    n = len(x)
-    if n == 0:
-        return None
-    mean = float(x.mean())
-    if n < 2:
-        return Interval(mean, None, None, n)
+    x = _finite(values)
+    if len(x) < 2:
+        return _without_ci(x)
+    n, mean = len(x), float(x.mean())
     if np.all(x == x[0]):
         return Interval(mean, mean, mean, n)
     res = stats.bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=CONFIDENCE,
