@@ -164,7 +164,7 @@ def test_bsc_shuffling_resumed_mid_epoch_plans_the_next_epoch_alike(tiny_st_dir,
     assert _without_time(resumed.fit.curve) == _without_time(whole.fit.curve)
     records = [json.loads(line) for line in
                (whole.fit.out_dir / "epochs.jsonl").read_text().splitlines()]
-    # epoch 0 encoded the pairs (no training embeddings yet); epoch 1 used the cached ones
+    # epoch 0 encoded the queries (no training embeddings yet); epoch 1 used the cached ones
     assert records[0]["embed_seconds"] > 0 and records[1]["embed_seconds"] == 0
 
 
