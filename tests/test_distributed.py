@@ -190,30 +190,19 @@ def single_process(kind: str, model: nn.Module, temperature: nn.Module, batch: d
     """The reference: one process, the whole batch, one plain forward and backward, the dense
     (B x B) loss."""
     q, a, n = (model(batch[s]) for s in "qan")
+    masked = {
+        "hard_negatives": n,
+        "labels": batch["labels"],
+        "query_ids": batch["query_ids"],
+        "answer_ids": batch["answer_ids"],
+        "tile_size": None,
+    }
     if kind in ("plain", "local"):
-        loss = bsc_loss(
-            q,
-            a,
-            temperature(),
-            hard_negatives=n,
-            labels=batch["labels"],
-            query_ids=batch["query_ids"],
-            answer_ids=batch["answer_ids"],
-            tile_size=None,
-        )
+        loss = bsc_loss(q, a, temperature(), **masked)
     elif kind in ("cached", "cached_tiled"):
         loss = weince_loss(q, a, temperature(), hard_negatives=n, tile_size=None)
     elif kind == "local_weince":
-        loss = weince_loss(
-            q,
-            a,
-            temperature(),
-            hard_negatives=n,
-            labels=batch["labels"],
-            query_ids=batch["query_ids"],
-            answer_ids=batch["answer_ids"],
-            tile_size=None,
-        )
+        loss = weince_loss(q, a, temperature(), **masked)
     else:
         loss = infonce_loss(q, a, temperature(), tile_size=None)
     loss.backward()

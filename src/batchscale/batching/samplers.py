@@ -54,6 +54,23 @@ def split_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return np.split(np.asarray(order, dtype=np.int64), range(batch_size, len(order), batch_size))
 
 
+def flatten_plan(batches: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plan as two int64 tensors (the ids in batch order, the batch sizes): how a plan goes
+    into a checkpoint or crosses ranks."""
+    flat = np.concatenate(batches) if len(batches) else np.zeros(0, dtype=np.int64)
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.int64)
+    return torch.from_numpy(flat.astype(np.int64)), sizes
+
+
+def split_plan(flat: object, sizes: object) -> list[np.ndarray]:
+    """The inverse of :func:`flatten_plan`."""
+    ids, counts = np.asarray(flat, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+    if int(counts.sum()) != len(ids):
+        raise ValueError(f"a plan of {len(ids)} ids does not match batch sizes summing to "
+                         f"{int(counts.sum())}")
+    return np.split(ids, np.cumsum(counts)[:-1])
+
+
 class EpochBatchSampler(ABC):
     """Base of the samplers: epoch plans, exact length, sharding, state for resume.
 
@@ -202,9 +219,7 @@ class EpochBatchSampler(ABC):
             "drop_last": self.drop_last,
         }
         if self.plan_in_state and self._plan is not None and self._plan_epoch == self.epoch:
-            flat = np.concatenate(self._plan) if self._plan else np.zeros(0, dtype=np.int64)
-            state["plan"] = torch.from_numpy(flat.astype(np.int64))
-            state["plan_sizes"] = torch.tensor([len(b) for b in self._plan], dtype=torch.int64)
+            state["plan"], state["plan_sizes"] = flatten_plan(self._plan)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -230,11 +245,14 @@ class EpochBatchSampler(ABC):
         self.position = self._resume_at = position
         self._plan, self._plan_epoch = None, None
         if "plan" in state:
-            flat = np.asarray(state["plan"], dtype=np.int64)
-            sizes = np.asarray(state["plan_sizes"], dtype=np.int64)
-            if int(sizes.sum()) != len(flat) or len(sizes) != len(self):
-                raise ValueError("`state['plan']` does not match `state['plan_sizes']` or len")
-            self._plan = np.split(flat, np.cumsum(sizes)[:-1])
+            try:
+                plan = split_plan(state["plan"], state["plan_sizes"])
+            except ValueError as err:
+                raise ValueError(f"`state['plan']`: {err}") from None
+            if len(plan) != len(self):
+                raise ValueError(f"`state['plan']` has {len(plan)} batches, this sampler "
+                                 f"{len(self)}")
+            self._plan = plan
             self._plan_epoch = self.epoch
 
 

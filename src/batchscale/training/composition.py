@@ -40,7 +40,7 @@ from ..batching import (
 )
 from ..batching.batch_stats import hardest_negatives
 from ..batching.distributed import broadcast_tensor, gather_rows
-from ..batching.samplers import EpochBatchSampler
+from ..batching.samplers import EpochBatchSampler, flatten_plan, split_plan
 from ..encoders import SentenceEncoder
 from .config import RunConfig
 from .examples import TrainingSet
@@ -94,9 +94,7 @@ class BatchComposition:
         elif t.sampler == "teacher":
             teacher = encoder if h.teacher is None else SentenceEncoder.load(
                 h.teacher, device=encoder.device)
-            start = time.perf_counter()
             x = pair_embeddings(teacher, data, self.embed_batch_size)
-            self.teacher_seconds = time.perf_counter() - start
             self.sampler = TeacherHardBatchSampler(x, t.batch_size, keys=grouping_keys, **shard)
         else:
             self.sampler = RandomBatchSampler(len(data), t.batch_size, **shard)
@@ -150,12 +148,9 @@ class BatchComposition:
 
     def _share_plan(self, plan: list[np.ndarray] | None) -> list[np.ndarray]:
         """Rank 0's plan on every rank."""
-        flat = sizes = None
-        if plan is not None:
-            flat = torch.from_numpy(np.concatenate(plan).astype(np.int64))
-            sizes = torch.tensor([len(b) for b in plan], dtype=torch.int64)
+        flat, sizes = flatten_plan(plan) if plan is not None else (None, None)
         flat, sizes = broadcast_tensor(flat), broadcast_tensor(sizes)
-        shared = np.split(flat.cpu().numpy(), np.cumsum(sizes.cpu().numpy())[:-1])
+        shared = split_plan(flat.cpu(), sizes.cpu())
         if not self.is_main:
             self.sampler.adopt_plan(shared)
         return shared
@@ -164,10 +159,11 @@ class BatchComposition:
     @torch.no_grad()
     def observe(self, embeddings: list[Tensor]) -> None:
         """The current step's embeddings (this rank's share): cache and hardness statistic."""
-        q, a = gather_rows(embeddings[0].detach()), gather_rows(embeddings[1].detach())
-        if q.shape[0] < 2:
+        d = embeddings[0].shape[1]
+        both = gather_rows(torch.cat([embeddings[0].detach(), embeddings[1].detach()], dim=1))
+        if both.shape[0] < 2:
             return
-        q, a = q.float(), a.float()
+        q, a = both[:, :d].float(), both[:, d:].float()
         rows = torch.linspace(0, q.shape[0] - 1, min(HARDEST_ANCHORS, q.shape[0])).long()
         values = hardest_negatives(q, a, rows=rows.unique())
         self.hardest_sum += float(values.sum())

@@ -57,6 +57,11 @@ class DataConfig(_Strict):
 SCORE_LOSSES = frozenset({"bsc_mse", "cosine_mse", "cosent"})
 
 
+def term_key(index: int, field: str) -> str:
+    """The config key of a field of loss term ``index`` (0: the main loss, then loss.plus)."""
+    return f"loss.{field}" if index == 0 else f"loss.plus.{index - 1}.{field}"
+
+
 class LossConfig(_Strict):
     name: Literal["bsc", "infonce", "weince", "bsc_mse", "cosine_mse", "cosent", "triplet"] = "bsc"
     temperature: float = Field(default=0.05, gt=0.0)
@@ -217,7 +222,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         for i, term in enumerate(self.loss.terms()):
-            key = "loss.name" if i == 0 else f"loss.plus.{i - 1}.name"
+            key = term_key(i, "name")
             if term.name in SCORE_LOSSES and self.data.kind == "triplets":
                 raise ValueError(f"{key}: {term.name} needs scored pairs, not triplets")
             if term.name == "triplet" and self.data.kind != "triplets":

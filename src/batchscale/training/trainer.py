@@ -60,7 +60,7 @@ from .checkpoint import (
     write_state,
 )
 from .composition import BatchComposition
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, term_key
 from .examples import TrainingSet
 from .objective import Objective
 from .schedule import scaled_lr, warmup_linear, warmup_steps
@@ -130,7 +130,7 @@ def check_world_size(config: RunConfig, num_examples: int, world: int) -> None:
         raise ValueError(f"the last batch of each epoch has {rest} example(s) for {world} "
                          "ranks, so a rank would get none; set train.drop_last: true or "
                          "change train.batch_size")
-    coord = [f"loss{'' if i == 0 else f'.plus.{i - 1}'}.normalization"
+    coord = [term_key(i, "normalization")
              for i, term in enumerate(config.loss.terms()) if term.normalization == "coord"]
     if world > 1 and coord and t.distributed_loss == "local":
         raise ValueError(f"{coord[0]}: coord normalises over the whole batch, which the local "
@@ -313,7 +313,7 @@ class Trainer:
             p.best_metric, p.best_examples = value, p.examples
             atomic_directory(self.out / BEST, self._save_model)
         record["best"] = p.best_examples == p.examples
-        self._append_curve(record)
+        self._append_line(CURVE, record)
         p.curve_points += 1
         p.wall_seconds += time.perf_counter() - started
         self._checkpoint(rngs)
@@ -327,13 +327,17 @@ class Trainer:
             "examples": self.progress.examples, "steps": self.progress.step,
             f"dev_{self.metric}": self.progress.best_metric}), encoding="utf-8")
 
-    def _append_curve(self, record: dict[str, Any]) -> None:
-        with open(self.out / CURVE, "a", encoding="utf-8") as f:
+    def _append_line(self, name: str, record: dict[str, Any]) -> None:
+        """One JSON line appended to OUT/name, on disk before the next checkpoint counts it."""
+        with open(self.out / name, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def read_curve(self, name: str = CURVE) -> list[dict[str, Any]]:
+    def read_curve(self) -> list[dict[str, Any]]:
+        return self._read_lines(CURVE)
+
+    def _read_lines(self, name: str) -> list[dict[str, Any]]:
         path = self.out / name
         if not path.is_file():
             return []
@@ -343,12 +347,9 @@ class Trainer:
     def _end_epoch(self, complete: bool) -> None:
         """Append the epoch's composition record (rank 0 writes it)."""
         p = self.progress
-        record = self.composition.epoch_record(p.epoch, p.examples, complete)
         if self.is_main:
-            with open(self.out / EPOCHS, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            self._append_line(EPOCHS, self.composition.epoch_record(p.epoch, p.examples,
+                                                                    complete))
         p.epoch_records += 1
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -400,7 +401,7 @@ class Trainer:
             # Points and epochs written after the checkpoint are replayed, so they are dropped.
             kept = ((CURVE, self.progress.curve_points), (EPOCHS, self.progress.epoch_records))
             for name, count in kept:
-                lines = self.read_curve(name)[:count]
+                lines = self._read_lines(name)[:count]
                 atomic_write_text(self.out / name, "".join(json.dumps(r) + "\n" for r in lines))
 
     def _start(self, resume: bool) -> None:
