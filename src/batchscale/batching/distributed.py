@@ -282,15 +282,20 @@ def broadcast_parameters(
         )
 
 
+def _sum_flag(value: float, what: str, group: dist.ProcessGroup | None) -> float:
+    """The sum over the ranks of one number: the bookkeeping collective of barrier and agree."""
+    flag = torch.tensor([value], device=_collective_device(group))
+    _run(what, lambda: dist.all_reduce(flag, group=group), group)
+    return float(flag.item())
+
+
 def barrier(what: str, group: dist.ProcessGroup | None = None) -> None:
     """Wait for every rank; ``what`` names the meeting point in the error if a rank is gone.
 
     A barrier is an all-reduce of one number here: gloo's ``dist.barrier`` takes no timeout
     of its own, the all-reduce fails within the process group's timeout."""
-    if not is_distributed(group):
-        return
-    flag = torch.ones(1, device=_collective_device(group))
-    _run(f"barrier at {what}", lambda: dist.all_reduce(flag, group=group), group)
+    if is_distributed(group):
+        _sum_flag(1.0, f"barrier at {what}", group)
 
 
 def agree(ok: bool, what: str, group: dist.ProcessGroup | None = None) -> bool:
@@ -298,9 +303,7 @@ def agree(ok: bool, what: str, group: dist.ProcessGroup | None = None) -> bool:
     locally (a file, a size) decide together, so that none waits for a rank that gave up."""
     if not is_distributed(group):
         return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device=_collective_device(group))
-    _run(f"agree on {what}", lambda: dist.all_reduce(flag, group=group), group)
-    return bool(flag.item() == 0)
+    return _sum_flag(0.0 if ok else 1.0, f"agree on {what}", group) == 0.0
 
 
 def mean_across_ranks(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
