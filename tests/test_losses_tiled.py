@@ -142,3 +142,48 @@ def test_tiled_weince_equals_dense_on_the_threshold_path() -> None:
         assert tiled_loss.item() == pytest.approx(dense_loss.item(), rel=1e-6, abs=0)
         for dense, tiled in zip(dense_grads, tiled_grads, strict=True):
             assert torch.allclose(tiled, dense, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize(("m", "hard", "tile"), [(37, 0, 8), (50, 11, 7), (23, 5, 64)])
+@pytest.mark.parametrize("directions", ["both", "q->a", "a->q"])
+def test_tiled_shared_shift_equals_dense(monkeypatch, m: int, hard: int, tile: int,
+                                         directions: str) -> None:
+    """Plain logits without ids take one exp per tile for both directions (shared shift)."""
+    import batchscale.losses.tiled as tiled
+
+    taken = []
+    real = tiled._shared_backward
+    monkeypatch.setattr(tiled, "_shared_backward", lambda *a, **k: taken.append(1) or real(*a, **k))
+    q, a, h = _case(m, hard, seed=m + tile)
+    labels = (torch.rand(m, generator=torch.Generator().manual_seed(m)) > 0.2).long()
+    for normalization in ("l2", "none"):
+        kwargs = dict(directions=directions, labels=labels, normalization=normalization)
+        dense_loss, dense_grads = _loss_and_grads(bsc_loss, q, a, h, 0.1, tile_size=None,
+                                                  **kwargs)
+        tiled_loss, tiled_grads = _loss_and_grads(bsc_loss, q, a, h, 0.1, tile_size=tile,
+                                                  **kwargs)
+        assert tiled_loss.item() == pytest.approx(dense_loss.item(), rel=1e-6, abs=0)
+        for dense, got in zip(dense_grads, tiled_grads, strict=True):
+            assert torch.allclose(got, dense, rtol=1e-6, atol=1e-12)
+    assert len(taken) == 2
+
+
+def test_tiled_shared_shift_only_within_the_exp_range() -> None:
+    """float32 logits spanning more than e^-80 fall back to the running max, and both paths
+    match a float64 dense reference."""
+    import batchscale.losses.tiled as tiled
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    a = torch.nn.functional.normalize(q + 0.3 * torch.randn(300, 16, generator=g), dim=1)
+    scale = torch.tensor(20.0)
+    coef = tiled.Coefficients(scale, None, None)
+    assert tiled._shared_shift(q, a, coef, masked=False) is not None        # 2 sigma ~ 40
+    assert tiled._shared_shift(q, a, coef, masked=True) is None
+    wide = tiled.Coefficients(torch.tensor(100.0), None, None)
+    assert tiled._shared_shift(q, a, wide, masked=False) is None            # 2 sigma ~ 200
+    assert tiled._shared_shift(q.double(), a.double(), wide, masked=False) is not None
+    for tau in (0.05, 0.01):
+        ref = bsc_loss(q.double(), a.double(), tau, tile_size=None)
+        got = bsc_loss(q, a, tau, tile_size=64)
+        assert got.item() == pytest.approx(ref.item(), rel=1e-5)

@@ -63,7 +63,7 @@ def mixed_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | None,
     to ``sims``); the tiled path folds -logsumexp into ``bias`` to save a pass."""
     if bias is None:
         g = sims * coef.scale
-    elif bias.shape[-1] != 1 and coef.scale.ndim == 2:
+    elif bias.ndim == 2 and bias.shape[-1] != 1 and coef.scale.ndim == 2:
         g = torch.addcmul(bias, sims, coef.scale)       # per-column constants: vectorised
     else:
         # A per-row bias sends addcmul to torch's unvectorised CPU loop (~4x slower than

@@ -23,6 +23,12 @@ Two forward sweeps give both directions with one matmul each:
    lambdas known since sweep 1) runs online across the strips.
 
 With the backward's three matmuls that is five per tile where InfoNCE needs four.
+
+Plain logits g = s / tau of bounded similarities (cosines, or any embeddings whose norms
+bound |s|) need no running max: every logit lies within sigma = max|g| of the bound sigma,
+so when e^{-2 sigma} is still a normal float, exp(g - sigma) is exact for every entry and one
+exp per tile serves both directions (the row and the column sums of the same block), in the
+forward and in the backward. Masks (ids) or a wider range take the online path above.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ class _Plan:
     query_ids: Tensor | None
     is_anchor: Tensor                # (m,) bool
     tile: int
+    shift: Tensor | None = None      # sigma of the shared-shift plain path (see the docstring)
 
     def row_mask(self, rows: slice, cols: slice) -> Tensor | None:
         """L0's candidates: queries ``rows`` against candidates ``cols``."""
@@ -146,10 +153,61 @@ def _finish(stats: tuple[Tensor, Tensor, Tensor], coef: Coefficients,
 # --- plain logits: one forward sweep over tiles -----------------------------------------------
 
 
+# The widest logit range 2 sigma whose exp(-2 sigma) stays a normal float (min normal e^-87.3
+# in float32, e^-708 in float64).
+_SHARED_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+def _shared_shift(q: Tensor, candidates: Tensor, coef: Coefficients,
+                  masked: bool) -> Tensor | None:
+    """sigma >= max |g| over the batch for plain logits without masks, or None."""
+    limit = _SHARED_RANGE.get(q.dtype)
+    if limit is None or coef.mix is not None or masked or q.shape[0] == 0:
+        return None
+    bound = (coef.scale.abs() * q.norm(dim=1).max() * candidates.norm(dim=1).max()
+             ).to(torch.float64)
+    # 1e-3 of slack for the rounding of the norms and of the matmul.
+    sigma = bound * (1.0 + 1e-3)
+    return sigma.to(q.dtype) if 2.0 * float(sigma) <= limit else None
+
+
+def _shared_exp(sims: Tensor, coef: Coefficients, shift: Tensor) -> Tensor:
+    """exp(g - sigma) of a block, a fresh buffer."""
+    return mixed_logits(sims, coef, None, -shift).exp_()
+
+
+def _shared_forward(q: Tensor, candidates: Tensor, coef: Coefficients, plan: _Plan,
+                    shift: Tensor) -> tuple[_Directions, _Directions]:
+    m, n = q.shape[0], candidates.shape[0]
+    row_sum, row_pos = q.new_zeros(m), q.new_zeros(m)
+    col_sum = q.new_zeros(m)
+    width = n if plan.rows else m
+    for r in _blocks(m, plan.tile):
+        for c in _blocks(width, plan.tile):
+            sims = q[r] @ candidates[c].T
+            diag = _diagonal(r, c, sims.device)
+            if diag is not None:
+                row_pos[diag[0]] = sims[diag[1], diag[2]] * coef.scale
+            weights = _shared_exp(sims, coef, shift)
+            if plan.rows:
+                row_sum[r] += weights.sum(dim=1)
+            if plan.cols and c.start < m:
+                answers = slice(c.start, min(c.stop, m))
+                col_sum[answers] += weights[:, : answers.stop - answers.start].sum(dim=0)
+
+    def direction(total: Tensor) -> _Direction:
+        return _Direction(total.log() + shift, row_pos, coef, None)
+
+    return (direction(row_sum) if plan.rows else None,
+            direction(col_sum) if plan.cols else None)
+
+
 def _plain_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: _Plan
                    ) -> tuple[_Directions, _Directions]:
     m, n = q.shape[0], candidates.shape[0]
     coef = plan.policy.coefficients(None, tau)
+    if plan.shift is not None:
+        return _shared_forward(q, candidates, coef, plan, plan.shift)
     rows, cols = _running(m, q), _running(m, q)
     for r in _blocks(m, plan.tile):
         for c in _blocks(n, plan.tile):
@@ -412,10 +470,15 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
         q, candidates, temperature = ctx.saved_tensors
         plan: _Plan = ctx.plan
         rows, cols = ctx.directions
+        need_tau = ctx.needs_input_grad[2]
+        if plan.shift is not None:
+            grad_q, grad_c, tau_term = _shared_backward(q, candidates, plan, rows, cols,
+                                                        grad_rows, grad_cols, need_tau)
+            grad_tau = -tau_term / temperature**2 if need_tau else None
+            return grad_q, grad_c, grad_tau, None, None, None
         m, n = q.shape[0], candidates.shape[0]
         grad_q, grad_c = torch.zeros_like(q), torch.zeros_like(candidates)
         tau_term = q.new_zeros(())          # sum of dL/dg * tau_weight * s
-        need_tau = ctx.needs_input_grad[2]
 
         width = n if rows is not None else m       # L1 has no hard-negative columns
         for r in _blocks(m, plan.tile):
@@ -462,6 +525,48 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
         return grad_q, grad_c, grad_tau, None, None, None
 
 
+def _shared_backward(q: Tensor, candidates: Tensor, plan: _Plan, rows: _Directions,
+                     cols: _Directions, grad_rows: Tensor, grad_cols: Tensor, need_tau: bool
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of the shared-shift plain path: dL/dg_ij = w_ij (r_i + c_j) minus the
+    positives' grad on the diagonal, with w = exp(g - sigma) once per tile and the per-anchor
+    factors r_i = grad_i e^{sigma - lse_i} (rows), c_j likewise (columns)."""
+    assert plan.shift is not None
+    shift = plan.shift
+    m, n = q.shape[0], candidates.shape[0]
+    coef = (rows if rows is not None else cols).coef  # type: ignore[union-attr]
+    row_factor = None if rows is None else grad_rows * torch.exp(shift - rows.lse)
+    col_factor = None if cols is None else grad_cols * torch.exp(shift - cols.lse)
+    diag_grad = (grad_rows if rows is not None else 0.0) + (grad_cols if cols is not None else 0.0)
+    grad_q, grad_c = torch.zeros_like(q), torch.zeros_like(candidates)
+    tau_term = q.new_zeros(())
+    width = n if rows is not None else m
+    for r in _blocks(m, plan.tile):
+        for c in _blocks(width, plan.tile):
+            sims = q[r] @ candidates[c].T
+            weights = _shared_exp(sims, coef, shift)
+            size = max(0, min(c.stop, m) - c.start) if col_factor is not None else 0
+            if row_factor is None:
+                assert col_factor is not None
+                grad_logits = weights.mul_(col_factor[None, c])
+            elif size:
+                assert col_factor is not None
+                grad_logits = torch.mul(weights, row_factor[r, None])
+                grad_logits[:, :size].addcmul_(weights[:, :size],
+                                               col_factor[None, c.start:c.start + size])
+            else:
+                grad_logits = weights.mul_(row_factor[r, None])
+            diag = _diagonal(r, c, sims.device)
+            if diag is not None:
+                grad_logits[diag[1], diag[2]] -= diag_grad[diag[0]]
+            if need_tau:
+                tau_term = tau_term + (grad_logits * sims).sum()
+            grad_sims = grad_logits.mul_(coef.scale)
+            grad_q[r] += grad_sims @ candidates[c]
+            grad_c[c] += grad_sims.T @ q[r]
+    return grad_q, grad_c, tau_term
+
+
 def _tau_sum(grad_logits: Tensor, sims: Tensor, coef: Coefficients, dim: int) -> Tensor:
     """sum_ij dL/dg_ij * tau_weight * s_ij, tau_weight per anchor (anchors along 1 - dim)."""
     per_anchor = (grad_logits * sims).sum(dim)
@@ -482,8 +587,13 @@ def tiled_batch_softmax_loss(batch: ContrastiveBatch, temperature: float | Tenso
     tau = tau.to(batch.q.dtype).reshape(())
     is_anchor = (torch.ones(m, dtype=torch.bool, device=batch.q.device)
                  if batch.anchor_weight is None else batch.anchor_weight.to(torch.bool))
+    shift = None
+    if policy.tail is None:
+        shift = _shared_shift(batch.q.detach(), batch.candidates.detach(),
+                              policy.coefficients(None, tau.detach()),
+                              batch.answer_ids is not None or batch.query_ids is not None)
     plan = _Plan(policy, directions in ("both", "q->a"), directions in ("both", "a->q"),
-                 batch.answer_ids, batch.query_ids, is_anchor, tile)
+                 batch.answer_ids, batch.query_ids, is_anchor, tile, shift)
     forward = _plain_forward if policy.tail is None else _weince_forward
     with torch.no_grad():
         rows, cols = forward(batch.q.detach(), batch.candidates.detach(), tau.detach(), plan)
