@@ -24,11 +24,12 @@ Two forward sweeps give both directions with one matmul each:
 
 With the backward's three matmuls that is five per tile where InfoNCE needs four.
 
-Plain logits g = s / tau of bounded similarities (cosines, or any embeddings whose norms
-bound |s|) need no running max: every logit lies within sigma = max|g| of the bound sigma,
-so when e^{-2 sigma} is still a normal float, exp(g - sigma) is exact for every entry and one
-exp per tile serves both directions (the row and the column sums of the same block), in the
-forward and in the backward. Masks (ids) or a wider range take the online path above.
+Plain logits g = s / tau need no running max: every logit lies in [-sigma, sigma] with
+sigma = max ||q|| max ||c|| / tau (1 / tau for cosines), so while e^{-2 sigma} is a normal
+float, exp(g - sigma) loses nothing on any entry, and one exp per tile serves both
+directions (the row and the column sums of the same block), in the forward and in the
+backward. Masks (ids) or a wider range (float32 and tau < 0.025 for cosines) take the
+online path above.
 """
 
 from __future__ import annotations
