@@ -152,8 +152,8 @@ def test_tiled_shared_shift_equals_dense(monkeypatch, m: int, hard: int, tile: i
     import batchscale.losses.tiled as tiled
 
     taken = []
-    real = tiled._shared_backward
-    monkeypatch.setattr(tiled, "_shared_backward", lambda *a, **k: taken.append(1) or real(*a, **k))
+    real = tiled.shared_backward
+    monkeypatch.setattr(tiled, "shared_backward", lambda *a, **k: taken.append(1) or real(*a, **k))
     q, a, h = _case(m, hard, seed=m + tile)
     labels = (torch.rand(m, generator=torch.Generator().manual_seed(m)) > 0.2).long()
     for normalization in ("l2", "none"):
@@ -171,18 +171,19 @@ def test_tiled_shared_shift_equals_dense(monkeypatch, m: int, hard: int, tile: i
 def test_tiled_shared_shift_only_within_the_exp_range() -> None:
     """float32 logits spanning more than e^-80 fall back to the running max, and both paths
     match a float64 dense reference."""
-    import batchscale.losses.tiled as tiled
+    from batchscale.losses.logits import Coefficients
+    from batchscale.losses.tiled_plain import shared_shift
 
     g = torch.Generator().manual_seed(7)
     q = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
     a = torch.nn.functional.normalize(q + 0.3 * torch.randn(300, 16, generator=g), dim=1)
     scale = torch.tensor(20.0)
-    coef = tiled.Coefficients(scale, None, None)
-    assert tiled._shared_shift(q, a, coef, masked=False) is not None        # 2 sigma ~ 40
-    assert tiled._shared_shift(q, a, coef, masked=True) is None
-    wide = tiled.Coefficients(torch.tensor(100.0), None, None)
-    assert tiled._shared_shift(q, a, wide, masked=False) is None            # 2 sigma ~ 200
-    assert tiled._shared_shift(q.double(), a.double(), wide, masked=False) is not None
+    coef = Coefficients(scale, None, None)
+    assert shared_shift(q, a, coef, masked=False) is not None        # 2 sigma ~ 40
+    assert shared_shift(q, a, coef, masked=True) is None
+    wide = Coefficients(torch.tensor(100.0), None, None)
+    assert shared_shift(q, a, wide, masked=False) is None            # 2 sigma ~ 200
+    assert shared_shift(q.double(), a.double(), wide, masked=False) is not None
     for tau in (0.05, 0.01):
         ref = bsc_loss(q.double(), a.double(), tau, tile_size=None)
         got = bsc_loss(q, a, tau, tile_size=64)

@@ -1,0 +1,101 @@
+"""What every tiled sweep shares: the blocks of a tile grid, where the diagonal (the
+positives) falls in a tile, the false-negative masks of a tile, the online log-sum-exp and
+the per-direction results the backward needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .batch_softmax import candidate_mask
+from .logits import Coefficients, LogitPolicy
+from .weince_tail import WeinceLambda
+
+DEFAULT_TILE = 1024
+
+
+def blocks(total: int, tile: int) -> list[slice]:
+    return [slice(start, min(start + tile, total)) for start in range(0, total, tile)]
+
+
+def diagonal(rows: slice, cols: slice, device: torch.device
+             ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(global index, row offset, column offset) of the entries i == j inside a tile."""
+    lo, hi = max(rows.start, cols.start), min(rows.stop, cols.stop)
+    if lo >= hi:
+        return None
+    idx = torch.arange(lo, hi, device=device)
+    return idx, idx - rows.start, idx - cols.start
+
+
+def negatives_per_anchor(ids: Tensor | None, anchors: int, candidates: int,
+                         device: torch.device) -> Tensor:
+    """K_i: candidates of anchor i minus its positive (and candidates sharing its id)."""
+    if ids is None:
+        return torch.full((anchors,), candidates - 1, dtype=torch.long, device=device)
+    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    return candidates - counts[inverse[:anchors]]
+
+
+def masked_(block: Tensor, mask: Tensor | None) -> Tensor:
+    """``block`` with the entries outside ``mask`` at -inf, in place."""
+    return block if mask is None else block.masked_fill_(~mask, float("-inf"))
+
+
+def online_logsumexp_(run_max: Tensor, run_sum: Tensor, logits: Tensor, dim: int) -> None:
+    """Fold a block's logits into the running (max, sum) of each anchor, in place; the
+    anchors lie along ``1 - dim`` and ``dim`` is reduced."""
+    new_max = torch.maximum(run_max, logits.amax(dim=dim))
+    # An anchor whose candidates so far are all masked has max -inf: shift by 0 instead.
+    shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+    weights = logits.sub_(shift.unsqueeze(dim)).exp_()
+    run_sum.mul_(torch.exp(run_max - shift)).add_(weights.sum(dim))
+    run_max.copy_(new_max)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """What the sweeps need besides the embeddings and the temperature."""
+
+    policy: LogitPolicy
+    rows: bool                       # L0: queries against all candidates
+    cols: bool                       # L1: answers (first m candidates) against queries
+    answer_ids: Tensor | None
+    query_ids: Tensor | None
+    is_anchor: Tensor                # (m,) bool
+    tile: int
+    shift: Tensor | None = None      # sigma of the shared-shift plain path (see the docstring)
+
+    def row_mask(self, rows: slice, cols: slice) -> Tensor | None:
+        """L0's candidates: queries ``rows`` against candidates ``cols``."""
+        return candidate_mask(self.answer_ids, rows, cols)
+
+    def col_mask(self, answers: slice, rows: slice) -> Tensor | None:
+        """L1's candidates, transposed to the (queries, answers) layout of a tile."""
+        mask = candidate_mask(self.query_ids, answers, rows)
+        return None if mask is None else mask.T
+
+
+@dataclass
+class DirectionState:
+    """One direction's anchors after the forward: what its loss and backward need."""
+
+    lse: Tensor                      # (m,) log-sum-exp of each anchor's logits
+    positive: Tensor                 # (m,) each anchor's positive logit
+    coef: Coefficients               # the logits' per-anchor constants
+    state: WeinceLambda | None
+
+
+MaybeDirection = DirectionState | None       # None: the direction is not computed
+
+
+def running_stats(m: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return like.new_full((m,), float("-inf")), like.new_zeros(m), like.new_zeros(m)
+
+
+def finish_direction(stats: tuple[Tensor, Tensor, Tensor], coef: Coefficients,
+                     state: WeinceLambda | None) -> DirectionState:
+    run_max, run_sum, positive = stats
+    return DirectionState(run_sum.log() + run_max, positive, coef, state)
