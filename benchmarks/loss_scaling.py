@@ -8,9 +8,9 @@ memory-linear WEINCE over both directions cannot skip: five matmuls (its lambdas
 batch quantile rho0 before any logit, so the forward takes two sweeps), one log and two exps
 per entry in the second sweep, log, 1/u and two exps per entry in the backward, and a sort
 of each anchor's k tail values (numpy's AVX-512 sort, on torch's threads). The WEINCE floor
-fuses everything else away, so its ratio to InfoNCE bounds what any implementation built on
-torch's exp and log can reach on this machine (its memory is the synthetic tails array that
-it sorts, not a requirement).
+fuses everything else away, so its ratio to InfoNCE is about the best any implementation
+built on torch's exp and log can reach on this machine (its memory is the synthetic tails
+array that it sorts, not a requirement).
 
     python benchmarks/loss_scaling.py [--sizes 1024 4096 16384 32768 65536] [--tile 1024]
 
