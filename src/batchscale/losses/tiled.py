@@ -28,6 +28,7 @@ from .weince_tail import WeinceLambda
 
 __all__ = ["DEFAULT_TILE", "tiled_batch_softmax_loss"]
 
+
 def _grad_of_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | None,
                     mask: Tensor | None, lse: Tensor, grad: Tensor,
                     diag: tuple[Tensor, Tensor] | None, anchors: Tensor | None) -> Tensor:
