@@ -21,7 +21,15 @@ from torch import Tensor
 from .batch_softmax import ContrastiveBatch, Directions
 from .logits import Coefficients, LogitPolicy, Shortfall, mixed_logits, slope_product_
 from .softmax import weighted_anchor_mean
-from .tile_plan import DEFAULT_TILE, MaybeDirection, TilePlan, blocks, diagonal, masked_
+from .tile_plan import (
+    DEFAULT_TILE,
+    DirectionState,
+    MaybeDirection,
+    TilePlan,
+    blocks,
+    diagonal,
+    masked_,
+)
 from .tiled_plain import plain_forward, shared_backward, shared_shift
 from .tiled_weince import weince_forward
 from .weince_tail import WeinceLambda
@@ -45,6 +53,22 @@ def _grad_of_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | Non
     if diag is not None and anchors is not None:
         g[diag[0], diag[1]] -= grad.reshape(-1)[anchors]
     return g
+
+
+def _direction_grad(sims: Tensor, shortfall: Shortfall | None, state: DirectionState,
+                    anchors: slice, dim: int, mask: Tensor | None, grad: Tensor,
+                    diag: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Coefficients]:
+    """dL/dg of one direction over a block whose anchors ``anchors`` lie along ``dim`` (0:
+    rows, L0; 1: columns, L1), and the anchors' logit coefficients."""
+
+    def along(x: Tensor) -> Tensor:
+        return x[anchors, None] if dim == 0 else x[None, anchors]
+
+    coef = state.coef.part(anchors, dim)
+    g = _grad_of_logits(sims, coef, shortfall, mask, along(state.lse), along(grad),
+                        None if diag is None else diag[1:],
+                        None if diag is None else diag[1 + dim])
+    return g, coef
 
 
 class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
@@ -82,11 +106,8 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
                 shortfall = plan.policy.shortfall(sims, slope=True)
                 grad_sims = None
                 if rows is not None:
-                    coef = rows.coef.part(r, 0)
-                    g = _grad_of_logits(sims, coef, shortfall, plan.row_mask(r, c),
-                                        rows.lse[r, None], grad_rows[r, None],
-                                        None if diag is None else diag[1:],
-                                        None if diag is None else diag[1])
+                    g, coef = _direction_grad(sims, shortfall, rows, r, 0, plan.row_mask(r, c),
+                                              grad_rows, diag)
                     if need_tau:
                         tau_term = tau_term + _tau_sum(g, sims, coef, dim=1)
                     grad_sims = slope_product_(g, coef, shortfall)
@@ -97,11 +118,8 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
                     part = None if shortfall is None else Shortfall(
                         shortfall.log[:, :size],
                         None if shortfall.inverse is None else shortfall.inverse[:, :size])
-                    coef = cols.coef.part(answers, 1)
-                    g = _grad_of_logits(sub, coef, part, plan.col_mask(answers, r),
-                                        cols.lse[None, answers], grad_cols[None, answers],
-                                        None if diag is None else diag[1:],
-                                        None if diag is None else diag[2])
+                    g, coef = _direction_grad(sub, part, cols, answers, 1,
+                                              plan.col_mask(answers, r), grad_cols, diag)
                     if need_tau:
                         tau_term = tau_term + _tau_sum(g, sub, coef, dim=0)
                     if grad_sims is None and size < sims.shape[1]:
@@ -141,8 +159,8 @@ def tiled_batch_softmax_loss(batch: ContrastiveBatch, temperature: float | Tenso
     shift = None
     if policy.tail is None:
         shift = shared_shift(batch.q.detach(), batch.candidates.detach(),
-                              policy.coefficients(None, tau.detach()),
-                              batch.answer_ids is not None or batch.query_ids is not None)
+                             policy.coefficients(None, tau.detach()),
+                             batch.answer_ids is not None or batch.query_ids is not None)
     plan = TilePlan(policy, directions in ("both", "q->a"), directions in ("both", "a->q"),
                     batch.answer_ids, batch.query_ids, is_anchor, tile, shift)
     forward = plain_forward if policy.tail is None else weince_forward
