@@ -97,6 +97,14 @@ def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     monkeypatch.setattr(Trainer, "_step", step_or_stop)
 
 
+def _run_cut_at(config, out, monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """A run of ``config`` into ``out`` interrupted after ``step`` steps."""
+    with monkeypatch.context() as m:
+        _interrupt_at(m, step)
+        with pytest.raises(_Interrupt):
+            train_run(config, out, show_progress=False)
+
+
 RESUME_CASES = {
     "plain": {},
     "cache+nodup+weince+learnable-tau": {
@@ -119,10 +127,8 @@ def test_resume_gives_the_uninterrupted_curve(case, tiny_st_dir, scored_pairs, t
     # Epoch 1: 7 batches of 8 then one of 4; points at the first batch end >= each multiple.
     assert whole.fit.examples == 120 and [r["examples"] for r in whole.fit.curve] == [
         0, 24, 40, 60, 84, 100, 120]
-    with monkeypatch.context() as m:
-        _interrupt_at(m, 12)  # after step 12, between the points at 84 (11) and 100 (13)
-        with pytest.raises(_Interrupt):
-            train_run(config, tmp_path / "cut", show_progress=False)
+    # after step 12, between the points at 84 (11) and 100 (13)
+    _run_cut_at(config, tmp_path / "cut", monkeypatch, 12)
     assert len((tmp_path / "cut" / "curve.jsonl").read_text().splitlines()) == 5
     resumed = train_run(config, tmp_path / "cut", resume=True, show_progress=False)
     assert _without_time(resumed.fit.curve) == _without_time(whole.fit.curve)
@@ -142,10 +148,7 @@ def test_resume_across_an_epoch_boundary(tiny_st_dir, scored_pairs, tmp_path, mo
     whole = train_run(config, tmp_path / "whole", show_progress=False)
     # the point at 60 examples falls on the epoch's end: its checkpoint holds a spent epoch
     assert [r["examples"] for r in whole.fit.curve] == [0, 60, 120]
-    with monkeypatch.context() as m:
-        _interrupt_at(m, 9)
-        with pytest.raises(_Interrupt):
-            train_run(config, tmp_path / "cut", show_progress=False)
+    _run_cut_at(config, tmp_path / "cut", monkeypatch, 9)
     resumed = train_run(config, tmp_path / "cut", resume=True, show_progress=False)
     assert _without_time(resumed.fit.curve) == _without_time(whole.fit.curve)
 
@@ -156,10 +159,7 @@ def test_bsc_shuffling_resumed_mid_epoch_plans_the_next_epoch_alike(tiny_st_dir,
     embeddings of epoch 0, half of them cached before the cut, so the cache is checkpointed."""
     config = _config(tiny_st_dir, scored_pairs, **RESUME_CASES["bsc_knn"])
     whole = train_run(config, tmp_path / "whole", show_progress=False)
-    with monkeypatch.context() as m:
-        _interrupt_at(m, 6)
-        with pytest.raises(_Interrupt):
-            train_run(config, tmp_path / "cut", show_progress=False)
+    _run_cut_at(config, tmp_path / "cut", monkeypatch, 6)
     resumed = train_run(config, tmp_path / "cut", resume=True, show_progress=False)
     assert _without_time(resumed.fit.curve) == _without_time(whole.fit.curve)
     records = [json.loads(line) for line in
