@@ -148,12 +148,21 @@ def test_tiled_weince_equals_dense_on_the_threshold_path() -> None:
 @pytest.mark.parametrize("directions", ["both", "q->a", "a->q"])
 def test_tiled_shared_shift_equals_dense(monkeypatch, m: int, hard: int, tile: int,
                                          directions: str) -> None:
-    """Plain logits without ids take one exp per tile for both directions (shared shift)."""
+    """Plain logits without ids take one exp per tile for both directions (shared shift);
+    q->a alone runs its rows sweep (forward and gradient) shifted by the same sigma."""
     import batchscale.losses.tiled as tiled
+    import batchscale.losses.tiled_rows as tiled_rows
 
+    module, name = ((tiled_rows, "_rows_sweep") if directions == "q->a"
+                    else (tiled, "shared_backward"))
     taken = []
-    real = tiled.shared_backward
-    monkeypatch.setattr(tiled, "shared_backward", lambda *a, **k: taken.append(1) or real(*a, **k))
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        taken.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
     q, a, h = _case(m, hard, seed=m + tile)
     labels = (torch.rand(m, generator=torch.Generator().manual_seed(m)) > 0.2).long()
     for normalization in ("l2", "none"):
@@ -166,6 +175,8 @@ def test_tiled_shared_shift_equals_dense(monkeypatch, m: int, hard: int, tile: i
         for dense, got in zip(dense_grads, tiled_grads, strict=True):
             assert torch.allclose(got, dense, rtol=1e-6, atol=1e-12)
     assert len(taken) == 2
+    if directions == "q->a":
+        assert all(args[5] is not None and args[5].ndim == 0 for args in taken)
 
 
 def test_tiled_shared_shift_only_within_the_exp_range() -> None:
@@ -188,3 +199,65 @@ def test_tiled_shared_shift_only_within_the_exp_range() -> None:
         ref = bsc_loss(q.double(), a.double(), tau, tile_size=None)
         got = bsc_loss(q, a, tau, tile_size=64)
         assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("fn", [infonce_loss, weince_loss], ids=["infonce", "weince"])
+def test_rows_gradient_from_the_forward_scales_with_the_output_grad(fn) -> None:
+    """q->a computes its gradient in the forward sweep; backward must scale it by whatever
+    grad reaches the loss (here 3 + 2 * loss, twice with retain_graph), as dense autograd."""
+    q, a, h = _case(41, 5, seed=8)
+    query_ids, answer_ids = _ids(41, 5, seed=2)
+    kwargs = dict(hard_negatives=None, answer_ids=answer_ids)
+    if fn is weince_loss:
+        kwargs.update(directions="q->a", query_ids=query_ids)
+    grads = []
+    for tile in (None, 6):
+        leaves = [x.clone().requires_grad_(True) for x in (q, a, h)]
+        tau = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+        loss = fn(leaves[0], leaves[1], tau, tile_size=tile,
+                  **{**kwargs, "hard_negatives": leaves[2]})
+        total = 3 * loss + loss**2
+        total.backward(retain_graph=True)
+        total.backward()
+        grads.append([x.grad for x in leaves] + [tau.grad])
+    for dense, tiled in zip(*grads, strict=True):
+        assert torch.allclose(tiled, dense, rtol=1e-6, atol=1e-12)
+
+
+def test_rows_gradient_only_when_autograd_wants_it(monkeypatch) -> None:
+    """Under no_grad the q->a forward computes no gradient; with only tau learnable the
+    sweep computes tau's alone (and it matches dense)."""
+    import batchscale.losses.tiled_rows as tiled_rows
+
+    needs = []
+    real = tiled_rows._rows_sweep
+
+    def spy(*args, **kwargs):
+        needs.append(args[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiled_rows, "_rows_sweep", spy)
+    q, a, _ = _case(30, 0, seed=9)
+    with torch.no_grad():
+        got = infonce_loss(q.requires_grad_(True), a, 0.1, tile_size=7)
+    assert needs == []
+    assert got.item() == pytest.approx(infonce_loss(q, a, 0.1, tile_size=None).item(),
+                                       rel=1e-10)
+    q = q.detach()
+    taus = [torch.tensor(0.1, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    for tau, tile in zip(taus, (None, 7), strict=True):
+        infonce_loss(q, a, tau, tile_size=tile).backward()
+    assert needs == [(False, False, True)]
+    assert taus[1].grad.item() == pytest.approx(taus[0].grad.item(), rel=1e-8)
+
+
+def test_rows_gradcheck() -> None:
+    q, a, h = _case(9, 3, d=3, seed=6)
+    _, answer_ids = _ids(9, 3, seed=4)
+    tau = torch.tensor(0.3, dtype=torch.float64)
+
+    def fn(q, a, h, t):
+        return infonce_loss(q, a, t, hard_negatives=h, answer_ids=answer_ids, tile_size=4)
+
+    inputs = tuple(x.clone().requires_grad_(True) for x in (q, a, h, tau))
+    assert torch.autograd.gradcheck(fn, inputs)

@@ -29,8 +29,10 @@ from .tile_plan import (
     blocks,
     diagonal,
     masked_,
+    tau_sum,
 )
 from .tiled_plain import plain_forward, shared_backward, shared_shift
+from .tiled_rows import rows_loss_with_gradient
 from .tiled_weince import weince_forward
 from .weince_tail import WeinceLambda
 
@@ -109,7 +111,7 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
                     g, coef = _direction_grad(sims, shortfall, rows, r, 0, plan.row_mask(r, c),
                                               grad_rows, diag)
                     if need_tau:
-                        tau_term = tau_term + _tau_sum(g, sims, coef, dim=1)
+                        tau_term = tau_term + tau_sum(g, sims, coef, dim=1)
                     grad_sims = slope_product_(g, coef, shortfall)
                 if cols is not None and c.start < m:
                     answers = slice(c.start, min(c.stop, m))
@@ -121,7 +123,7 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
                     g, coef = _direction_grad(sub, part, cols, answers, 1,
                                               plan.col_mask(answers, r), grad_cols, diag)
                     if need_tau:
-                        tau_term = tau_term + _tau_sum(g, sub, coef, dim=0)
+                        tau_term = tau_term + tau_sum(g, sub, coef, dim=0)
                     if grad_sims is None and size < sims.shape[1]:
                         grad_sims = torch.zeros_like(sims)
                     if grad_sims is None:
@@ -134,14 +136,6 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
                 grad_c[c] += grad_sims.T @ q[r]
         grad_tau = -tau_term / temperature**2 if need_tau else None
         return grad_q, grad_c, grad_tau, None, None, None
-
-
-def _tau_sum(grad_logits: Tensor, sims: Tensor, coef: Coefficients, dim: int) -> Tensor:
-    """sum_ij dL/dg_ij * tau_weight * s_ij, tau_weight per anchor (anchors along 1 - dim)."""
-    per_anchor = (grad_logits * sims).sum(dim)
-    if coef.tau_weight is not None:
-        per_anchor = per_anchor * coef.tau_weight.reshape(-1)
-    return per_anchor.sum()
 
 
 def tiled_batch_softmax_loss(batch: ContrastiveBatch, temperature: float | Tensor,
@@ -163,6 +157,9 @@ def tiled_batch_softmax_loss(batch: ContrastiveBatch, temperature: float | Tenso
                              batch.answer_ids is not None or batch.query_ids is not None)
     plan = TilePlan(policy, directions in ("both", "q->a"), directions in ("both", "a->q"),
                     batch.answer_ids, batch.query_ids, is_anchor, tile, shift)
+    if directions == "q->a" and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (batch.q, batch.candidates, tau)):
+        return rows_loss_with_gradient(batch, tau, plan)
     forward = plain_forward if policy.tail is None else weince_forward
     with torch.no_grad():
         rows, cols = forward(batch.q.detach(), batch.candidates.detach(), tau.detach(), plan)

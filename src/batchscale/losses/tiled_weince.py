@@ -28,6 +28,8 @@ from .tile_plan import (
     diagonal,
     masked_,
     negatives_per_anchor,
+    strip_height,
+    strip_sims,
 )
 from .weince_tail import (
     AnchorPool,
@@ -41,30 +43,6 @@ from .weince_tail import (
     sorted_top_values,
     tail_size,
 )
-
-# A strip holds at most this many similarities (32 MB in float32): whole rows for the tails,
-# and enough of them that the strip's matmul runs near the speed of square tiles (256-row
-# strips ~10% slower, 128-row ~25% slower, measured at B = 32,768 on one thread).
-STRIP_ENTRIES = 1 << 23
-
-
-def _strip(width: int, tile: int) -> int:
-    return max(1, min(tile, STRIP_ENTRIES // max(width, 1)))
-
-
-# Column width of the matmuls that fill a strip.
-_STRIP_MM_COLUMNS = 2048
-
-
-def _strip_sims(anchors: Tensor, candidates: Tensor, buffer: Tensor) -> Tensor:
-    """anchors @ candidates.T, written into the leading rows of a reused strip buffer a block
-    of columns at a time. One matmul into a fresh 32 MB strip ran ~50% slower than square
-    tiles on two threads (first-touch page faults, and MKL's split of a thin product);
-    this runs at tile speed (measured)."""
-    out = buffer[: anchors.shape[0]]
-    for cols in blocks(candidates.shape[0], _STRIP_MM_COLUMNS):
-        torch.mm(anchors, candidates[cols].T, out=out[:, cols])
-    return out
 
 
 class _Fits:
@@ -100,10 +78,10 @@ def _row_strips(q: Tensor, candidates: Tensor, plan: TilePlan, cfg: WeinceConfig
     width = candidates.shape[0] if plan.rows else m
     fits = _Fits() if k_rows is not None else None
     col_max = q.new_full((m,), float("-inf")) if plan.cols else None
-    height = _strip(width, plan.tile)
+    height = strip_height(width, plan.tile)
     buffer = q.new_empty((min(height, m), width))
     for r in blocks(m, height):
-        sims = _strip_sims(q[r], candidates[:width], buffer)
+        sims = strip_sims(q[r], candidates[:width], buffer)
         diag = diagonal(r, slice(0, width), sims.device)
         if diag is not None:
             sims[diag[1], diag[2]] = float("-inf")      # the positive, in both directions
@@ -169,22 +147,42 @@ def _anchor_pool(policy: LogitPolicy) -> AnchorPool | None:
     return policy.anchor_pool if isinstance(policy, WeinceMixture) else None
 
 
+def _row_lambdas(fits: _Fits, plan: TilePlan, tau: Tensor, positive_sims: Tensor
+                 ) -> tuple[WeinceLambda, Coefficients, Tensor]:
+    """L0's lambdas (rho0 over every query), logit coefficients and log-sum-exp shifts."""
+    policy, cfg = plan.policy, plan.policy.tail
+    assert cfg is not None
+    state = mix_lambda(fits.fit(), plan.is_anchor, cfg, positive_sims.dtype,
+                       anchor_pool=_anchor_pool(policy))
+    coef = policy.coefficients(state, tau)
+    return state, coef, _shift(policy, coef, torch.cat(fits.max_negative), positive_sims)
+
+
+def weince_rows(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan
+                ) -> tuple[WeinceLambda, Coefficients, Tensor]:
+    """Sweep 1 alone, for L0 alone: each query's lambda, logit coefficients and shift."""
+    cfg = plan.policy.tail
+    assert cfg is not None and plan.rows and not plan.cols
+    m, n = q.shape[0], candidates.shape[0]
+    k_rows = tail_size(negatives_per_anchor(plan.answer_ids, m, n, q.device), cfg)
+    fits, _ = _row_strips(q, candidates, plan, cfg, k_rows)
+    assert fits is not None
+    return _row_lambdas(fits, plan, tau, (q * candidates[:m]).sum(dim=1))
+
+
 def weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan
                    ) -> tuple[MaybeDirection, MaybeDirection]:
     policy, cfg = plan.policy, plan.policy.tail
     assert cfg is not None
     m, n = q.shape[0], candidates.shape[0]
-    dev, dtype = q.device, q.dtype
+    dev = q.device
     k_rows = tail_size(negatives_per_anchor(plan.answer_ids, m, n, dev), cfg) if plan.rows else None
     k_cols = tail_size(negatives_per_anchor(plan.query_ids, m, m, dev), cfg) if plan.cols else None
     positive_sims = (q * candidates[:m]).sum(dim=1)
     row_fits, col_max = _row_strips(q, candidates, plan, cfg, k_rows)
     row_state = row_coef = row_shift = None
     if row_fits is not None:
-        row_state = mix_lambda(row_fits.fit(), plan.is_anchor, cfg, dtype,
-                               anchor_pool=_anchor_pool(policy))
-        row_coef = policy.coefficients(row_state, tau)
-        row_shift = _shift(policy, row_coef, torch.cat(row_fits.max_negative), positive_sims)
+        row_state, row_coef, row_shift = _row_lambdas(row_fits, plan, tau, positive_sims)
     col_rho0 = None
     if col_max is not None and k_cols is not None:
         col_rho0 = reference_rho(rho_from_max(col_max, k_cols, cfg),
@@ -197,10 +195,10 @@ def weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan
     col_lse, col_pos = q.new_zeros(m), q.new_zeros(m)
     col_states: list[WeinceLambda] = []
     width = n if plan.rows else m
-    height = _strip(m, plan.tile)
+    height = strip_height(m, plan.tile)
     buffer = q.new_empty((min(height, width), m))
     for c in blocks(width, height):
-        sims_t = _strip_sims(candidates[c], q, buffer)
+        sims_t = strip_sims(candidates[c], q, buffer)
         col: tuple[slice, Coefficients, Tensor] | None = None
         if plan.cols and c.start < m:
             assert k_cols is not None and col_rho0 is not None
