@@ -2,21 +2,24 @@
 
 Every cell runs in a fresh process, so its peak RSS (above the process's baseline with the
 inputs allocated) is its own. Printed side by side: median fwd+bwd time and peak memory of
-InfoNCE, BSC and WEINCE, dense and tiled, and two floors done tile by tile: the three
-matmuls any exact loss needs (S = q a^T, dq = G a, da = G^T q), and the work an exact
-memory-linear WEINCE over both directions cannot skip: five matmuls (its lambdas need the
-batch quantile rho0 before any logit, so the forward takes two sweeps), one log and two exps
-per entry in the second sweep, log, 1/u and two exps per entry in the backward, and a sort
-of each anchor's k tail values (numpy's AVX-512 sort, on torch's threads). The WEINCE floor
+InfoNCE (q->a), BSC (both directions) and WEINCE (both directions, and q->a alone: the same
+anchors as InfoNCE), dense and tiled, and two floors done tile by tile: the three matmuls
+any exact loss needs (S = q a^T, dq = G a, da = G^T q), and the work an exact memory-linear
+WEINCE over both directions cannot skip: five matmuls (its lambdas need the batch quantile
+rho0 before any logit, so the forward takes two sweeps, and its columns' log-sum-exps are
+complete only after the second, so the gradient takes a third), one log and two exps per
+entry in the second sweep, log, 1/u and two exps per entry in the backward, and a sort of
+each anchor's k tail values (numpy's AVX-512 sort, on torch's threads). The WEINCE floor
 fuses everything else away, so its ratio to InfoNCE is about the best any implementation
 built on torch's exp and log can reach on this machine (its memory is the synthetic tails
-array that it sorts, not a requirement).
+array that it sorts, not a requirement). Tiled q->a (InfoNCE, WEINCE's L0) computes its
+gradient in the forward sweep: three matmuls per tile, the floor's.
 
     python benchmarks/loss_scaling.py [--sizes 1024 4096 16384 32768 65536] [--tile 1024]
 
 Targets (issue 5): tiled BSC and WEINCE at B = 32,768 under 1 GB peak; B = 65,536 completes;
-tiled no slower than dense at B = 4,096; WEINCE <= 1.5x InfoNCE (printed for WEINCE over both
-directions against InfoNCE's one, as the loss functions default).
+tiled no slower than dense at B = 4,096; WEINCE <= 1.5x InfoNCE. The ratios come last, for
+WEINCE over both directions and over q->a alone, against InfoNCE.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import time
 
 LOSSES = ("infonce", "bsc", "weince")
+TILED_ONLY = ("weince_rows",)  # WEINCE q->a: tiled only (its dense cells add nothing)
 DENSE_MAX = 16384  # dense cells above this would need tens of GB
 
 
@@ -82,12 +86,13 @@ def run_cell(loss: str, mode: str, batch: int, dim: int, tile: int, repeats: int
                         _ = s @ ad[j:j + tile]
                         _ = s.T @ qd[i:i + tile]
     else:
-        fn = getattr(losses, f"{loss}_loss")
+        fn = getattr(losses, f"{loss.removesuffix('_rows')}_loss")
+        options = {"directions": "q->a"} if loss == "weince_rows" else {}
         tile_size = None if mode == "dense" else tile
 
         def step() -> None:
             q.grad = a.grad = None
-            fn(q, a, 0.05, tile_size=tile_size).backward()
+            fn(q, a, 0.05, tile_size=tile_size, **options).backward()
 
     times = []
     for _ in range(repeats):
@@ -119,9 +124,18 @@ def main() -> None:
           f"tile {args.tile}, float32; median fwd+bwd seconds and peak MB above baseline, "
           f"fresh process per cell\n")
     cols = (["floor", "weince/floor"]
-            + [f"{loss}/{mode}" for loss in LOSSES for mode in ("dense", "tiled")])
-    print(f"{'B':>6} | " + " | ".join(f"{c:>20}" for c in cols)
-          + " | tiled/dense BSC | WEINCE/InfoNCE tiled | WEINCE floor/InfoNCE")
+            + [f"{loss}/{mode}" for loss in LOSSES for mode in ("dense", "tiled")]
+            + [f"{loss}/tiled" for loss in TILED_ONLY])
+    ratios = {
+        "tiled/dense InfoNCE": ("infonce/tiled", "infonce/dense"),
+        "tiled/dense BSC": ("bsc/tiled", "bsc/dense"),
+        "tiled/dense WEINCE": ("weince/tiled", "weince/dense"),
+        "WEINCE/InfoNCE": ("weince/tiled", "infonce/tiled"),
+        "WEINCE q->a/InfoNCE": ("weince_rows/tiled", "infonce/tiled"),
+        "WEINCE floor/InfoNCE": ("weince/floor", "infonce/tiled"),
+    }
+    print(f"{'B':>6} | " + " | ".join(f"{c:>20}" for c in cols))
+    table = []
     for batch in args.sizes:
         res: dict[str, dict | None] = {}
         for col in cols:
@@ -145,11 +159,14 @@ def main() -> None:
                 cells.append(f"{'failed':>20}")
             else:
                 cells.append(f"{r['median_s']:>10.3f}s {r['peak_mb']:>7.0f}MB")
+        print(f"{batch:>6} | " + " | ".join(cells), flush=True)
+        table.append((batch, res))
 
-        print(f"{batch:>6} | " + " | ".join(cells)
-              + f" | {_ratio(res, 'bsc/tiled', 'bsc/dense'):>15} | "
-              f"{_ratio(res, 'weince/tiled', 'infonce/tiled'):>20} | "
-              f"{_ratio(res, 'weince/floor', 'infonce/tiled'):>20}", flush=True)
+    print(f"\nRatios of median times (tiled unless named)\n{'B':>6} | "
+          + " | ".join(f"{name:>20}" for name in ratios))
+    for batch, res in table:
+        print(f"{batch:>6} | " + " | ".join(f"{_ratio(res, *pair):>20}"
+                                             for pair in ratios.values()))
 
 
 def _ratio(res: dict, num: str, den: str) -> str:
