@@ -261,3 +261,25 @@ def test_rows_gradcheck() -> None:
 
     inputs = tuple(x.clone().requires_grad_(True) for x in (q, a, h, tau))
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_tiled_under_autocast_keeps_the_embeddings_dtype() -> None:
+    """Inside torch.autocast (a trainer in bf16), the tiled sweeps still run in float32:
+    the same loss and gradients as outside it (the backward too runs inside)."""
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(70, 16, generator=g)
+    a = q + 0.5 * torch.randn(70, 16, generator=g)
+    cases = [(bsc_loss, "both"), (bsc_loss, "a->q"), (infonce_loss, None),
+             (weince_loss, "both"), (weince_loss, "q->a")]
+    for fn, directions in cases:
+        kwargs = {} if directions is None else {"directions": directions}
+        results = []
+        for autocast in (False, True):
+            leaves = [x.clone().requires_grad_(True) for x in (q, a)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = fn(*leaves, 0.1, tile_size=16, **kwargs)
+                loss.backward()
+            assert loss.dtype == torch.float32
+            results.append([loss.detach()] + [x.grad for x in leaves])
+        for plain, cast in zip(*results, strict=True):
+            assert torch.allclose(cast, plain, rtol=1e-6, atol=1e-9), (fn.__name__, directions)

@@ -86,6 +86,12 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_rows: Tensor, grad_cols: Tensor
                  ) -> tuple[Tensor | None, ...]:
+        with torch.autocast(grad_rows.device.type, enabled=False):
+            return _TiledSoftmaxCrossEntropy._backward(ctx, grad_rows, grad_cols)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_rows: Tensor, grad_cols: Tensor
+                  ) -> tuple[Tensor | None, ...]:
         q, candidates, temperature = ctx.saved_tensors
         plan: TilePlan = ctx.plan
         rows, cols = ctx.directions
@@ -144,6 +150,14 @@ def tiled_batch_softmax_loss(batch: ContrastiveBatch, temperature: float | Tenso
     """The same value and gradients as :func:`batch_softmax_loss`, in O(B * tile) memory."""
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
         raise ValueError(f"tiled_batch_softmax_loss: `tile` must be a positive int, got {tile!r}")
+    # The sweeps work in the embeddings' dtype: under autocast (a trainer in bf16) their
+    # matmuls would return bf16 tiles beside float32 running sums.
+    with torch.autocast(batch.q.device.type, enabled=False):
+        return _tiled_loss(batch, temperature, directions, policy, tile)
+
+
+def _tiled_loss(batch: ContrastiveBatch, temperature: float | Tensor, directions: Directions,
+                policy: LogitPolicy, tile: int) -> tuple[Tensor, list[WeinceLambda]]:
     m = batch.m
     tau = temperature if isinstance(temperature, Tensor) else torch.tensor(
         float(temperature), dtype=batch.q.dtype, device=batch.q.device)
