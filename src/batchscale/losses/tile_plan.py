@@ -30,10 +30,10 @@ def diagonal(rows: slice, cols: slice, device: torch.device
     return idx, idx - rows.start, idx - cols.start
 
 
-# A strip holds at most this many similarities (32 MB in float32): whole rows for the tails,
-# and enough of them that the strip's matmul runs near the speed of square tiles (256-row
-# strips ~10% slower, 128-row ~25% slower, measured at B = 32,768 on one thread).
-STRIP_ENTRIES = 1 << 23
+# A strip holds at most this many similarities (64 MB in float32): whole rows, and enough of
+# them that the strip's matmuls run near the speed of square tiles. At B = 32,768 the q->a
+# sweep took 17.6 s with 128-row strips, 16.2 s with 256, 15.9 s with 512, 15.7 s with 1,024.
+STRIP_ENTRIES = 1 << 24
 
 
 def strip_height(width: int, tile: int) -> int:
