@@ -7,8 +7,10 @@ Forward: the per-anchor log-sum-exp of each direction, from sweeps over tiles
 
 Backward: one sweep over (row block, column block) tiles recomputes each tile's similarities
 and pushes dl/ds_ij = (softmax_ij - 1[j = i]) * dg/ds_ij of both directions into the
-embeddings with two matmuls, so memory is O(B * tile). The logits, their derivative and the
-false-negative masks come from the same policy and :func:`candidate_mask` as the dense path.
+embeddings with two matmuls, so memory is O(B * tile). q->a alone, when autograd wants the
+gradient, runs one sweep that computes it instead (:mod:`~batchscale.losses.tiled_rows`).
+The logits, their derivative and the false-negative masks come from the same policy and
+:func:`candidate_mask` as the dense path.
 """
 
 from __future__ import annotations
