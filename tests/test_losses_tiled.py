@@ -30,6 +30,19 @@ def _ids(m: int, hard: int, seed: int):
             torch.randint(0, max(2, m // 3), (m + hard,), generator=g))
 
 
+def _spy(monkeypatch, module, name: str) -> list[tuple]:
+    """The positional arguments of every call to ``module.name`` from now on."""
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 @pytest.mark.parametrize(("m", "hard", "tile"), [(37, 0, 8), (50, 11, 7), (23, 5, 64), (31, 4, 1)])
 @pytest.mark.parametrize("directions", ["both", "q->a", "a->q"])
 @pytest.mark.parametrize("fn", [bsc_loss, weince_loss], ids=["bsc", "weince"])
@@ -73,21 +86,14 @@ def test_tiled_weince_stats_equal_dense() -> None:
 def test_auto_tiles_large_batches(monkeypatch) -> None:
     import batchscale.losses.pair_loss as pair_loss_module
 
-    calls = []
-    real = pair_loss_module.tiled_batch_softmax_loss
-
-    def spy(*args, **kwargs):
-        calls.append(args[-1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pair_loss_module, "tiled_batch_softmax_loss", spy)
+    calls = _spy(monkeypatch, pair_loss_module, "tiled_batch_softmax_loss")
     monkeypatch.setattr(pair_loss_module, "AUTO_DENSE_ENTRIES", 20 * 20)
     q, a, _ = _case(20, 0)
     bsc_loss(q, a, 0.1)
     assert calls == []
     q, a, _ = _case(21, 0)
     bsc_loss(q, a, 0.1)
-    assert calls == [pair_loss_module.DEFAULT_TILE]
+    assert [args[-1] for args in calls] == [pair_loss_module.DEFAULT_TILE]
     with pytest.raises(ValueError, match=r"`tile_size` must be a positive int, 'auto' or None, "
                                          r"got 0"):
         bsc_loss(q, a, 0.1, tile_size=0)
@@ -153,16 +159,8 @@ def test_tiled_shared_shift_equals_dense(monkeypatch, m: int, hard: int, tile: i
     import batchscale.losses.tiled as tiled
     import batchscale.losses.tiled_rows as tiled_rows
 
-    module, name = ((tiled_rows, "_rows_sweep") if directions == "q->a"
-                    else (tiled, "shared_backward"))
-    taken = []
-    real = getattr(module, name)
-
-    def spy(*args, **kwargs):
-        taken.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
+    taken = _spy(monkeypatch, *((tiled_rows, "_rows_sweep") if directions == "q->a"
+                                else (tiled, "shared_backward")))
     q, a, h = _case(m, hard, seed=m + tile)
     labels = (torch.rand(m, generator=torch.Generator().manual_seed(m)) > 0.2).long()
     for normalization in ("l2", "none"):
@@ -229,25 +227,18 @@ def test_rows_gradient_only_when_autograd_wants_it(monkeypatch) -> None:
     sweep computes tau's alone (and it matches dense)."""
     import batchscale.losses.tiled_rows as tiled_rows
 
-    needs = []
-    real = tiled_rows._rows_sweep
-
-    def spy(*args, **kwargs):
-        needs.append(args[-1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tiled_rows, "_rows_sweep", spy)
+    calls = _spy(monkeypatch, tiled_rows, "_rows_sweep")
     q, a, _ = _case(30, 0, seed=9)
     with torch.no_grad():
         got = infonce_loss(q.requires_grad_(True), a, 0.1, tile_size=7)
-    assert needs == []
+    assert calls == []
     assert got.item() == pytest.approx(infonce_loss(q, a, 0.1, tile_size=None).item(),
                                        rel=1e-10)
     q = q.detach()
     taus = [torch.tensor(0.1, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     for tau, tile in zip(taus, (None, 7), strict=True):
         infonce_loss(q, a, tau, tile_size=tile).backward()
-    assert needs == [(False, False, True)]
+    assert [args[-1] for args in calls] == [(False, False, True)]
     assert taus[1].grad.item() == pytest.approx(taus[0].grad.item(), rel=1e-8)
 
 
