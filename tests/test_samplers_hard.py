@@ -98,6 +98,41 @@ def test_knn_groups_match_brute_force_greedy(k: int, s: int) -> None:
     assert openers == sorted(openers, key=position.__getitem__)
 
 
+def test_knn_groups_with_missing_neighbours_still_partition() -> None:
+    """Approximate search pads a row with -1: the opener must not join its own group twice."""
+    neighbours = np.array([[-1, 1], [0, -1], [0, 1]])
+    groups = knn_groups(neighbours, 3, np.arange(3))
+    assert [g.tolist() for g in groups] == [[0, 1], [2]]
+
+
+def test_knn_groups_with_keys_take_no_copies() -> None:
+    """With text keys, a group takes the nearest unused neighbours that share no text with the
+    members before them (replayed here with sets); without keys, copies of a text (each
+    other's nearest neighbours) fill most groups."""
+    rng = np.random.default_rng(5)
+    x = unit(np.repeat(random_embeddings(60, seed=4), 3, axis=0)
+             + 1e-3 * rng.standard_normal((180, 16)))
+    keys = np.stack([np.repeat(np.arange(60), 3), 1000 + rng.integers(0, 150, 180)], axis=1)
+    s = 4
+    nb = nearest_neighbours(x, 30)
+    order = rng.permutation(180)
+    groups = knn_groups(nb, s, order, keys)
+    used: set[int] = set()
+    for group in groups:
+        opener = int(group[0])
+        texts, expected = set(keys[opener].tolist()), [opener]
+        for j in nb[opener].tolist():
+            if len(expected) < s and j not in used | {opener} and texts.isdisjoint(keys[j]):
+                expected.append(j)
+                texts.update(keys[j].tolist())
+        assert group.tolist() == expected
+        used.update(expected)
+    assert used == set(range(180))
+    assert all(len(np.unique(keys[g])) == keys[g].size for g in groups)
+    plain = knn_groups(nb, s, order)
+    assert sum(len(np.unique(keys[g, 0])) < len(g) for g in plain) > len(plain) / 2
+
+
 def test_bsc_sampler_groups_have_requested_size_and_reverse() -> None:
     n, s = 203, 8
     x = random_embeddings(n, seed=2)

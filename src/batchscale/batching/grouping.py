@@ -75,12 +75,19 @@ def nearest_neighbours(embeddings: np.ndarray, k: int, *, exact: bool = True) ->
 
 
 def knn_groups(
-    neighbours: np.ndarray, group_size: int, visit_order: np.ndarray
+    neighbours: np.ndarray,
+    group_size: int,
+    visit_order: np.ndarray,
+    keys: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """BSC's example-based groups, in order of creation: for each example of ``visit_order``
     not yet used, the example and its first ``group_size - 1`` unused neighbours (from its
     row of ``neighbours``, most similar first). Every example is in exactly one group; a
-    group is smaller than ``group_size`` only when its example's candidates ran out."""
+    group is smaller than ``group_size`` only when its example's candidates ran out.
+
+    With ``keys`` (N, C) text keys, a group takes only neighbours that share no text with
+    the members before them: an example's nearest neighbours are often copies of its own
+    text, which the no-duplicates cut would move out of the batch, splitting the group."""
     s = check_int("group_size", group_size, 1)
     nb = np.asarray(neighbours, dtype=np.int64)
     n = len(nb)
@@ -89,6 +96,8 @@ def knn_groups(
         raise ValueError(f"`neighbours` must be (N, k), got shape {nb.shape}")
     if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
         raise ValueError(f"`visit_order` must be a permutation of range({n})")
+    if keys is not None and (keys.ndim != 2 or len(keys) != n):
+        raise ValueError(f"`keys` must be ({n}, C), got shape {keys.shape}")
     # A missing neighbour (-1) becomes the row's own id, which is always used by then.
     nb = np.where(nb < 0, np.arange(n)[:, None], nb)
     used = np.zeros(n, dtype=bool)
@@ -96,11 +105,30 @@ def knn_groups(
     for i in order.tolist():
         if used[i]:
             continue
+        used[i] = True
         row = nb[i]
-        group = np.concatenate(([i], row[~used[row]][: s - 1]))
+        free = row[~used[row]]
+        if keys is not None:
+            free = _text_free(keys, i, free, s - 1)
+        group = np.concatenate(([i], free[: s - 1]))
         used[group] = True
         groups.append(group)
     return groups
+
+
+def _text_free(keys: np.ndarray, anchor: int, candidates: np.ndarray, wanted: int
+               ) -> np.ndarray:
+    """The first ``wanted`` candidates, in order, that share no key with the anchor or with
+    the candidates taken before them."""
+    taken = set(keys[anchor].tolist())
+    chosen = []
+    for c, ks in zip(candidates.tolist(), keys[candidates].tolist(), strict=True):
+        if len(chosen) == wanted:
+            break
+        if taken.isdisjoint(ks):
+            chosen.append(c)
+            taken.update(ks)
+    return np.asarray(chosen, dtype=np.int64)
 
 
 def kmeans(

@@ -133,7 +133,8 @@ class BSCShuffleSampler(EpochBatchSampler):
         rng = self.rng(epoch)
         if self.variant == "knn":
             neighbours = nearest_neighbours(x, self.knn_candidates, exact=self.exact_knn)
-            self.groups = knn_groups(neighbours, self.group_size, rng.permutation(len(x)))
+            self.groups = knn_groups(neighbours, self.group_size, rng.permutation(len(x)),
+                                     self.keys)
         else:
             seed = int(rng.integers(2**31 - 1))
             self.labels, _ = kmeans(x, self.n_clusters, seed=seed)
