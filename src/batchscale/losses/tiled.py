@@ -7,8 +7,9 @@ Forward: the per-anchor log-sum-exp of each direction, from sweeps over tiles
 
 Backward: one sweep over (row block, column block) tiles recomputes each tile's similarities
 and pushes dl/ds_ij = (softmax_ij - 1[j = i]) * dg/ds_ij of both directions into the
-embeddings with two matmuls, so memory is O(B * tile). q->a alone, when autograd wants the
-gradient, runs one sweep that computes it instead (:mod:`~batchscale.losses.tiled_rows`).
+embeddings with two matmuls, so memory is O(B * tile). One direction alone, when autograd
+wants the gradient, runs one sweep that computes it instead
+(:mod:`~batchscale.losses.tiled_rows`; a->q as the answers' rows against the queries).
 The logits, their derivative and the false-negative masks come from the same policy and
 :func:`candidate_mask` as the dense path.
 """
@@ -171,11 +172,16 @@ def _tiled_loss(batch: ContrastiveBatch, temperature: float | Tensor, directions
         shift = shared_shift(batch.q.detach(), batch.candidates.detach(),
                              policy.coefficients(None, tau.detach()),
                              batch.answer_ids is not None or batch.query_ids is not None)
+    if directions != "both" and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (batch.q, batch.candidates, tau)):
+        if directions == "a->q":
+            # L1 is L0 of the answers against the queries (L1 has no hard negatives).
+            batch = ContrastiveBatch(batch.candidates[:m], batch.q, batch.anchor_weight,
+                                     batch.query_ids, None)
+        plan = TilePlan(policy, True, False, batch.answer_ids, None, is_anchor, tile, shift)
+        return rows_loss_with_gradient(batch, tau, plan)
     plan = TilePlan(policy, directions in ("both", "q->a"), directions in ("both", "a->q"),
                     batch.answer_ids, batch.query_ids, is_anchor, tile, shift)
-    if directions == "q->a" and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (batch.q, batch.candidates, tau)):
-        return rows_loss_with_gradient(batch, tau, plan)
     forward = plain_forward if policy.tail is None else weince_forward
     with torch.no_grad():
         rows, cols = forward(batch.q.detach(), batch.candidates.detach(), tau.detach(), plan)

@@ -1,5 +1,5 @@
-r"""The tiled loss of one direction, q->a (InfoNCE; WEINCE's L0), with its gradient computed
-in the forward sweep.
+r"""The tiled loss of one direction (q->a: InfoNCE, WEINCE's L0; a->q enters as the answers'
+rows against the queries), with its gradient computed in the forward sweep.
 
 A strip of whole rows holds every candidate of its anchors, so each anchor's log-sum-exp,
 and with it the softmax, is complete inside the strip:
