@@ -98,6 +98,8 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
         q, candidates, temperature = ctx.saved_tensors
         plan: TilePlan = ctx.plan
         rows, cols = ctx.directions
+        # One direction alone computes its gradient in its forward (tiled_rows).
+        assert rows is not None and cols is not None
         need_tau = ctx.needs_input_grad[2]
         if plan.shift is not None:
             grad_q, grad_c, tau_term = shared_backward(q, candidates, plan, rows, cols,
@@ -108,21 +110,18 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
         grad_q, grad_c = torch.zeros_like(q), torch.zeros_like(candidates)
         tau_term = q.new_zeros(())          # sum of dL/dg * tau_weight * s
 
-        width = n if rows is not None else m       # L1 has no hard-negative columns
         for r in blocks(m, plan.tile):
-            for c in blocks(width, plan.tile):
+            for c in blocks(n, plan.tile):
                 sims = q[r] @ candidates[c].T
                 diag = diagonal(r, c, sims.device)
                 # log(1 - s) and 1 / (1 - s), once for both directions
                 shortfall = plan.policy.shortfall(sims, slope=True)
-                grad_sims = None
-                if rows is not None:
-                    g, coef = _direction_grad(sims, shortfall, rows, r, 0, plan.row_mask(r, c),
-                                              grad_rows, diag)
-                    if need_tau:
-                        tau_term = tau_term + tau_sum(g, sims, coef, dim=1)
-                    grad_sims = slope_product_(g, coef, shortfall)
-                if cols is not None and c.start < m:
+                g, coef = _direction_grad(sims, shortfall, rows, r, 0, plan.row_mask(r, c),
+                                          grad_rows, diag)
+                if need_tau:
+                    tau_term = tau_term + tau_sum(g, sims, coef, dim=1)
+                grad_sims = slope_product_(g, coef, shortfall)
+                if c.start < m:             # L1's candidates: the first m (no hard negatives)
                     answers = slice(c.start, min(c.stop, m))
                     size = answers.stop - answers.start
                     sub = sims[:, :size]
@@ -133,14 +132,7 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
                                               plan.col_mask(answers, r), grad_cols, diag)
                     if need_tau:
                         tau_term = tau_term + tau_sum(g, sub, coef, dim=0)
-                    if grad_sims is None and size < sims.shape[1]:
-                        grad_sims = torch.zeros_like(sims)
-                    if grad_sims is None:
-                        grad_sims = slope_product_(g, coef, part)
-                    else:
-                        slope_product_(g, coef, part, out=grad_sims[:, :size])
-                if grad_sims is None:
-                    continue
+                    slope_product_(g, coef, part, out=grad_sims[:, :size])
                 grad_q[r] += grad_sims @ candidates[c]
                 grad_c[c] += grad_sims.T @ q[r]
         grad_tau = -tau_term / temperature**2 if need_tau else None

@@ -109,37 +109,31 @@ def plain_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan
             finish_direction(cols, coef, None) if plan.cols else None)
 
 
-def shared_backward(q: Tensor, candidates: Tensor, plan: TilePlan, rows: MaybeDirection,
-                    cols: MaybeDirection, grad_rows: Tensor, grad_cols: Tensor, need_tau: bool
+def shared_backward(q: Tensor, candidates: Tensor, plan: TilePlan, rows: DirectionState,
+                    cols: DirectionState, grad_rows: Tensor, grad_cols: Tensor, need_tau: bool
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward of the shared-shift plain path: dL/dg_ij = w_ij (r_i + c_j) minus the
-    positives' grad on the diagonal, with w = exp(g - sigma) once per tile and the per-anchor
-    factors r_i = grad_i e^{sigma - lse_i} (rows), c_j likewise (columns)."""
+    """The backward of the shared-shift plain path over both directions: dL/dg_ij =
+    w_ij (r_i + c_j) minus the positives' grad on the diagonal, with w = exp(g - sigma) once
+    per tile and the per-anchor factors r_i = grad_i e^{sigma - lse_i} (rows), c_j likewise
+    (columns)."""
     assert plan.shift is not None
     shift = plan.shift
     m, n = q.shape[0], candidates.shape[0]
-    coef = (rows if rows is not None else cols).coef  # type: ignore[union-attr]
-    row_factor = None if rows is None else grad_rows * torch.exp(shift - rows.lse)
-    col_factor = None if cols is None else grad_cols * torch.exp(shift - cols.lse)
-    diag_grad = (grad_rows if rows is not None else 0.0) + (grad_cols if cols is not None else 0.0)
+    coef = rows.coef
+    row_factor = grad_rows * torch.exp(shift - rows.lse)
+    col_factor = grad_cols * torch.exp(shift - cols.lse)
+    diag_grad = grad_rows + grad_cols
     grad_q, grad_c = torch.zeros_like(q), torch.zeros_like(candidates)
     tau_term = q.new_zeros(())
-    width = n if rows is not None else m
     for r in blocks(m, plan.tile):
-        for c in blocks(width, plan.tile):
+        for c in blocks(n, plan.tile):
             sims = q[r] @ candidates[c].T
             weights = shared_exp(sims, coef, shift)
-            size = max(0, min(c.stop, m) - c.start) if col_factor is not None else 0
-            if row_factor is None:
-                assert col_factor is not None
-                grad_logits = weights.mul_(col_factor[None, c])
-            elif size:
-                assert col_factor is not None
-                grad_logits = torch.mul(weights, row_factor[r, None])
+            grad_logits = torch.mul(weights, row_factor[r, None])
+            size = max(0, min(c.stop, m) - c.start)    # L1's candidates: the first m
+            if size:
                 grad_logits[:, :size].addcmul_(weights[:, :size],
                                                col_factor[None, c.start:c.start + size])
-            else:
-                grad_logits = weights.mul_(row_factor[r, None])
             diag = diagonal(r, c, sims.device)
             if diag is not None:
                 grad_logits[diag[1], diag[2]] -= diag_grad[diag[0]]
