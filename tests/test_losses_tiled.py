@@ -87,13 +87,18 @@ def test_auto_tiles_large_batches(monkeypatch) -> None:
     import batchscale.losses.pair_loss as pair_loss_module
 
     calls = _spy(monkeypatch, pair_loss_module, "tiled_batch_softmax_loss")
-    monkeypatch.setattr(pair_loss_module, "AUTO_DENSE_ENTRIES", 20 * 20)
+    monkeypatch.setitem(pair_loss_module.AUTO_DENSE_ENTRIES, "cpu", 20 * 20)
     q, a, _ = _case(20, 0)
     bsc_loss(q, a, 0.1)
     assert calls == []
     q, a, _ = _case(21, 0)
     bsc_loss(q, a, 0.1)
     assert [args[-1] for args in calls] == [pair_loss_module.DEFAULT_TILE]
+    # CPU tiles above 2048 x 2048 (measured), other devices above 4096 x 4096.
+    resolve = pair_loss_module.resolve_tile
+    assert resolve("f", "auto", 3000, 3000, "cpu") == pair_loss_module.DEFAULT_TILE
+    assert resolve("f", "auto", 3000, 3000, "cuda") is None
+    assert resolve("f", "auto", 4097, 4096, "cuda") == pair_loss_module.DEFAULT_TILE
     with pytest.raises(ValueError, match=r"`tile_size` must be a positive int, 'auto' or None, "
                                          r"got 0"):
         bsc_loss(q, a, 0.1, tile_size=0)

@@ -129,8 +129,9 @@ class BatchSoftmaxLoss(BatchscaleLoss):
             sentence-transformers' ``scale`` is 1 / tau: ``scale=20`` is ``temperature=0.05``.
         label_threshold: with a ``label``/``score`` column, pairs with score <= threshold are
             not anchors but stay candidates (BSC eq. 5); None needs 0/1 labels.
-        tile_size: ``"auto"`` (dense up to a 4096 x 4096 similarity matrix, tiled above), an
-            int (always tiled: memory linear in the batch size), None (always dense).
+        tile_size: ``"auto"`` (dense up to a 2048 x 2048 similarity matrix on CPU, 4096 x 4096
+            elsewhere, tiled above), an int (always tiled: memory linear in the batch size),
+            None (always dense).
     """
 
     def __init__(self, model: nn.Module, temperature: float | LearnableTemperature = 0.05, *,
