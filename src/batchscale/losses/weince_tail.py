@@ -140,19 +140,16 @@ def tail_size(num_negatives: Tensor, cfg: WeinceConfig) -> Tensor:
     return k.to(torch.long)
 
 
-def _least_squares(x: Tensor, y: Tensor, n: Tensor, sx: Tensor, sxx: Tensor
+def _least_squares(sums: Tensor, y_sums: Tensor, n: Tensor, sxx: Tensor
                    ) -> tuple[Tensor, Tensor]:
-    """Least squares y = a + slope * x per row over the kept points: (SSE, slope).
-
-    ``x`` and ``y`` are zero outside the kept points (``y`` may be one broadcast row);
-    n, sum x and sum x^2 are shared by both fits."""
-    sy = y.sum(1).expand_as(n)
-    syy = (y * y).sum(1).expand_as(n)
-    sxy = (x * y).sum(1)
+    """Least squares y = a + slope * x per row over the kept points: (SSE, slope), from the
+    sums (sum x, sum x y) per row, (sum y, sum y^2) per row or broadcast, n and sum x^2."""
+    sx, sxy = sums.unbind(-1)
+    sy, syy = (t.expand_as(n) for t in y_sums.unbind(-1))
     var_x = sxx - sx * sx / n
     cov_xy = sxy - sx * sy / n
     var_y = syy - sy * sy / n
-    slope = torch.where(var_x > 0, cov_xy / var_x.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    slope = torch.where(var_x > 0, cov_xy / var_x.clamp_min(torch.finfo(sxx.dtype).tiny), 0.0)
     return (var_y - slope * cov_xy).clamp_min(0.0), slope
 
 
@@ -173,36 +170,48 @@ def fit_tail(top_negatives: Tensor, k: Tensor, cfg: WeinceConfig) -> TailFit:
     k_i are ignored); ``k`` (rows,) the tail size k_i. Rows are independent, so a tiled path
     may fit them block by block.
     """
-    s = top_negatives.detach().to(torch.float64)
-    rows, k_max = s.shape
-    dev = s.device
-    # One broadcast row when every anchor has the same k (no masks): the empirical CDF and
-    # its transforms depend on (r, k) only.
-    uniform = rows > 0 and bool((k == k[0]).all())
-    k_rows = k[:1] if uniform else k
-    kf = k_rows.to(torch.float64)[:, None]
-    r = torch.arange(1, k_max + 1, device=dev, dtype=torch.float64)[None, :]
-    drop = torch.clamp(torch.div(k_rows, cfg.drop_divisor, rounding_mode="floor"), min=1)
-    keep = (r > drop.to(torch.float64)[:, None]) & (r <= kf)
-    cdf = torch.where(keep, r / (kf + 1.0), 0.5)
-    y_weibull = torch.where(keep, torch.log(cdf), 0.0)
-    y_gumbel = torch.where(keep, torch.log(-torch.log(cdf)), 0.0)
-    n = (k - torch.clamp(torch.div(k, cfg.drop_divisor, rounding_mode="floor"), min=1))
-    n = n.clamp_min(0).to(torch.float64)
+    rows, k_max = top_negatives.shape
+    dev = top_negatives.device
+    drop = torch.clamp(torch.div(k, cfg.drop_divisor, rounding_mode="floor"), min=1)
+    n = (k - drop).clamp_min(0).to(torch.float64)
     n_safe = n.clamp_min(1.0)
 
-    # Shortfalls delta = max(1 - s, eps) ascend as s descends; x = log delta.
-    x = torch.where(keep, torch.log(torch.clamp(torch.rsub(s, 1.0), min=cfg.eps)), 0.0)
-    sx, sxx = x.sum(1), (x * x).sum(1)
-    sse_w, slope_w = _least_squares(x, y_weibull, n_safe, sx, sxx)
-    sse_g, slope_g = _least_squares(x, y_gumbel, n_safe, sx, sxx)
+    def shortfall_log(sims: Tensor) -> Tensor:
+        # Shortfalls delta = max(1 - s, eps) ascend as s descends; x = log delta.
+        return torch.log(torch.clamp(torch.rsub(sims.to(torch.float64), 1.0), min=cfg.eps))
+
+    def responses(r: Tensor, kf: Tensor) -> tuple[Tensor, Tensor]:
+        cdf = r / (kf + 1.0)      # the empirical CDF; Weibull log F, Gumbel log(-log F)
+        return torch.log(cdf), torch.log(-torch.log(cdf))
+
+    if rows > 0 and bool((k == k[0]).all()):
+        # Every anchor has the same k (no masks): the kept points are the same columns, and
+        # one matmul gives sum x and both sum x y.
+        first, last = int(drop[0]), max(int(k[0]), int(drop[0]))
+        x = shortfall_log(top_negatives.detach()[:, first:last])
+        r = torch.arange(first + 1, last + 1, device=dev, dtype=torch.float64)
+        y_weibull, y_gumbel = responses(r, r.new_tensor(float(k[0])))
+        sums = x @ torch.stack([torch.ones_like(r), y_weibull, y_gumbel], dim=1)
+        y_sums = [torch.stack([y.sum(), (y * y).sum()]) for y in (y_weibull, y_gumbel)]
+    else:
+        r = torch.arange(1, k_max + 1, device=dev, dtype=torch.float64)[None, :]
+        kf = k.to(torch.float64)[:, None]
+        keep = (r > drop.to(torch.float64)[:, None]) & (r <= kf)
+        x = torch.where(keep, shortfall_log(top_negatives.detach()), 0.0)
+        y_weibull, y_gumbel = (torch.where(keep, y, 0.0)
+                               for y in responses(r, kf.expand(-1, k_max)))
+        sums = torch.stack([x.sum(1), (x * y_weibull).sum(1), (x * y_gumbel).sum(1)], dim=1)
+        y_sums = [torch.stack([y.sum(1), (y * y).sum(1)], dim=1) for y in (y_weibull, y_gumbel)]
+    sxx = (x * x).sum(1)
+    sse_w, slope_w = _least_squares(sums[:, :2], y_sums[0], n_safe, sxx)
+    sse_g, slope_g = _least_squares(sums[:, ::2], y_sums[1], n_safe, sxx)
     sse_w = sse_w.clamp_min(cfg.sse_floor) + cfg.slope_penalty * (slope_w <= 0)
     sse_g = sse_g.clamp_min(cfg.sse_floor) + cfg.slope_penalty * (slope_g >= 0)
     aic_w = n_safe * torch.log(sse_w / n_safe) + 4.0
     aic_g = n_safe * torch.log(sse_g / n_safe) + 4.0
 
     if k_max > 0:
-        rho = rho_from_max(s[:, 0], k, cfg)
+        rho = rho_from_max(top_negatives[:, 0], k, cfg)
     else:
         rho = torch.ones(rows, device=dev, dtype=torch.float64)
     return TailFit(rho, aic_g - aic_w, n >= 3, k > 0)
