@@ -199,7 +199,7 @@ def fit_tail(top_negatives: Tensor, k: Tensor, cfg: WeinceConfig) -> TailFit:
         keep = (r > drop.to(torch.float64)[:, None]) & (r <= kf)
         x = torch.where(keep, shortfall_log(top_negatives.detach()), 0.0)
         y_weibull, y_gumbel = (torch.where(keep, y, 0.0)
-                               for y in responses(r, kf.expand(-1, k_max)))
+                               for y in responses(r, kf))
         sums = torch.stack([x.sum(1), (x * y_weibull).sum(1), (x * y_gumbel).sum(1)], dim=1)
         y_sums = [torch.stack([y.sum(1), (y * y).sum(1)], dim=1) for y in (y_weibull, y_gumbel)]
     sxx = (x * x).sum(1)
