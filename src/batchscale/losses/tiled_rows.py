@@ -12,6 +12,11 @@ sweep take four (Liger-Kernel's fused linear cross-entropy does the same for lan
 models). The loss is a scalar and its gradient is linear in the output's grad, so the
 backward only scales the stored gradients. This path runs when autograd will want them; a
 forward without grad takes the forward sweeps alone (:mod:`~batchscale.losses.tiled`).
+
+WEINCE's anchors need their lambdas before their logits. Each lambda needs the anchor's own
+tail (inside its strip) and the batch's rho0, which a bfloat16 sweep finds exactly first
+(:mod:`~batchscale.losses.weince_rho0`); each strip then fits its anchors' tails from its own
+similarities (:func:`~batchscale.losses.tiled_weince.weince_strip_constants`).
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .batch_softmax import ContrastiveBatch
-from .logits import Coefficients, mixed_logits, mixed_slope
+from .logits import Coefficients, mixed_logits, mixed_slope_
 from .tile_plan import TilePlan, blocks, diagonal, masked_, strip_height, strip_sims, tau_sum
-from .tiled_weince import weince_rows
+from .tiled_weince import cat_lambdas, weince_strip_constants
 from .weince_tail import WeinceLambda
 
 Gradients = tuple[Tensor | None, Tensor | None, Tensor | None]
@@ -47,13 +52,17 @@ class _LossWithGradient(torch.autograd.Function):
         return (*(None if g is None else g * grad for g in ctx.grads), None)
 
 
-def _rows_sweep(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
-                coef: Coefficients, shift: Tensor | None, weight: Tensor,
-                needs: tuple[bool, bool, bool]) -> tuple[Tensor, Gradients]:
-    """sum_i w_i l_i over strips of whole rows, and its gradients where ``needs`` says.
+#: A strip's anchors (a block of rows) and similarities -> their logit coefficients (shaped
+#: for the strip) and a bound of each row's logits from above (0-dim: the shared sigma of
+#: plain logits; (rows, 1): WEINCE's g at the row's largest similarity), or None: the
+#: strip's own row max.
+StripConstants = Callable[[slice, Tensor], tuple[Coefficients, Tensor | None]]
 
-    ``shift`` bounds each row's logits from above (0-dim: the shared sigma of plain logits;
-    (m,): WEINCE's g at the row's largest similarity), or None: the strip's own row max."""
+
+def _rows_sweep(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
+                constants: StripConstants, weight: Tensor,
+                needs: tuple[bool, bool, bool]) -> tuple[Tensor, Gradients]:
+    """sum_i w_i l_i over strips of whole rows, and its gradients where ``needs`` says."""
     m, n = q.shape[0], candidates.shape[0]
     policy, dev = plan.policy, q.device
     losses = q.new_empty(m)
@@ -64,25 +73,28 @@ def _rows_sweep(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
     height = strip_height(n, plan.tile)
     sims_buffer = q.new_empty((min(height, m), n))
     weights_buffer = torch.empty_like(sims_buffer)
+    # Every per-chunk temporary lives in this buffer or in the strips: fresh multi-MB tensors
+    # each chunk made glibc return and re-fault their pages (up to 5x the ops' own time).
+    scratch_buffer = q.new_empty((min(height, m), min(plan.tile, n)))
     for r in blocks(m, height):
         sims = strip_sims(q[r], candidates, sims_buffer)
         weights = weights_buffer[: r.stop - r.start]
-        row_coef = coef.part(r, 0)
-        bias = None if shift is None else -(shift if shift.ndim == 0 else shift[r, None])
+        row_coef, shift = constants(r, sims)
+        bias = None if shift is None else -shift
         # Logits chunk by chunk, so that their passes run in cache; with a known bound the
         # strip keeps e^{g - shift} (no running max: the rows are whole).
         positive = q.new_empty(r.stop - r.start)
+        scratch = scratch_buffer[: r.stop - r.start]
         for c in blocks(n, plan.tile):
             sub = sims[:, c]
-            logits = masked_(mixed_logits(sub, row_coef, policy.shortfall(sub, slope=False),
-                                          bias), plan.row_mask(r, c))
+            shortfall = policy.shortfall(sub, slope=False, out=scratch[:, : c.stop - c.start])
+            logits = masked_(mixed_logits(sub, row_coef, shortfall, bias, out=weights[:, c]),
+                             plan.row_mask(r, c))
             diag = diagonal(r, c, dev)
             if diag is not None:
                 positive[diag[1]] = logits[diag[1], diag[2]]
-            if bias is None:
-                weights[:, c] = logits
-            else:
-                torch.exp(logits, out=weights[:, c])
+            if bias is not None:
+                logits.exp_()
         if bias is None:
             top = weights.amax(dim=1)
             top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
@@ -102,7 +114,9 @@ def _rows_sweep(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
             if need_tau:
                 tau_term += tau_sum(grad_logits, sims[:, c], row_coef, dim=1)
             if need_grad:
-                grad_logits.mul_(mixed_slope(row_coef, policy.shortfall(sims[:, c], slope=True)))
+                inverse = policy.inverse_shortfall(sims[:, c],
+                                                   out=scratch[:, : c.stop - c.start])
+                grad_logits.mul_(mixed_slope_(row_coef, inverse))
         if need_grad:
             torch.mm(weights, candidates, out=grad_q[r])
             grad_c.addmm_(weights.T, q[r])
@@ -111,24 +125,27 @@ def _rows_sweep(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
     return loss, (grad_q if needs[0] else None, grad_c if needs[1] else None, grad_tau)
 
 
+def _plain_constants(plan: TilePlan, tau: Tensor) -> StripConstants:
+    coef = plan.policy.coefficients(None, tau)
+    return lambda rows, sims: (coef, plan.shift)
+
+
 def rows_loss_with_gradient(batch: ContrastiveBatch, tau: Tensor, plan: TilePlan
                             ) -> tuple[Tensor, list[WeinceLambda]]:
     """L0's loss, sum_i y_i l_i / m, with its gradients computed in the same sweep."""
     assert plan.rows and not plan.cols
     q, candidates, m = batch.q, batch.candidates, batch.m
     qd, cd, td = q.detach(), candidates.detach(), tau.detach()
+    states: list[WeinceLambda] = []
     with torch.no_grad():
-        state: WeinceLambda | None = None
-        if plan.policy.tail is None:
-            coef, shift = plan.policy.coefficients(None, td), plan.shift
-        else:
-            state, coef, shift = weince_rows(qd, cd, td, plan)
+        constants = (_plain_constants(plan, td) if plan.policy.tail is None
+                     else weince_strip_constants(qd, cd, td, plan, states))
     weight = (q.new_full((m,), 1.0 / m) if batch.anchor_weight is None
               else batch.anchor_weight.to(q.dtype) / m)
 
     def sweep(needs: tuple[bool, bool, bool]) -> tuple[Tensor, Gradients]:
         with torch.no_grad():
-            return _rows_sweep(qd, cd, td, plan, coef, shift, weight, needs)
+            return _rows_sweep(qd, cd, td, plan, constants, weight, needs)
 
     loss = _LossWithGradient.apply(q, candidates, tau, sweep)
-    return loss, [] if state is None else [state]
+    return loss, [cat_lambdas(states)] if states else []

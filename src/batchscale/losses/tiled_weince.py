@@ -10,10 +10,14 @@ Two forward sweeps give both directions with one matmul each:
    lambda (rho0 is known) and its complete log-sum-exp, while the rows' log-sum-exp (their
    lambdas known since sweep 1) runs online across the strips.
 
-With the backward's three matmuls that is five per tile where InfoNCE needs four.
+With the backward's three matmuls that is five per tile where BSC needs four. L0 alone with
+its gradient takes one sweep after a bfloat16 one for rho0 (:func:`weince_strip_constants`,
+used by :mod:`~batchscale.losses.tiled_rows`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -31,6 +35,7 @@ from .tile_plan import (
     strip_height,
     strip_sims,
 )
+from .weince_rho0 import row_rho0
 from .weince_tail import (
     AnchorPool,
     TailFit,
@@ -66,7 +71,7 @@ class _Fits:
                          ("rho", "delta_aic", "fitted", "has_negative")))
 
 
-def _cat_lambdas(parts: list[WeinceLambda]) -> WeinceLambda:
+def cat_lambdas(parts: list[WeinceLambda]) -> WeinceLambda:
     return WeinceLambda(*(torch.cat([getattr(p, f) for p in parts]) for f in
                           ("lam", "lam_rho", "lam_aic", "delta_aic", "anchors")))
 
@@ -158,16 +163,32 @@ def _row_lambdas(fits: _Fits, plan: TilePlan, tau: Tensor, positive_sims: Tensor
     return state, coef, _shift(policy, coef, torch.cat(fits.max_negative), positive_sims)
 
 
-def weince_rows(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan
-                ) -> tuple[WeinceLambda, Coefficients, Tensor]:
-    """Sweep 1 alone, for L0 alone: each query's lambda, logit coefficients and shift."""
-    cfg = plan.policy.tail
+def weince_strip_constants(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
+                           states: list[WeinceLambda]
+                           ) -> Callable[[slice, Tensor], tuple[Coefficients, Tensor]]:
+    """L0 alone in one sweep of whole-row strips: rho0 first (a bfloat16 sweep, see
+    :mod:`~batchscale.losses.weince_rho0`), then each strip's tail fits, lambdas (appended
+    to ``states``), logit coefficients and log-sum-exp shifts, from its own similarities."""
+    policy, cfg = plan.policy, plan.policy.tail
     assert cfg is not None and plan.rows and not plan.cols
     m, n = q.shape[0], candidates.shape[0]
-    k_rows = tail_size(negatives_per_anchor(plan.answer_ids, m, n, q.device), cfg)
-    fits, _ = _row_strips(q, candidates, plan, cfg, k_rows)
-    assert fits is not None
-    return _row_lambdas(fits, plan, tau, (q * candidates[:m]).sum(dim=1))
+    k = tail_size(negatives_per_anchor(plan.answer_ids, m, n, q.device), cfg)
+    rho0 = row_rho0(q, candidates, plan, k, cfg, _anchor_pool(policy))
+    everything = slice(0, n)
+
+    def constants(rows: slice, sims: Tensor) -> tuple[Coefficients, Tensor]:
+        fits = _Fits()
+        diag = diagonal(rows, everything, sims.device)
+        fit = _fit_without_positive(fits, sims, plan.row_mask(rows, everything), diag,
+                                    k[rows], cfg)
+        state = mix_lambda(fit, plan.is_anchor[rows], cfg, sims.dtype, rho0=rho0)
+        states.append(state)
+        coef = policy.coefficients(state, tau)
+        assert diag is not None                  # row i's positive is candidate i
+        shift = _shift(policy, coef, fits.max_negative[0], sims[diag[1], diag[2]])
+        return coef.part(slice(None), 0), shift[:, None]
+
+    return constants
 
 
 def weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan
@@ -235,6 +256,6 @@ def weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan
     if row_coef is not None and row_shift is not None:
         rows = DirectionState(row_sum.log() + row_shift, row_pos, row_coef, row_state)
     if col_states:
-        col_state = _cat_lambdas(col_states)
+        col_state = cat_lambdas(col_states)
         cols = DirectionState(col_lse, col_pos, policy.coefficients(col_state, tau), col_state)
     return rows, cols
