@@ -34,7 +34,10 @@ _UNIT = 2.0**-8                  # bfloat16 rounding, relative (2^-9 to nearest,
 def fast_bfloat16(device: torch.device) -> bool:
     """Whether a bfloat16 matmul beats the float32 one here (else the sweep runs exact)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # cuBLAS may round split-K partial sums to bfloat16 unless told not to, and the
+        # bounds assume float32 sums
+        return (torch.cuda.is_bf16_supported()
+                and not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
     if device.type == "cpu":
         # torch's own check (inductor uses it); without the instructions bfloat16 is emulated
         return any(getattr(torch.cpu, name, lambda: False)()
