@@ -106,12 +106,15 @@ def test_rho0_over_every_rank_through_the_anchor_pool(sweep) -> None:
     assert calls == [120, 120, 120]           # bounds below, above, then the exact values
 
 
-@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, -1.0])
 def test_bfloat16_bounds_hold_the_float32_max(scale: float) -> None:
-    """Rows of mixed magnitudes, float32: every bound holds the float64 brute-force max."""
-    g = torch.Generator().manual_seed(int(math.log10(scale)) + 7)
+    """Rows of mixed magnitudes, float32: every bound holds the float64 brute-force max
+    (scale < 0: every similarity is negative, where the bit-pattern max does not apply)."""
+    g = torch.Generator().manual_seed(int(math.log10(abs(scale))) + 7)
     q = torch.randn(200, 96, generator=g) * scale * torch.rand(200, 1, generator=g)
     c = torch.randn(230, 96, generator=g) * torch.rand(230, 1, generator=g) * 10
+    if scale < 0:
+        q, c = -q.abs(), c.abs()
     lower, upper = weince_rho0._max_negative_bounds(q, c, None, 64)
     sims = q.double() @ c.double().T
     sims[torch.arange(200), torch.arange(200)] = float("-inf")
@@ -161,3 +164,35 @@ def test_tiled_weince_rows_equal_dense_with_either_sweep(sweep, spread: float) -
     assert float(tiled) == pytest.approx(float(dense), rel=1e-9)
     for want, got in zip(dense_grads, tiled_grads, strict=True):
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("tile", [None, 16])
+def test_weince_rows_gradient_where_the_shortfall_is_clamped(tile) -> None:
+    """A candidate identical to a query (s = 1 > 1 - eps): the log term is constant there,
+    so only (1 - lambda) s / tau carries a gradient; against autograd through the plain
+    reference logits (torch.clamp), float64."""
+    from batchscale.losses.logits import weince_logits
+    from batchscale.losses.weince_tail import weince_lambda
+
+    q, c = _near_ties(60, 16, seed=9, spread=0.15)
+    c = c.clone()
+    c[61] = q[3]                 # a hard negative equal to query 3 ...
+    c[5] = q[7]                  # ... and query 7 as the answer of pair 5
+    a, h = c[:60], c[60:]
+    leaves = [x.clone().requires_grad_(True) for x in (q, a, h)]
+    loss = weince_loss(*leaves[:2], 0.1, hard_negatives=leaves[2], directions="q->a",
+                       tile_size=tile)
+    loss.backward()
+
+    ref = [x.clone().requires_grad_(True) for x in (q, a, h)]
+    qn = torch.nn.functional.normalize(ref[0], dim=1)
+    cn = torch.nn.functional.normalize(torch.cat(ref[1:]), dim=1)
+    sims = qn @ cn.T
+    assert float(sims[3, 61].detach()) > 1 - CFG.eps and float(sims[7, 5].detach()) > 1 - CFG.eps
+    lam = weince_lambda(sims.detach(), torch.arange(60), cfg=CFG).lam
+    logits = weince_logits(sims, lam, 0.1, CFG.eps)
+    want = torch.nn.functional.cross_entropy(logits, torch.arange(60))
+    want.backward()
+    assert float(loss) == pytest.approx(float(want), rel=1e-10)
+    for got_leaf, want_leaf in zip(leaves, ref, strict=True):
+        assert torch.allclose(got_leaf.grad, want_leaf.grad, rtol=1e-8, atol=1e-12)

@@ -10,6 +10,12 @@ from pathlib import Path
 from . import __version__
 
 
+def _add_overrides(p: argparse.ArgumentParser, what: str) -> None:
+    """``--set KEY=VALUE`` (repeatable), collected in ``overrides``."""
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help=f"override {what}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchscale",
@@ -101,9 +107,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                     "eval.every_examples examples; the model selected on dev goes to "
                     "OUT/final and is evaluated once on test.")
     p.add_argument("config", type=Path, help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=3e-5 "
-                                             "(repeatable; the value is read as YAML)")
+    _add_overrides(p, "a config value, e.g. optim.lr=3e-5 (repeatable; the value is read "
+                      "as YAML)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from its last checkpoint")
@@ -165,9 +170,8 @@ def _add_sweep(commands: argparse._SubParsersAction) -> None:
                    help="run only shard I of N (0-based): cells whose grid index is I mod N")
     p.add_argument("--work", type=Path, default=None,
                    help="folder for the runs in progress (default: beside the store)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a sweep value, e.g. budget.examples=2000 "
-                                             "or base.data.data_dir=/data (repeatable)")
+    _add_overrides(p, "a sweep value, e.g. budget.examples=2000 or "
+                      "base.data.data_dir=/data (repeatable)")
     p.add_argument("--keep-runs", action="store_true",
                    help="keep each run's directory (selected model, checkpoints)")
     p.add_argument("--threads", type=int, default=None, metavar="N",

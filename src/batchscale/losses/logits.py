@@ -76,14 +76,6 @@ def mixed_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | None,
     return g.addcmul_(shortfall.log, coef.mix)
 
 
-def mixed_slope_(coef: Coefficients, inverse: Tensor | None) -> Tensor:
-    """dg/ds = scale - mix / u, computed in ``inverse`` = 1/u (0 for the clamped entries)."""
-    if coef.mix is None:
-        return coef.scale
-    assert inverse is not None
-    return inverse.mul_(coef.mix.neg()).add_(coef.scale)
-
-
 def slope_product_(grad_logits: Tensor, coef: Coefficients, shortfall: Shortfall | None,
                    out: Tensor | None = None) -> Tensor:
     """grad_logits * dg/ds = grad * scale - (grad * mix) / u, added to ``out`` when given,
@@ -116,8 +108,9 @@ class LogitPolicy(Protocol):
         """The per-entry log-shortfall terms (None when the logits have none), log u in
         ``out`` when given; ``slope``: also 1/u, which only the backward needs."""
 
-    def inverse_shortfall(self, sims: Tensor, out: Tensor | None = None) -> Tensor | None:
-        """1/u alone (None when the logits have no log term), in ``out`` when given."""
+    def slope(self, sims: Tensor, coef: Coefficients, out: Tensor | None = None) -> Tensor:
+        """dg/ds of a block of similarities (``coef`` broadcast to it), in ``out`` when
+        given (a scalar when it is one)."""
 
     def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
                ) -> LogitBlock:
@@ -130,11 +123,9 @@ def _block(policy: LogitPolicy, sims: Tensor, state: WeinceLambda | None,
     coef = policy.coefficients(state, temperature)
     if coef.mix is not None:
         coef = coef.part(slice(None), 0)
-    shortfall = policy.shortfall(sims, slope=True)
     tau_weight = None if coef.tau_weight is None else coef.tau_weight.squeeze(1)
-    return LogitBlock(mixed_logits(sims, coef, shortfall),
-                      mixed_slope_(coef, None if shortfall is None else shortfall.inverse),
-                      tau_weight)
+    return LogitBlock(mixed_logits(sims, coef, policy.shortfall(sims, slope=False)),
+                      policy.slope(sims, coef), tau_weight)
 
 
 @dataclass(frozen=True)
@@ -155,8 +146,8 @@ class ScaledCosine:
     def shortfall(self, sims: Tensor, slope: bool, out: Tensor | None = None) -> None:
         return None
 
-    def inverse_shortfall(self, sims: Tensor, out: Tensor | None = None) -> None:
-        return None
+    def slope(self, sims: Tensor, coef: Coefficients, out: Tensor | None = None) -> Tensor:
+        return coef.scale
 
     def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
                ) -> LogitBlock:
@@ -190,21 +181,34 @@ class WeinceMixture:
         # log(1 - min(s, 1 - eps)) as log1p(-min(...)): in place, with no rounded 1 - s
         # (a third of the time of rsub, clamp and log, measured on CPU)
         log = torch.neg(sims, out=out).clamp_min_(-(1.0 - self.config.eps)).log1p_()
-        return Shortfall(log, self.inverse_shortfall(sims) if slope else None)
+        return Shortfall(log, self._inverse(sims) if slope else None)
 
-    def inverse_shortfall(self, sims: Tensor, out: Tensor | None = None) -> Tensor:
+    def _shortfall_u(self, sims: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """u = 1 - min(s, 1 - eps), and where it was clamped (None: nowhere)."""
         floor = 1.0 - torch.tensor(1.0 - self.config.eps, dtype=sims.dtype).item()
-        # u = 1 - min(s, 1 - eps) = max(1 - s, 1 - (1 - eps)) exactly: 1 - s is exact for
-        # s >= 1/2 (Sterbenz), and below that both sides round the same 1 - s. So u == floor
-        # marks exactly the clamped entries, where the log term has no gradient.
-        u = torch.neg(sims, out=out).add_(1.0).clamp_min_(floor)
+        # u = max(1 - s, 1 - (1 - eps)) exactly: 1 - s is exact for s >= 1/2 (Sterbenz), and
+        # below that both sides round the same 1 - s. So u == floor marks exactly the clamped
+        # entries, where the log term has no gradient.
+        u = torch.sub(sims.new_ones(()), sims, out=out).clamp_min_(floor)
         # Clamped entries are rare (s within eps of 1: duplicates); a min is ~20x cheaper
         # than a bool mask and its any().
-        clamped = (u <= floor) if bool(u.amin() <= floor) else None
+        return u, (u <= floor) if bool(u.amin() <= floor) else None
+
+    def _inverse(self, sims: Tensor) -> Tensor:
+        """1/u, and 0 where u was clamped."""
+        u, clamped = self._shortfall_u(sims, None)
         inverse = u.reciprocal_()
+        return inverse if clamped is None else inverse.masked_fill_(clamped, 0.0)
+
+    def slope(self, sims: Tensor, coef: Coefficients, out: Tensor | None = None) -> Tensor:
+        """scale - mix / u, in place over u (an addcdiv with per-anchor operands takes
+        torch's unvectorised loop: 2x slower, measured)."""
+        assert coef.mix is not None
+        u, clamped = self._shortfall_u(sims, out)
+        slope = torch.div(coef.mix.neg(), u, out=u)
         if clamped is not None:
-            inverse.masked_fill_(clamped, 0.0)
-        return inverse
+            slope.masked_fill_(clamped, 0.0)
+        return slope.add_(coef.scale)
 
     def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
                ) -> LogitBlock:

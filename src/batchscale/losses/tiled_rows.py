@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .batch_softmax import ContrastiveBatch
-from .logits import Coefficients, mixed_logits, mixed_slope_
+from .logits import Coefficients, mixed_logits
 from .tile_plan import TilePlan, blocks, diagonal, masked_, strip_height, strip_sims, tau_sum
 from .tiled_weince import cat_lambdas, weince_strip_constants
 from .weince_tail import WeinceLambda
@@ -114,9 +114,8 @@ def _rows_sweep(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
             if need_tau:
                 tau_term += tau_sum(grad_logits, sims[:, c], row_coef, dim=1)
             if need_grad:
-                inverse = policy.inverse_shortfall(sims[:, c],
-                                                   out=scratch[:, : c.stop - c.start])
-                grad_logits.mul_(mixed_slope_(row_coef, inverse))
+                grad_logits.mul_(policy.slope(sims[:, c], row_coef,
+                                              out=scratch[:, : c.stop - c.start]))
         if need_grad:
             torch.mm(weights, candidates, out=grad_q[r])
             grad_c.addmm_(weights.T, q[r])

@@ -79,6 +79,23 @@ def _max_negatives(q: Tensor, candidates: Tensor, rows: Tensor, answer_ids: Tens
     return out
 
 
+def _bfloat16_max(sims: Tensor, with_index: bool) -> tuple[Tensor, Tensor | None]:
+    """Each row's max (and its first column) of a bfloat16 strip, on the bit patterns as
+    int16 (1.5x faster for max with index, 4x for amax): they order the non-negative values
+    like the values, and put every negative one below them. Rows whose max is negative (or
+    masked) take the float max."""
+    bits = sims.view(torch.int16)
+    top, index = bits.max(dim=1) if with_index else (bits.amax(dim=1), None)
+    values = top.view(torch.bfloat16).clone()
+    negative = top < 0
+    if bool(negative.any()):
+        if index is None:
+            values[negative] = sims[negative].amax(dim=1)
+        else:
+            values[negative], index[negative] = sims[negative].max(dim=1)
+    return values, index
+
+
 def _max_negative_bounds(q: Tensor, candidates: Tensor, answer_ids: Tensor | None, tile: int
                          ) -> tuple[Tensor, Tensor]:
     """(lower, upper) bounds of each query's max negative similarity, float64.
@@ -96,9 +113,10 @@ def _max_negative_bounds(q: Tensor, candidates: Tensor, answer_ids: Tensor | Non
     second = torch.empty_like(first)
     column = torch.empty(m, dtype=torch.long, device=q.device)
     for r, sims in _negative_strips(q_low, c_low, rows, answer_ids, tile):
-        top, index = sims.max(dim=1)
+        top, index = _bfloat16_max(sims, with_index=True)
         sims[torch.arange(r.stop - r.start, device=q.device), index] = float("-inf")
-        first[r], column[r], second[r] = top.to(torch.float64), index, sims.amax(dim=1)
+        first[r], column[r] = top.to(torch.float64), index
+        second[r] = _bfloat16_max(sims, with_index=False)[0]
     q_norm, c_norm = _norms(q_low, q.dtype), _norms(c_low, q.dtype)
     dq, dc = _norms(q - q_low, q.dtype), _norms(candidates - c_low, q.dtype)
     # |s_ij - s~_ij| <= rounding + 2^-8 |s~_ij|, where the float32 sums' share alone also

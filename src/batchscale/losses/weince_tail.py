@@ -177,8 +177,10 @@ def fit_tail(top_negatives: Tensor, k: Tensor, cfg: WeinceConfig) -> TailFit:
     n_safe = n.clamp_min(1.0)
 
     def shortfall_log(sims: Tensor) -> Tensor:
-        # Shortfalls delta = max(1 - s, eps) ascend as s descends; x = log delta.
-        return torch.log(torch.clamp(torch.rsub(sims.to(torch.float64), 1.0), min=cfg.eps))
+        # Shortfalls delta = max(1 - s, eps) ascend as s descends; x = log delta. One copy,
+        # then in place: each fresh multi-MB float64 temporary cost a round of page faults.
+        x = sims.to(torch.float64, copy=True)
+        return x.neg_().add_(1.0).clamp_min_(cfg.eps).log_()
 
     def responses(r: Tensor, kf: Tensor) -> tuple[Tensor, Tensor]:
         cdf = r / (kf + 1.0)      # the empirical CDF; Weibull log F, Gumbel log(-log F)
@@ -202,7 +204,7 @@ def fit_tail(top_negatives: Tensor, k: Tensor, cfg: WeinceConfig) -> TailFit:
                                for y in responses(r, kf))
         sums = torch.stack([x.sum(1), (x * y_weibull).sum(1), (x * y_gumbel).sum(1)], dim=1)
         y_sums = [torch.stack([y.sum(1), (y * y).sum(1)], dim=1) for y in (y_weibull, y_gumbel)]
-    sxx = (x * x).sum(1)
+    sxx = (x[:, None, :] @ x[:, :, None]).reshape(rows)     # sum x^2 without an x * x buffer
     sse_w, slope_w = _least_squares(sums[:, :2], y_sums[0], n_safe, sxx)
     sse_g, slope_g = _least_squares(sums[:, ::2], y_sums[1], n_safe, sxx)
     sse_w = sse_w.clamp_min(cfg.sse_floor) + cfg.slope_penalty * (slope_w <= 0)

@@ -90,6 +90,8 @@ def compute(meta: dict[str, str], runs: list[dict[str, Any]]) -> dict[str, Any]:
                        r["batch_size"]), []).append(r)
     for group in by.values():
         group.sort(key=lambda r: r["seed"])
+    # (arm, batch size, its runs) in table order: the rows and the curves walk the same cells
+    cells = [(arm, b, by[(arm, b)]) for arm in arms for b in batches if by.get((arm, b))]
     best_all = max((r["best_dev"] for r in runs if r["best_dev"] is not None), default=None)
     target = settings.get("target")
     target_rule = "report.target of the sweep"
@@ -98,32 +100,28 @@ def compute(meta: dict[str, str], runs: list[dict[str, Any]]) -> dict[str, Any]:
         target_rule = "95% of the best dev score of the study"
 
     rows = []
-    for arm in arms:
-        for b in batches:
-            group = by.get((arm, b))
-            if not group:
-                continue
-            row: dict[str, Any] = {"loss": labels[arm], "batch_size": b, "seeds": len(group),
-                                   "dev": _iv(t_interval([r["best_dev"] for r in group])),
-                                   "test": _iv(t_interval([r["test"] for r in group
-                                                           if r["test"] is not None]))}
-            for frac in (0.95, 0.99):
-                hits = [_reach(r, frac * r["best_dev"]) for r in group
-                        if r["best_dev"] is not None]
-                key = f"{round(frac * 100)}"
-                row[f"examples_to_{key}"] = _iv(t_interval([h[0] for h in hits if h]))
-                row[f"seconds_to_{key}"] = _iv(t_interval([h[1] for h in hits if h]))
-            if target is not None:
-                hits = [_reach(r, target) for r in group]
-                row["target_reached"] = sum(h is not None for h in hits)
-                row["examples_to_target"] = _iv(t_interval([h[0] for h in hits if h]))
-                row["seconds_to_target"] = _iv(t_interval([h[1] for h in hits if h]))
-            row["throughput"] = _iv(t_interval([r["throughput"] for r in group]))
-            row["peak_memory_mb"] = _iv(t_interval([r["peak_memory_mb"] for r in group
-                                                    if r["peak_memory_mb"] is not None]))
-            row["memory_kind"] = group[0]["memory_kind"]
-            row["train_seconds"] = _iv(t_interval([r["train_seconds"] for r in group]))
-            rows.append(row)
+    for arm, b, group in cells:
+        row: dict[str, Any] = {"loss": labels[arm], "batch_size": b, "seeds": len(group),
+                               "dev": _iv(t_interval([r["best_dev"] for r in group])),
+                               "test": _iv(t_interval([r["test"] for r in group
+                                                       if r["test"] is not None]))}
+        for frac in (0.95, 0.99):
+            hits = [_reach(r, frac * r["best_dev"]) for r in group
+                    if r["best_dev"] is not None]
+            key = f"{round(frac * 100)}"
+            row[f"examples_to_{key}"] = _iv(t_interval([h[0] for h in hits if h]))
+            row[f"seconds_to_{key}"] = _iv(t_interval([h[1] for h in hits if h]))
+        if target is not None:
+            hits = [_reach(r, target) for r in group]
+            row["target_reached"] = sum(h is not None for h in hits)
+            row["examples_to_target"] = _iv(t_interval([h[0] for h in hits if h]))
+            row["seconds_to_target"] = _iv(t_interval([h[1] for h in hits if h]))
+        row["throughput"] = _iv(t_interval([r["throughput"] for r in group]))
+        row["peak_memory_mb"] = _iv(t_interval([r["peak_memory_mb"] for r in group
+                                                if r["peak_memory_mb"] is not None]))
+        row["memory_kind"] = group[0]["memory_kind"]
+        row["train_seconds"] = _iv(t_interval([r["train_seconds"] for r in group]))
+        rows.append(row)
 
     trends = []
     for arm in arms:
@@ -168,22 +166,18 @@ def compute(meta: dict[str, str], runs: list[dict[str, Any]]) -> dict[str, Any]:
             paired(f"{labels[arm]} − {labels[(loss, 0.0, rule)]}", arm, (loss, 0.0, rule))
 
     curves = []
-    for arm in arms:
-        for b in batches:
-            group = by.get((arm, b))
-            if not group:
+    for arm, b, group in cells:
+        n = min(len(r["curve"]) for r in group)
+        points = []
+        for i in range(n):
+            devs = [r["curve"][i]["dev"] for r in group if r["curve"][i]["dev"] is not None]
+            secs = [r["curve"][i]["seconds"] for r in group]
+            if not devs:  # a NaN score (a collapsed encoder) at this point in every seed
                 continue
-            n = min(len(r["curve"]) for r in group)
-            points = []
-            for i in range(n):
-                devs = [r["curve"][i]["dev"] for r in group if r["curve"][i]["dev"] is not None]
-                secs = [r["curve"][i]["seconds"] for r in group]
-                if not devs:  # a NaN score (a collapsed encoder) at this point in every seed
-                    continue
-                points.append({"examples": group[0]["curve"][i]["examples"],
-                               "seconds": sum(secs) / len(secs),
-                               "dev": sum(devs) / len(devs), "lo": min(devs), "hi": max(devs)})
-            curves.append({"loss": labels[arm], "batch_size": b, "points": points})
+            points.append({"examples": group[0]["curve"][i]["examples"],
+                           "seconds": sum(secs) / len(secs),
+                           "dev": sum(devs) / len(devs), "lo": min(devs), "hi": max(devs)})
+        curves.append({"loss": labels[arm], "batch_size": b, "points": points})
 
     failures: dict[tuple[str, int], int] = {}
     for f in json.loads(meta.get("_failures", "[]")):
