@@ -14,7 +14,7 @@ fuses everything else away, so its ratio to InfoNCE is about the best any implem
 built on torch's exp and log can reach on this machine (its memory is the synthetic tails
 array that it sorts, not a requirement). Tiled q->a (InfoNCE, WEINCE's L0) computes its
 gradient in the forward sweep: three matmuls per tile, the floor's; WEINCE's L0 adds a
-bfloat16 sweep for its rho0 (a third of a float32 matmul on AVX512-BF16 CPUs).
+bfloat16 sweep for its rho0 (2.3-3x faster than a float32 one on AVX512-BF16 CPUs).
 
     python benchmarks/loss_scaling.py [--sizes 1024 4096 16384 32768 65536] [--tile 1024]
 
