@@ -5,8 +5,8 @@ shortfall of each query's largest negative similarity. It is the one batch-level
 of the L0 lambdas: with it known, each strip of whole rows holds everything its anchors'
 lambdas need, and a single sweep gives the loss and its gradient
 (:mod:`~batchscale.losses.tiled_rows`). Finding it costs a sweep over the whole matrix, so
-that sweep runs in bfloat16, three times faster than float32 on CPUs with AVX512-BF16 and
-on GPUs, and stays exact:
+that sweep runs in bfloat16 (2.3-3x faster than float32 on CPUs with AVX512-BF16, measured)
+and stays exact:
 
 * each row's max negative from the bfloat16 product lies within a rigorous bound e_i of the
   true one: inputs rounded to bfloat16 move s_ij by at most
@@ -14,7 +14,8 @@ on GPUs, and stays exact:
   gamma_d ||q~_i|| ||c~_j||, and the bfloat16 result by at most 2^-8 |s~_ij|;
 * order statistics are monotone, so rho0 lies between the q-quantiles of the lower and of
   the upper bounds of rho; only the rows whose interval meets that window can be rho0 or
-  change its rank, and only they are computed exactly (a few dozen rows in measurements).
+  change its rank, and only they are computed exactly (198 of 16,384 rows, 443 of 32,768
+  on random cosines here).
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ def row_rho0(q: Tensor, candidates: Tensor, plan: TilePlan, k: Tensor, cfg: Wein
     def open_(lo: Tensor, hi: Tensor) -> Tensor:
         return ~(hi < window_lo) & ~(lo > window_hi)
 
-    refine = pool & open_(rho_lo, rho_hi)
+    # rows whose bounds coincide (the exact sweep) are known already
+    refine = pool & open_(rho_lo, rho_hi) & (rho_lo != rho_hi)
     exact = rho_lo.clone()
     index = refine.nonzero().squeeze(1)
     if index.numel():
