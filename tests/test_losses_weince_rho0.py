@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import batchscale.losses.tiled_weince as tiled_weince
 import batchscale.losses.weince_rho0 as weince_rho0
 from batchscale.losses import weince_loss
 from batchscale.losses.logits import WeinceMixture
@@ -144,8 +145,25 @@ def test_few_rows_are_computed_exactly_on_spread_data(monkeypatch) -> None:
     assert 0 < sum(exact_rows) < 0.05 * 2048
 
 
+@pytest.fixture(params=["whole", "bfloat16", "exact"])
+def l0_path(request, monkeypatch):
+    """How tiled L0 finds rho0: from the whole matrix (kept while it is small), or first from
+    a bfloat16 sweep, or from an exact one ("dense": not tiled); a spy checks the path was
+    taken."""
+    calls = []
+    if request.param in ("bfloat16", "exact"):
+        monkeypatch.setattr(tiled_weince, "WHOLE_MATRIX_ENTRIES", 0)
+        monkeypatch.setattr(weince_rho0, "fast_bfloat16",
+                            lambda device: request.param == "bfloat16")
+    original = tiled_weince.row_rho0
+    monkeypatch.setattr(tiled_weince, "row_rho0",
+                        lambda *args: calls.append(1) or original(*args))
+    yield request.param
+    assert len(calls) == (request.param in ("bfloat16", "exact"))
+
+
 @pytest.mark.parametrize("spread", [1e-5, 0.15])
-def test_tiled_weince_rows_equal_dense_with_either_sweep(sweep, spread: float) -> None:
+def test_tiled_weince_rows_equal_dense_on_every_path(l0_path, spread: float) -> None:
     """WEINCE q->a over tiles (rho0 first, then one sweep) against the dense loss, with labels
     and ids, loss and gradients in float64."""
     q, c = _near_ties(97, 24, seed=3, spread=spread)
@@ -166,14 +184,15 @@ def test_tiled_weince_rows_equal_dense_with_either_sweep(sweep, spread: float) -
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-13)
 
 
-@pytest.mark.parametrize("tile", [None, 16])
-def test_weince_rows_gradient_where_the_shortfall_is_clamped(tile) -> None:
+@pytest.mark.parametrize("l0_path", ["dense", "whole", "bfloat16", "exact"], indirect=True)
+def test_weince_rows_gradient_where_the_shortfall_is_clamped(l0_path) -> None:
     """A candidate identical to a query (s = 1 > 1 - eps): the log term is constant there,
     so only (1 - lambda) s / tau carries a gradient; against autograd through the plain
     reference logits (torch.clamp), float64."""
     from batchscale.losses.logits import weince_logits
     from batchscale.losses.weince_tail import weince_lambda
 
+    tile = None if l0_path == "dense" else 16
     q, c = _near_ties(60, 16, seed=9, spread=0.15)
     c = c.clone()
     c[61] = q[3]                 # a hard negative equal to query 3 ...

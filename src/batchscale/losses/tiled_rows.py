@@ -61,8 +61,10 @@ StripConstants = Callable[[slice, Tensor], tuple[Coefficients, Tensor | None]]
 
 def _rows_sweep(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
                 constants: StripConstants, weight: Tensor,
-                needs: tuple[bool, bool, bool]) -> tuple[Tensor, Gradients]:
-    """sum_i w_i l_i over strips of whole rows, and its gradients where ``needs`` says."""
+                needs: tuple[bool, bool, bool], known_sims: Tensor | None = None
+                ) -> tuple[Tensor, Gradients]:
+    """sum_i w_i l_i over strips of whole rows, and its gradients where ``needs`` says;
+    ``known_sims``: the whole similarity matrix, computed already."""
     m, n = q.shape[0], candidates.shape[0]
     policy, dev = plan.policy, q.device
     losses = q.new_empty(m)
@@ -71,13 +73,14 @@ def _rows_sweep(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
     grad_c = torch.zeros_like(candidates)
     tau_term = q.new_zeros(())            # sum of dL/dg * tau_weight * s
     height = strip_height(n, plan.tile)
-    sims_buffer = q.new_empty((min(height, m), n))
-    weights_buffer = torch.empty_like(sims_buffer)
+    sims_buffer = q.new_empty((min(height, m), n)) if known_sims is None else None
+    weights_buffer = q.new_empty((min(height, m), n))
     # Every per-chunk temporary lives in this buffer or in the strips: fresh multi-MB tensors
     # each chunk made glibc return and re-fault their pages (up to 5x the ops' own time).
     scratch_buffer = q.new_empty((min(height, m), min(plan.tile, n)))
     for r in blocks(m, height):
-        sims = strip_sims(q[r], candidates, sims_buffer)
+        sims = known_sims[r] if sims_buffer is None else strip_sims(q[r], candidates,
+                                                                    sims_buffer)
         weights = weights_buffer[: r.stop - r.start]
         row_coef, shift = constants(r, sims)
         bias = None if shift is None else -shift
@@ -136,15 +139,19 @@ def rows_loss_with_gradient(batch: ContrastiveBatch, tau: Tensor, plan: TilePlan
     q, candidates, m = batch.q, batch.candidates, batch.m
     qd, cd, td = q.detach(), candidates.detach(), tau.detach()
     states: list[WeinceLambda] = []
+    known_sims = None
     with torch.no_grad():
-        constants = (_plain_constants(plan, td) if plan.policy.tail is None
-                     else weince_strip_constants(qd, cd, td, plan, states))
+        if plan.policy.tail is None:
+            constants = _plain_constants(plan, td)
+        else:
+            constants, known_sims = weince_strip_constants(qd, cd, td, plan, states)
     weight = (q.new_full((m,), 1.0 / m) if batch.anchor_weight is None
               else batch.anchor_weight.to(q.dtype) / m)
 
     def sweep(needs: tuple[bool, bool, bool]) -> tuple[Tensor, Gradients]:
         with torch.no_grad():
-            return _rows_sweep(qd, cd, td, plan, constants, weight, needs)
+            return _rows_sweep(qd, cd, td, plan, constants, weight, needs,
+                               known_sims=known_sims)
 
     loss = _LossWithGradient.apply(q, candidates, tau, sweep)
     return loss, [cat_lambdas(states)] if states else []

@@ -25,6 +25,7 @@ from torch import Tensor
 from .batch_softmax import candidate_mask
 from .logits import Coefficients, LogitPolicy, Shortfall, WeinceMixture, mixed_logits
 from .tile_plan import (
+    STRIP_ENTRIES,
     DirectionState,
     MaybeDirection,
     TilePlan,
@@ -163,18 +164,31 @@ def _row_lambdas(fits: _Fits, plan: TilePlan, tau: Tensor, positive_sims: Tensor
     return state, coef, _shift(policy, coef, torch.cat(fits.max_negative), positive_sims)
 
 
+# L0 keeps the whole similarity matrix up to one strip's size (64 MB in float32).
+WHOLE_MATRIX_ENTRIES = STRIP_ENTRIES
+
+
 def weince_strip_constants(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
                            states: list[WeinceLambda]
-                           ) -> Callable[[slice, Tensor], tuple[Coefficients, Tensor]]:
+                           ) -> tuple[Callable[[slice, Tensor], tuple[Coefficients, Tensor]],
+                                      Tensor | None]:
     """L0 alone in one sweep of whole-row strips: rho0 first (a bfloat16 sweep, see
     :mod:`~batchscale.losses.weince_rho0`), then each strip's tail fits, lambdas (appended
-    to ``states``), logit coefficients and log-sum-exp shifts, from its own similarities."""
+    to ``states``), logit coefficients and log-sum-exp shifts, from its own similarities.
+
+    Returns the strips' constants, and the similarities when the whole matrix fits in one
+    strip's budget (B <= 4,096 without hard negatives, in float32): then they are computed
+    once, here, every tail is fitted from them and the sweep reuses them, so L0 costs
+    InfoNCE's three matmuls and no bfloat16 sweep. The test is on the candidates alone,
+    the same on every rank, so that all ranks make the same all-gathers for rho0."""
     policy, cfg = plan.policy, plan.policy.tail
     assert cfg is not None and plan.rows and not plan.cols
     m, n = q.shape[0], candidates.shape[0]
     k = tail_size(negatives_per_anchor(plan.answer_ids, m, n, q.device), cfg)
-    rho0 = row_rho0(q, candidates, plan, k, cfg, _anchor_pool(policy))
     everything = slice(0, n)
+    if n * n <= WHOLE_MATRIX_ENTRIES:
+        return _whole_matrix_constants(q, candidates, tau, plan, k, states)
+    rho0 = row_rho0(q, candidates, plan, k, cfg, _anchor_pool(policy))
 
     def constants(rows: slice, sims: Tensor) -> tuple[Coefficients, Tensor]:
         fits = _Fits()
@@ -188,7 +202,33 @@ def weince_strip_constants(q: Tensor, candidates: Tensor, tau: Tensor, plan: Til
         shift = _shift(policy, coef, fits.max_negative[0], sims[diag[1], diag[2]])
         return coef.part(slice(None), 0), shift[:, None]
 
-    return constants
+    return constants, None
+
+
+def _whole_matrix_constants(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan,
+                            k: Tensor, states: list[WeinceLambda]
+                            ) -> tuple[Callable[[slice, Tensor], tuple[Coefficients, Tensor]],
+                                       Tensor]:
+    """:func:`weince_strip_constants` from the whole similarity matrix, kept for the sweep:
+    every tail in one fit, rho0 from the exact max negatives, as the dense path does."""
+    cfg = plan.policy.tail
+    assert cfg is not None
+    m, n = q.shape[0], candidates.shape[0]
+    sims = q.new_empty((m, n))
+    height = strip_height(n, plan.tile)
+    for r in blocks(m, height):
+        strip_sims(q[r], candidates, sims[r])
+    fits = _Fits()
+    diag = diagonal(slice(0, m), slice(0, n), q.device)
+    assert diag is not None                      # row i's positive is candidate i
+    _fit_without_positive(fits, sims, plan.row_mask(slice(0, m), slice(0, n)), diag, k, cfg)
+    state, coef, shift = _row_lambdas(fits, plan, tau, sims[diag[1], diag[2]])
+    states.append(state)
+
+    def constants(rows: slice, strip: Tensor) -> tuple[Coefficients, Tensor]:
+        return coef.part(rows, 0), shift[rows, None]
+
+    return constants, sims
 
 
 def weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan
