@@ -138,6 +138,17 @@ def test_sorted_top_values_equals_topk(k: int) -> None:
         assert torch.equal(sorted_top_values(y, k), torch.topk(y, k, dim=1).values)
 
 
+def test_sorted_top_values_of_rows_wider_than_16_bit_counts() -> None:
+    """Rows of 2^16 entries or more count their survivors in 32 bits: all of row 0 survives,
+    a count that 16 bits would wrap to 3,500."""
+    from batchscale.losses.weince_tail import sorted_top_values
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, (1 << 16) + 3500, generator=g)
+    x[0] = 1.0
+    assert torch.equal(sorted_top_values(x, 3000), torch.topk(x, 3000, dim=1).values)
+
+
 def test_tiled_weince_equals_dense_on_the_threshold_path() -> None:
     """A batch wide enough (> 1,024 candidates) for the sampled-threshold top-k, with
     labels, ids and hard negatives, tiled against dense in float64."""

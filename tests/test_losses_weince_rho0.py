@@ -215,3 +215,32 @@ def test_weince_rows_gradient_where_the_shortfall_is_clamped(l0_path) -> None:
     assert float(loss) == pytest.approx(float(want), rel=1e-10)
     for got_leaf, want_leaf in zip(leaves, ref, strict=True):
         assert torch.allclose(got_leaf.grad, want_leaf.grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["random", "negative", "masked", "ties", "signed_zeros"])
+def test_top_two_of_a_bfloat16_strip(case: str) -> None:
+    """The two-level int16 max gives each row's max, a column holding it and the max of the
+    other columns, as the float max does: widths that 128 does not divide, rows all negative,
+    -inf masks, ties, and -0.0 (the int16 minimum)."""
+    g = torch.Generator().manual_seed(len(case))
+    for rows, cols in [(7, 2), (5, 127), (9, 128), (6, 300), (4, 1000)]:
+        x = torch.randn(rows, cols, generator=g)
+        if case == "negative":
+            x = -x.abs()
+        elif case == "masked":
+            x[:, torch.randperm(cols, generator=g)[: cols // 2]] = float("-inf")
+            x[0, :-1] = float("-inf")
+        elif case == "ties":
+            x = (x * 4).round() / 4
+        elif case == "signed_zeros":
+            x[0] = -0.0
+            x[0, cols // 2] = -0.5
+            x[1] = 0.0
+        strip = x.to(torch.bfloat16)
+        first, column, second = weince_rho0._top_two(strip.clone())
+        want = strip.float()
+        every = torch.arange(rows)
+        assert torch.equal(first.float(), want.amax(dim=1))
+        assert torch.equal(want[every, column], want.amax(dim=1))
+        want[every, column] = float("-inf")
+        assert torch.equal(second.float(), want.amax(dim=1))

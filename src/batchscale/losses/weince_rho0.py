@@ -80,21 +80,45 @@ def _max_negatives(q: Tensor, candidates: Tensor, rows: Tensor, answer_ids: Tens
     return out
 
 
-def _bfloat16_max(sims: Tensor, with_index: bool) -> tuple[Tensor, Tensor | None]:
-    """Each row's max (and its first column) of a bfloat16 strip, on the bit patterns as
-    int16 (1.5x faster for max with index, 4x for amax): they order the non-negative values
-    like the values, and put every negative one below them. Rows whose max is negative (or
-    masked) take the float max."""
+# Columns per block of the two-level row max: an int16 amax over 128 columns runs at memory
+# speed, where a max with its index takes ~8x as long (measured on a 1,024 x 16,384 strip).
+_BLOCK = 128
+_INT16_MIN = torch.iinfo(torch.int16).min
+
+
+def _top_two(sims: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's largest value of a bfloat16 strip, its column, and the largest value of the
+    other columns (bfloat16, long, bfloat16).
+
+    On the bit patterns as int16, which order the non-negative values like the values and put
+    every negative one below them: a max per block of columns, then the winning block's own
+    max. Rows whose two largest values are not both non-negative take the float path."""
+    rows, cols = sims.shape
     bits = sims.view(torch.int16)
-    top, index = bits.max(dim=1) if with_index else (bits.amax(dim=1), None)
-    values = top.view(torch.bfloat16).clone()
-    negative = top < 0
+    whole = cols - cols % _BLOCK
+    block_max = [bits[:, :whole].view(rows, -1, _BLOCK).amax(dim=2)]
+    if whole < cols:
+        block_max.append(bits[:, whole:].amax(dim=1, keepdim=True))
+    blocks = torch.cat(block_max, dim=1) if len(block_max) > 1 else block_max[0]
+    top, block = blocks.max(dim=1)
+    every = torch.arange(rows, device=sims.device)
+    blocks[every, block] = _INT16_MIN
+    columns = block[:, None] * _BLOCK + torch.arange(_BLOCK, device=sims.device)
+    inside = columns < cols
+    inner = bits.gather(1, columns.clamp_max_(cols - 1)).masked_fill_(~inside, _INT16_MIN)
+    column = columns[every, inner.argmax(dim=1)]
+    inner[every, column - block * _BLOCK] = _INT16_MIN
+    second = torch.maximum(blocks.amax(dim=1), inner.amax(dim=1))
+    negative = second < 0             # on the bit patterns (top's too): -0.0 and the fill
+    first = top.view(torch.bfloat16).clone()
+    second = second.view(torch.bfloat16)
     if bool(negative.any()):
-        if index is None:
-            values[negative] = sims[negative].amax(dim=1)
-        else:
-            values[negative], index[negative] = sims[negative].max(dim=1)
-    return values, index
+        strip = sims[negative]
+        first[negative], column[negative] = strip.max(dim=1)
+        strip[torch.arange(strip.shape[0], device=sims.device), column[negative]] = \
+            float("-inf")
+        second[negative] = strip.amax(dim=1)
+    return first, column, second
 
 
 def _max_negative_bounds(q: Tensor, candidates: Tensor, answer_ids: Tensor | None, tile: int
@@ -114,10 +138,8 @@ def _max_negative_bounds(q: Tensor, candidates: Tensor, answer_ids: Tensor | Non
     second = torch.empty_like(first)
     column = torch.empty(m, dtype=torch.long, device=q.device)
     for r, sims in _negative_strips(q_low, c_low, rows, answer_ids, tile):
-        top, index = _bfloat16_max(sims, with_index=True)
-        sims[torch.arange(r.stop - r.start, device=q.device), index] = float("-inf")
-        first[r], column[r] = top.to(torch.float64), index
-        second[r] = _bfloat16_max(sims, with_index=False)[0]
+        top, column[r], runner_up = _top_two(sims)
+        first[r], second[r] = top.to(torch.float64), runner_up.to(torch.float64)
     q_norm, c_norm = _norms(q_low, q.dtype), _norms(c_low, q.dtype)
     dq, dc = _norms(q - q_low, q.dtype), _norms(candidates - c_low, q.dtype)
     # |s_ij - s~_ij| <= rounding + 2^-8 |s~_ij|, where the float32 sums' share alone also

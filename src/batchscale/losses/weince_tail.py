@@ -290,7 +290,9 @@ def _threshold_top(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     rank = min(size, math.ceil(expected + _SAMPLE_MARGIN * math.sqrt(expected)) + 1)
     threshold = np.partition(sample, size - rank, axis=1)[:, size - rank]
     keep = x >= threshold[:, None]
-    counts = np.count_nonzero(keep, axis=1)
+    # a sum of the bytes in 16 bits where a row's count fits: 5x faster than count_nonzero
+    counts = np.add.reduce(keep.view(np.uint8), axis=1,
+                           dtype=np.uint16 if x.shape[1] < 1 << 16 else np.uint32)
     # Compact the survivors row by row (np.compress is ~3x faster than boolean indexing),
     # negated so that numpy's ascending sort yields descending values; +inf pads.
     survivors = np.compress(keep.ravel(), x.ravel())
