@@ -16,7 +16,9 @@ forward without grad takes the forward sweeps alone (:mod:`~batchscale.losses.ti
 WEINCE's anchors need their lambdas before their logits. Each lambda needs the anchor's own
 tail (inside its strip) and the batch's rho0, which a bfloat16 sweep finds exactly first
 (:mod:`~batchscale.losses.weince_rho0`); each strip then fits its anchors' tails from its own
-similarities (:func:`~batchscale.losses.tiled_weince.weince_strip_constants`).
+similarities (:func:`~batchscale.losses.tiled_weince.weince_strip_constants`). While the
+whole matrix fits in one strip it is computed once, every tail fitted from it, and this
+sweep reuses it (``known_sims``).
 """
 
 from __future__ import annotations

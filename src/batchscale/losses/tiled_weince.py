@@ -11,8 +11,9 @@ Two forward sweeps give both directions with one matmul each:
    lambdas known since sweep 1) runs online across the strips.
 
 With the backward's three matmuls that is five per tile where BSC needs four. L0 alone with
-its gradient takes one sweep after a bfloat16 one for rho0 (:func:`weince_strip_constants`,
-used by :mod:`~batchscale.losses.tiled_rows`).
+its gradient takes one sweep after a bfloat16 one for rho0, or none while the whole matrix
+fits in one strip (:func:`weince_strip_constants`, used by
+:mod:`~batchscale.losses.tiled_rows`).
 """
 
 from __future__ import annotations
