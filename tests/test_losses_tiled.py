@@ -83,6 +83,30 @@ def test_tiled_weince_stats_equal_dense() -> None:
     assert tiled.anchors == dense.anchors == 120
 
 
+def test_auto_path_with_an_anchor_pool_is_the_same_on_uneven_ranks(monkeypatch) -> None:
+    """Under torchrun the last batch may give ranks 11 and 12 anchors against the same 23
+    candidates; each path makes its own all-gathers for rho0 (dense 1, a bfloat16 sweep 3),
+    so both ranks must take the same one, or the collectives would not pair up."""
+    import batchscale.losses.pair_loss as pair_loss_module
+    import batchscale.losses.tiled_weince as tiled_weince
+
+    monkeypatch.setitem(pair_loss_module.AUTO_DENSE_ENTRIES, "cpu", 11 * 23)
+    monkeypatch.setattr(tiled_weince, "WHOLE_MATRIX_ENTRIES", 0)
+    q, a, _ = _case(23, 0, seed=2)
+    gathers = []
+    for m in (11, 12):
+        calls = []
+
+        def pool(x: torch.Tensor, calls=calls) -> torch.Tensor:
+            calls.append(x.numel())
+            return x
+
+        weince_loss(q[:m], a[:m], 0.1, hard_negatives=a[m:], directions="q->a",
+                    anchor_pool=pool)
+        gathers.append(len(calls))
+    assert gathers[0] == gathers[1] > 0
+
+
 def test_auto_tiles_large_batches(monkeypatch) -> None:
     import batchscale.losses.pair_loss as pair_loss_module
 

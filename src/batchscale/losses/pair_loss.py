@@ -49,8 +49,12 @@ def pair_loss(fn: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
     batch = prepare_batch(fn, q, a, normalization=normalization, hard_negatives=hard_negatives,
                           labels=labels, label_threshold=label_threshold, query_ids=query_ids,
                           answer_ids=answer_ids)
-    tile = resolve_tile(fn, tile_size, batch.m, batch.candidates.shape[0],
-                        batch.q.device.type)
+    n = batch.candidates.shape[0]
+    # With an anchor pool (rho0 over every rank's anchors) each path makes its own all-gathers,
+    # so the choice must not hang on this rank's row count, which the last batch of an epoch
+    # may make uneven across ranks: the candidates, gathered from every rank, decide alone.
+    pooled = getattr(policy, "anchor_pool", None) is not None
+    tile = resolve_tile(fn, tile_size, n if pooled else batch.m, n, batch.q.device.type)
     if tile is None:
         return batch_softmax_loss(batch, temperature, directions, policy)
     return tiled_batch_softmax_loss(batch, temperature, directions, policy, tile)
