@@ -101,8 +101,9 @@ def test_auto_path_with_an_anchor_pool_is_the_same_on_uneven_ranks(monkeypatch) 
             calls.append(x.numel())
             return x
 
-        weince_loss(q[:m], a[:m], 0.1, hard_negatives=a[m:], directions="q->a",
-                    anchor_pool=pool)
+        leaves = [x.clone().requires_grad_(True) for x in (q[:m], a[:m], a[m:])]
+        weince_loss(*leaves[:2], 0.1, hard_negatives=leaves[2], directions="q->a",
+                    anchor_pool=pool).backward()
         gathers.append(len(calls))
     assert gathers[0] == gathers[1] > 0
 
