@@ -22,6 +22,12 @@ AVX512-BF16 CPUs). Over both directions the like-for-like reference is BSC, whos
 columns direction already costs a second sweep.
 
     python benchmarks/loss_scaling.py [--sizes 1024 4096 16384 32768 65536] [--tile 1024]
+                                      [--pairs 7] [--pairs-only]
+
+Last, paired readings: WEINCE q->a and InfoNCE (and at B = 4,096 each loss tiled and dense)
+are timed in turn in one process (--pairs calls of each, 2 above 16,384). The median
+per-pair ratio is the steadier reading of a ratio: this VM drifts by +-5% between processes,
+which two separate medians add up.
 
 Targets (issue 5): tiled BSC and WEINCE at B = 32,768 under 1 GB peak; B = 65,536 completes;
 tiled no slower than dense at B = 4,096; WEINCE <= 1.5x InfoNCE. The ratios come last, for
@@ -44,16 +50,21 @@ TILED_ONLY = ("weince_rows",)  # WEINCE q->a: tiled only (its dense cells add no
 DENSE_MAX = 16384  # dense cells above this would need tens of GB
 
 
+def _inputs(batch: int, dim: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, dim, generator=g)
+    a = q + torch.randn(batch, dim, generator=g)
+    return q.requires_grad_(True), a.requires_grad_(True)
+
+
 def run_cell(loss: str, mode: str, batch: int, dim: int, tile: int, repeats: int) -> dict:
     import torch
 
     import batchscale.losses as losses
 
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, dim, generator=g)
-    a = q + torch.randn(batch, dim, generator=g)
-    q.requires_grad_(True)
-    a.requires_grad_(True)
+    q, a = _inputs(batch, dim)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     if mode == "floor" and loss == "weince":
@@ -112,6 +123,44 @@ def run_cell(loss: str, mode: str, batch: int, dim: int, tile: int, repeats: int
     return {"median_s": statistics.median(times), "peak_mb": (peak - baseline) / 1024}
 
 
+# Paired readings: (numerator, denominator) as (loss, tile_size option); tiled/dense only at
+# the size of its target.
+PAIRED = {"WEINCE q->a/InfoNCE": (("weince_rows", "tiled"), ("infonce", "tiled"))}
+PAIRED_AT_4096 = {f"tiled/dense {name}": ((loss, "tiled"), (loss, "dense"))
+                  for name, loss in (("InfoNCE", "infonce"), ("BSC", "bsc"),
+                                     ("WEINCE", "weince"))}
+
+
+def run_pairs(batch: int, dim: int, tile: int, pairs: int) -> dict:
+    """Two configurations called in turn in one process (the order alternating from pair to
+    pair), after two untimed calls each up to B = 16,384: per-pair ratios, which the VM's
+    slow drift moves far less than it moves two medians taken in separate processes."""
+    import batchscale.losses as losses
+
+    q, a = _inputs(batch, dim)
+
+    def timed(loss: str, mode: str) -> float:
+        fn = getattr(losses, f"{loss.removesuffix('_rows')}_loss")
+        options = {"directions": "q->a"} if loss == "weince_rows" else {}
+        q.grad = a.grad = None
+        start = time.perf_counter()
+        fn(q, a, 0.05, tile_size=tile if mode == "tiled" else None, **options).backward()
+        return time.perf_counter() - start
+
+    readings = dict(PAIRED, **(PAIRED_AT_4096 if batch == 4096 else {}))
+    out = {}
+    for name, (num, den) in readings.items():
+        for _ in range(2 if batch <= 16384 else 0):
+            timed(*num), timed(*den)
+        ratios = []
+        for i in range(pairs):
+            first, second = (num, den) if i % 2 == 0 else (den, num)
+            times = {first: timed(*first), second: timed(*second)}
+            ratios.append(times[num] / times[den])
+        out[name] = ratios
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+",
@@ -119,11 +168,15 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=7,
+                        help="paired calls per reading and size (2 above 16,384)")
+    parser.add_argument("--pairs-only", action="store_true", help="skip the table")
     parser.add_argument("--child", nargs=3, metavar=("LOSS", "MODE", "B"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         loss, mode, batch = args.child
-        out = run_cell(loss, mode, int(batch), args.dim, args.tile, args.repeats)
+        out = (run_pairs(int(batch), args.dim, args.tile, args.repeats) if mode == "pairs"
+               else run_cell(loss, mode, int(batch), args.dim, args.tile, args.repeats))
         print(json.dumps(out))
         return
 
@@ -144,9 +197,10 @@ def main() -> None:
         "WEINCE q->a/InfoNCE": ("weince_rows/tiled", "infonce/tiled"),
         "WEINCE floor/InfoNCE": ("weince/floor", "infonce/tiled"),
     }
-    print(f"{'B':>6} | " + " | ".join(f"{c:>20}" for c in cols))
+    if not args.pairs_only:
+        print(f"{'B':>6} | " + " | ".join(f"{c:>20}" for c in cols))
     table = []
-    for batch in args.sizes:
+    for batch in [] if args.pairs_only else args.sizes:
         res: dict[str, dict | None] = {}
         for col in cols:
             loss, mode = ("bsc", "floor") if col == "floor" else col.split("/")
@@ -172,11 +226,27 @@ def main() -> None:
         print(f"{batch:>6} | " + " | ".join(cells), flush=True)
         table.append((batch, res))
 
-    print(f"\nRatios of median times (tiled unless named)\n{'B':>6} | "
-          + " | ".join(f"{name:>20}" for name in ratios))
+    if table:
+        print(f"\nRatios of median times (tiled unless named)\n{'B':>6} | "
+              + " | ".join(f"{name:>20}" for name in ratios))
     for batch, res in table:
         print(f"{batch:>6} | " + " | ".join(f"{_ratio(res, *pair):>20}"
                                              for pair in ratios.values()))
+
+    print("\nPaired: two configurations called in turn in one process, median of the per-pair "
+          "ratios (the pairs follow)")
+    for batch in args.sizes:
+        pairs = args.pairs if batch <= 16384 else min(args.pairs, 2)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", "-", "pairs", str(batch), "--dim",
+             str(args.dim), "--tile", str(args.tile), "--repeats", str(pairs)],
+            capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{batch:>6} | failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        for name, ratios in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+            print(f"{batch:>6} | {name:>20} | {statistics.median(ratios):>5.2f} | "
+                  + " ".join(f"{r:.2f}" for r in ratios), flush=True)
 
 
 def _ratio(res: dict, num: str, den: str) -> str:
