@@ -58,11 +58,14 @@ class _Fits:
     def __init__(self) -> None:
         self.fits: list[TailFit] = []
         self.max_negative: list[Tensor] = []
+        self._scratch: Tensor | None = None     # the fits' float64 shortfalls, strip to strip
 
     def add(self, negatives: Tensor, k: Tensor, cfg: WeinceConfig) -> TailFit:
         """Fit a strip of anchors from their negatives (others at -inf)."""
         top = sorted_top_values(negatives, int(k.max()))
-        fit = fit_tail(top, k, cfg)
+        if self._scratch is None or self._scratch.numel() < top.numel():
+            self._scratch = top.new_empty(top.numel(), dtype=torch.float64)
+        fit = fit_tail(top, k, cfg, self._scratch)
         self.fits.append(fit)
         # a copy: a view of column 0 would keep the strip's whole sorted tail alive
         self.max_negative.append(top[:, 0].clone() if top.shape[1] else negatives.amax(dim=1))
@@ -191,8 +194,9 @@ def weince_strip_constants(q: Tensor, candidates: Tensor, tau: Tensor, plan: Til
         return _whole_matrix_constants(q, candidates, tau, plan, k, states)
     rho0 = row_rho0(q, candidates, plan, k, cfg, _anchor_pool(policy))
 
+    fits = _Fits()
+
     def constants(rows: slice, sims: Tensor) -> tuple[Coefficients, Tensor]:
-        fits = _Fits()
         diag = diagonal(rows, everything, sims.device)
         fit = _fit_without_positive(fits, sims, plan.row_mask(rows, everything), diag,
                                     k[rows], cfg)
@@ -200,7 +204,7 @@ def weince_strip_constants(q: Tensor, candidates: Tensor, tau: Tensor, plan: Til
         states.append(state)
         coef = policy.coefficients(state, tau)
         assert diag is not None                  # row i's positive is candidate i
-        shift = _shift(policy, coef, fits.max_negative[0], sims[diag[1], diag[2]])
+        shift = _shift(policy, coef, fits.max_negative[-1], sims[diag[1], diag[2]])
         return coef.part(slice(None), 0), shift[:, None]
 
     return constants, None
