@@ -215,6 +215,11 @@ class WeinceMixture:
         return _block(self, sims, state, temperature)
 
 
+def anchor_pool_of(policy: LogitPolicy) -> AnchorPool | None:
+    """The policy's pool of every rank's anchors for batch statistics (WEINCE's rho0)."""
+    return policy.anchor_pool if isinstance(policy, WeinceMixture) else None
+
+
 def weince_logits(sims: Tensor, lam: Tensor, temperature: float | Tensor, eps: float) -> Tensor:
     """g_ij = (1 - lambda_i) s_ij / tau + lambda_i (-log(1 - min(s_ij, 1 - eps))), given each
     row's lambda (a plain, differentiable reference of :class:`WeinceMixture`'s logits)."""

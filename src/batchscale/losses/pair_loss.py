@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._checks import check_choice, check_temperature
 from .batch_softmax import DIRECTIONS, Directions, batch_softmax_loss, prepare_batch
-from .logits import PLAIN_LOGITS, LogitPolicy
+from .logits import PLAIN_LOGITS, LogitPolicy, anchor_pool_of
 from .similarity import Normalization
 from .tiled import DEFAULT_TILE, tiled_batch_softmax_loss
 from .weince_tail import WeinceLambda
@@ -53,7 +53,7 @@ def pair_loss(fn: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
     # With an anchor pool (rho0 over every rank's anchors) each path makes its own all-gathers,
     # so the choice must not hang on this rank's row count, which the last batch of an epoch
     # may make uneven across ranks: the candidates, gathered from every rank, decide alone.
-    pooled = getattr(policy, "anchor_pool", None) is not None
+    pooled = anchor_pool_of(policy) is not None
     tile = resolve_tile(fn, tile_size, n if pooled else batch.m, n, batch.q.device.type)
     if tile is None:
         return batch_softmax_loss(batch, temperature, directions, policy)

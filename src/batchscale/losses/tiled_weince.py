@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .batch_softmax import candidate_mask
-from .logits import Coefficients, LogitPolicy, Shortfall, WeinceMixture, mixed_logits
+from .logits import Coefficients, LogitPolicy, Shortfall, anchor_pool_of, mixed_logits
 from .tile_plan import (
     STRIP_ENTRIES,
     DirectionState,
@@ -39,7 +39,6 @@ from .tile_plan import (
 )
 from .weince_rho0 import row_rho0
 from .weince_tail import (
-    AnchorPool,
     TailFit,
     WeinceConfig,
     WeinceLambda,
@@ -153,17 +152,13 @@ def _answer_anchors(sims_t: Tensor, answers: slice, plan: TilePlan, tau: Tensor,
     return state, coef.part(slice(None), 0), shift
 
 
-def _anchor_pool(policy: LogitPolicy) -> AnchorPool | None:
-    return policy.anchor_pool if isinstance(policy, WeinceMixture) else None
-
-
 def _row_lambdas(fits: _Fits, plan: TilePlan, tau: Tensor, positive_sims: Tensor
                  ) -> tuple[WeinceLambda, Coefficients, Tensor]:
     """L0's lambdas (rho0 over every query), logit coefficients and log-sum-exp shifts."""
     policy, cfg = plan.policy, plan.policy.tail
     assert cfg is not None
     state = mix_lambda(fits.fit(), plan.is_anchor, cfg, positive_sims.dtype,
-                       anchor_pool=_anchor_pool(policy))
+                       anchor_pool=anchor_pool_of(policy))
     coef = policy.coefficients(state, tau)
     return state, coef, _shift(policy, coef, torch.cat(fits.max_negative), positive_sims)
 
@@ -192,7 +187,7 @@ def weince_strip_constants(q: Tensor, candidates: Tensor, tau: Tensor, plan: Til
     everything = slice(0, n)
     if n * n <= WHOLE_MATRIX_ENTRIES:
         return _whole_matrix_constants(q, candidates, tau, plan, k, states)
-    rho0 = row_rho0(q, candidates, plan, k, cfg, _anchor_pool(policy))
+    rho0 = row_rho0(q, candidates, plan, k, cfg, anchor_pool_of(policy))
 
     fits = _Fits()
 
@@ -252,7 +247,7 @@ def weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan
     col_rho0 = None
     if col_max is not None and k_cols is not None:
         col_rho0 = reference_rho(rho_from_max(col_max, k_cols, cfg),
-                                 plan.is_anchor & (k_cols > 0), cfg, _anchor_pool(policy))
+                                 plan.is_anchor & (k_cols > 0), cfg, anchor_pool_of(policy))
 
     # Sweep 2, column strips: sims_t[a, i] = s(q_i, candidate a). The tails need whole
     # strip rows; the logits are taken a tile of queries at a time, so that their passes
