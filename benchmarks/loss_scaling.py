@@ -50,6 +50,24 @@ TILED_ONLY = ("weince_rows",)  # WEINCE q->a: tiled only (its dense cells add no
 DENSE_MAX = 16384  # dense cells above this would need tens of GB
 
 
+REPEATED_MAX = 16384  # above this a cell is one call, with no untimed call before it
+
+
+def _loss_call(q, a, loss: str, mode: str, tile: int):
+    """One fwd+bwd of a loss column ("weince_rows": WEINCE q->a), dense or tiled."""
+    import batchscale.losses as losses
+
+    fn = getattr(losses, f"{loss.removesuffix('_rows')}_loss")
+    options = {"directions": "q->a"} if loss == "weince_rows" else {}
+    tile_size = None if mode == "dense" else tile
+
+    def step() -> None:
+        q.grad = a.grad = None
+        fn(q, a, 0.05, tile_size=tile_size, **options).backward()
+
+    return step
+
+
 def _inputs(batch: int, dim: int):
     import torch
 
@@ -62,7 +80,6 @@ def _inputs(batch: int, dim: int):
 def run_cell(loss: str, mode: str, batch: int, dim: int, tile: int, repeats: int) -> dict:
     import torch
 
-    import batchscale.losses as losses
 
     q, a = _inputs(batch, dim)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -104,13 +121,7 @@ def run_cell(loss: str, mode: str, batch: int, dim: int, tile: int, repeats: int
                         _ = s @ ad[j:j + tile]
                         _ = s.T @ qd[i:i + tile]
     else:
-        fn = getattr(losses, f"{loss.removesuffix('_rows')}_loss")
-        options = {"directions": "q->a"} if loss == "weince_rows" else {}
-        tile_size = None if mode == "dense" else tile
-
-        def step() -> None:
-            q.grad = a.grad = None
-            fn(q, a, 0.05, tile_size=tile_size, **options).backward()
+        step = _loss_call(q, a, loss, mode, tile)
 
     if repeats > 1:
         step()  # untimed: the first call pays one-off costs (thread pools, first-touch pages)
@@ -135,22 +146,18 @@ def run_pairs(batch: int, dim: int, tile: int, pairs: int) -> dict:
     """Two configurations called in turn in one process (the order alternating from pair to
     pair), after two untimed calls each up to B = 16,384: per-pair ratios, which the VM's
     slow drift moves far less than it moves two medians taken in separate processes."""
-    import batchscale.losses as losses
-
     q, a = _inputs(batch, dim)
 
     def timed(loss: str, mode: str) -> float:
-        fn = getattr(losses, f"{loss.removesuffix('_rows')}_loss")
-        options = {"directions": "q->a"} if loss == "weince_rows" else {}
-        q.grad = a.grad = None
+        step = _loss_call(q, a, loss, mode, tile)
         start = time.perf_counter()
-        fn(q, a, 0.05, tile_size=tile if mode == "tiled" else None, **options).backward()
+        step()
         return time.perf_counter() - start
 
     readings = dict(PAIRED, **(PAIRED_AT_4096 if batch == 4096 else {}))
     out = {}
     for name, (num, den) in readings.items():
-        for _ in range(2 if batch <= 16384 else 0):
+        for _ in range(2 if batch <= REPEATED_MAX else 0):
             timed(*num), timed(*den)
         ratios = []
         for i in range(pairs):
@@ -207,13 +214,8 @@ def main() -> None:
             if mode == "dense" and batch > DENSE_MAX:
                 res[col] = None
                 continue
-            repeats = args.repeats if batch <= 16384 else 1
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", loss, mode, str(batch), "--dim",
-                 str(args.dim), "--tile", str(args.tile), "--repeats", str(repeats)],
-                capture_output=True, text=True)
-            res[col] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                        else {"error": proc.stderr.strip().splitlines()[-1:]})
+            res[col] = _run_child(loss, mode, batch, args,
+                                  args.repeats if batch <= REPEATED_MAX else 1)
         cells = []
         for col in cols:
             r = res[col]
@@ -236,17 +238,26 @@ def main() -> None:
     print("\nPaired: two configurations called in turn in one process, median of the per-pair "
           "ratios (the pairs follow)")
     for batch in args.sizes:
-        pairs = args.pairs if batch <= 16384 else min(args.pairs, 2)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", "-", "pairs", str(batch), "--dim",
-             str(args.dim), "--tile", str(args.tile), "--repeats", str(pairs)],
-            capture_output=True, text=True)
-        if proc.returncode:
-            print(f"{batch:>6} | failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        out = _run_child("-", "pairs", batch, args,
+                         args.pairs if batch <= REPEATED_MAX else min(args.pairs, 2))
+        if "error" in out:
+            print(f"{batch:>6} | failed: {out['error']}", flush=True)
             continue
-        for name, ratios in json.loads(proc.stdout.strip().splitlines()[-1]).items():
-            print(f"{batch:>6} | {name:>20} | {statistics.median(ratios):>5.2f} | "
-                  + " ".join(f"{r:.2f}" for r in ratios), flush=True)
+        for name, pair_ratios in out.items():
+            print(f"{batch:>6} | {name:>20} | {statistics.median(pair_ratios):>5.2f} | "
+                  + " ".join(f"{r:.2f}" for r in pair_ratios), flush=True)
+
+
+def _run_child(loss: str, mode: str, batch: int, args: argparse.Namespace, repeats: int
+               ) -> dict:
+    """A cell (or the paired readings) in a fresh process: its JSON, or {"error": ...}."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", loss, mode, str(batch), "--dim", str(args.dim),
+         "--tile", str(args.tile), "--repeats", str(repeats)],
+        capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _ratio(res: dict, num: str, den: str) -> str:
