@@ -77,6 +77,10 @@ class LossConfig(_Strict):
     #: Weight of the VRNS penalty (0: off); its n is the number of training examples.
     vrns_weight: float = Field(default=0.0, ge=0.0)
     tile_size: Literal["auto"] | int | None = "auto"
+    #: Softmax block size N: the batch of B pairs is split into B / N independent
+    #: batch-softmax blocks (each anchor sees the N - 1 other pairs of its block, and the hard
+    #: negatives of its block), averaged over the batch. None: N = B (one block).
+    softmax_batch: int | None = Field(default=None, ge=2)
     #: Further terms added to this loss, each with its weight: L = L_name + sum_k w_k L_k
     #: (e.g. CoSENT + 10 x BSC+MSE). A term has its own fixed temperature.
     plus: list[AddedLoss] = []
@@ -164,8 +168,11 @@ class HardBatchConfig(_Strict):
 class TrainConfig(_Strict):
     batch_size: int = Field(default=32, ge=2)
     epochs: float = Field(default=1.0, gt=0.0)
-    #: Stop after this many examples instead (overrides epochs).
+    #: Stop after exactly this many examples instead (overrides epochs); batches run on
+    #: across epoch boundaries, so every step takes a full batch.
     max_examples: int | None = Field(default=None, ge=1)
+    #: Stop after exactly this many optimiser steps instead (overrides epochs).
+    max_steps: int | None = Field(default=None, ge=1)
     #: Batch composition: ``random``, ``no_duplicates`` (no text twice in a batch),
     #: ``bsc_knn`` / ``bsc_kmeans`` (BSC's shuffling, recomputed each epoch from the current
     #: model's embeddings), ``bsc_shingle`` (its model-free variant: groups sharing a random
@@ -190,6 +197,16 @@ class SplitRef(_Strict):
     split: str = "dev"
 
 
+class NoiseScaleConfig(_Strict):
+    """McCandlish et al.'s two-batch estimate of B_simple = tr(Sigma) / |G|^2, from probe
+    batches of the training batch size drawn apart from training."""
+
+    #: Probe batches per evaluation point.
+    batches: int = Field(default=4, ge=1)
+    #: Equal chunks each probe batch is split into (the small batches of the estimator).
+    chunks: int = Field(default=4, ge=2)
+
+
 class EvalConfig(_Strict):
     #: The model-selection set. ``split: holdout`` is the part of the training data held out
     #: by ``data.dev_holdout``.
@@ -197,12 +214,21 @@ class EvalConfig(_Strict):
     test: SplitRef | None = SplitRef(task="stsb", split="test")
     #: The dev metric that selects the checkpoint (higher is better).
     metric: str = "spearman"
+    #: ``linear``: a point every ``every_examples``; ``log``: ``points`` points log-spaced in
+    #: examples from the first step to the budget (the same example counts at every batch
+    #: size where its steps allow).
+    schedule: Literal["linear", "log"] = "linear"
     every_examples: int = Field(default=2000, ge=1)
+    points: int = Field(default=16, ge=2)
     at_start: bool = True
     batch_size: int = Field(default=256, ge=1)
     #: Evaluation dtype, as ``batchscale eval --dtype`` (auto: bf16 on CPUs with native bf16).
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     geometry: bool = True
+    #: The gradient noise scale B_simple at each evaluation point (None: not measured).
+    noise_scale: NoiseScaleConfig | None = None
+    #: Also write each evaluation point as TensorBoard events under OUT/tensorboard.
+    tensorboard: bool = False
 
 
 class CheckpointConfig(_Strict):
@@ -233,6 +259,12 @@ class RunConfig(_Strict):
             raise ValueError(f"train.hard_batches.group_size ({t.hard_batches.group_size}) must "
                              f"divide train.batch_size ({t.batch_size}): whole groups fill a "
                              "batch")
+        n = self.loss.softmax_batch
+        if n is not None and t.batch_size % n:
+            raise ValueError(f"loss.softmax_batch ({n}) must divide train.batch_size "
+                             f"({t.batch_size}): the batch splits into equal softmax blocks")
+        if t.max_examples is not None and t.max_steps is not None:
+            raise ValueError("train.max_examples and train.max_steps: give one budget, not both")
         if self.eval.dev.split == "holdout" and self.data.dev_holdout == 0.0:
             raise ValueError("eval.dev.split: holdout needs data.dev_holdout > 0")
         return self
