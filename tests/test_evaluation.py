@@ -164,3 +164,21 @@ def test_pair_geometry_against_direct_formulas() -> None:
     assert 0.0 <= geo["weince_mean_lambda"] <= 1.0
     assert 0.0 <= geo["weince_weibull_share"] <= 1.0
     assert "weince_mean_lambda" not in pair_geometry(q, a, weince=False)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 2048])
+def test_pair_geometry_hardest_negative_against_brute_force(block: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(37, 8, generator=g, dtype=torch.float64)
+    a = q + 0.7 * torch.randn(37, 8, generator=g, dtype=torch.float64)
+    # a close to q: each row's largest cosine is its positive, which the max must skip
+    got = pair_geometry(q, a, weince=False, block=block)["hardest_neg_cos_mean"]
+    hardest = []
+    for i in range(37):
+        cos = [float(torch.dot(q[i], a[j]) / (q[i].norm() * a[j].norm()))
+               for j in range(37) if j != i]
+        hardest.append(max(cos))
+    assert got == pytest.approx(sum(hardest) / len(hardest), abs=1e-12)
+    two = pair_geometry(q[:2], a[:2], weince=False)
+    cos01 = torch.nn.functional.cosine_similarity(q[:2], a[[1, 0]], dim=-1)
+    assert two["hardest_neg_cos_mean"] == pytest.approx(float(cos01.mean()), abs=1e-12)

@@ -6,6 +6,8 @@
   exp(-2 ||z_i - z_j||^2), averaged over the two sides (z = q, then z = a), as in their code;
 * mean and variance of the positive cosines s_ii and of the cross-view negative cosines
   s_ij, i != j (the quantities of VRNS, Lee et al., ICML 2025);
+* the mean hardest negative: mean_i max_{j != i} s_ij, the closest wrong answer of each
+  query (the in-batch negative a batch-softmax loss weighs most, here over the whole set);
 * the WEINCE tail diagnostic on the same q-a similarity matrix: the mean lambda and the share
   of anchors whose AIC favours the Weibull (finite-endpoint) tail
   (:func:`batchscale.losses.weince_loss` with ``return_stats=True``).
@@ -53,10 +55,13 @@ def pair_geometry(q: Tensor, a: Tensor, *, temperature: float = 0.05, weince: bo
     qn = torch.nn.functional.normalize(q.detach().double(), dim=-1)
     an = torch.nn.functional.normalize(a.detach().double(), dim=-1)
     pos = (qn * an).sum(dim=-1)
-    neg_sum = neg_sq = 0.0
+    neg_sum = neg_sq = hardest_sum = 0.0
     for s, e in _blocks(n, block):
         sims = qn[s:e] @ an.T
-        sims[torch.arange(e - s), torch.arange(s, e)] = 0.0
+        diag = (torch.arange(e - s), torch.arange(s, e))
+        sims[diag] = float("-inf")
+        hardest_sum += float(sims.max(dim=1).values.sum())
+        sims[diag] = 0.0
         neg_sum += float(sims.sum())
         neg_sq += float((sims * sims).sum())
     count = n * (n - 1)
@@ -69,6 +74,7 @@ def pair_geometry(q: Tensor, a: Tensor, *, temperature: float = 0.05, weince: bo
         "pos_cos_var": float(pos.var(unbiased=False)),
         "neg_cos_mean": neg_mean,
         "neg_cos_var": max(0.0, neg_sq / count - neg_mean * neg_mean),
+        "hardest_neg_cos_mean": hardest_sum / n,
     }
     if weince:
         from ..losses import weince_loss
