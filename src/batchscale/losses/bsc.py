@@ -23,7 +23,8 @@ def bsc_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
              directions: Directions = "both", normalization: Normalization = "l2",
              hard_negatives: Tensor | None = None, labels: Tensor | None = None,
              label_threshold: float | None = None, query_ids: Tensor | None = None,
-             answer_ids: Tensor | None = None, tile_size: TileSize = "auto") -> Tensor:
+             answer_ids: Tensor | None = None, tile_size: TileSize = "auto",
+             softmax_batch: int | None = None) -> Tensor:
     """BSC over a batch of pairs (``q[i]``, ``a[i]``); returns a 0-dim tensor.
 
     Args:
@@ -39,21 +40,31 @@ def bsc_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
             y_i = 0 are not anchors but stay candidates; the mean still divides by m.
         query_ids, answer_ids: text ids ((m,) and (m + m * k,)); a candidate with the same
             id as the anchor's positive is not counted as a negative.
+        tile_size: ``"auto"`` (dense while the matrix is small), an int (tiled, memory-linear,
+            tiles of that many rows / columns) or None (dense).
+        softmax_batch: N dividing m: the mean of the losses of the m / N blocks of N
+            consecutive pairs, each an independent batch softmax (its N - 1 other pairs and its
+            pairs' hard negatives as negatives; labels, ids and the divisor N within the
+            block; see :mod:`~batchscale.losses.blocks`). None or m: the whole batch.
     """
     loss, _ = pair_loss("bsc_loss", q, a, temperature, directions=directions,
                         normalization=normalization, hard_negatives=hard_negatives,
                         labels=labels, label_threshold=label_threshold, query_ids=query_ids,
-                        answer_ids=answer_ids, tile_size=tile_size)
+                        answer_ids=answer_ids, tile_size=tile_size,
+                        softmax_batch=softmax_batch)
     return loss
 
 
 def infonce_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
                  normalization: Normalization = "l2", hard_negatives: Tensor | None = None,
                  labels: Tensor | None = None, label_threshold: float | None = None,
-                 answer_ids: Tensor | None = None, tile_size: TileSize = "auto") -> Tensor:
-    """InfoNCE / multiple-negatives ranking: BSC's L0 alone (each query against all answers)."""
+                 answer_ids: Tensor | None = None, tile_size: TileSize = "auto",
+                 softmax_batch: int | None = None) -> Tensor:
+    """InfoNCE / multiple-negatives ranking: BSC's L0 alone (each query against all answers,
+    or against the answers of its block of ``softmax_batch`` pairs)."""
     loss, _ = pair_loss("infonce_loss", q, a, temperature, directions="q->a",
                         normalization=normalization, hard_negatives=hard_negatives,
                         labels=labels, label_threshold=label_threshold, query_ids=None,
-                        answer_ids=answer_ids, tile_size=tile_size)
+                        answer_ids=answer_ids, tile_size=tile_size,
+                        softmax_batch=softmax_batch)
     return loss

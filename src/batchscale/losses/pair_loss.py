@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ._checks import check_choice, check_temperature
 from .batch_softmax import DIRECTIONS, Directions, batch_softmax_loss, prepare_batch
+from .blocks import PairInputs, block_size, over_blocks
 from .logits import PLAIN_LOGITS, LogitPolicy, anchor_pool_of
 from .similarity import Normalization
 from .tiled import DEFAULT_TILE, tiled_batch_softmax_loss
@@ -42,10 +43,30 @@ def pair_loss(fn: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
               directions: Directions, normalization: Normalization,
               hard_negatives: Tensor | None, labels: object, label_threshold: float | None,
               query_ids: object, answer_ids: object, tile_size: TileSize = "auto",
-              policy: LogitPolicy = PLAIN_LOGITS) -> tuple[Tensor, list[WeinceLambda]]:
-    """Validate, prepare and compute a batch-softmax pair loss."""
+              policy: LogitPolicy = PLAIN_LOGITS, softmax_batch: int | None = None
+              ) -> tuple[Tensor, list[WeinceLambda]]:
+    """Validate, prepare and compute a batch-softmax pair loss; with ``softmax_batch`` N < m,
+    the mean of the losses of its blocks of N pairs (:mod:`~batchscale.losses.blocks`)."""
     check_temperature(fn, temperature)
     check_choice(fn, "directions", directions, DIRECTIONS)
+    n = block_size(fn, softmax_batch, q.shape[0] if isinstance(q, Tensor) else 0)
+    if n is not None:
+        if anchor_pool_of(policy) is not None:
+            raise ValueError(f"{fn}: `anchor_pool` and `softmax_batch` ({n}) together: a "
+                             "block's rho0 comes from the block's own anchors")
+        inputs = PairInputs(fn, q, a, hard_negatives=hard_negatives, labels=labels,
+                            query_ids=query_ids, answer_ids=answer_ids)
+
+        def block(q: Tensor, a: Tensor, hard_negatives: Tensor | None = None,
+                  labels: object = None, query_ids: object = None, answer_ids: object = None
+                  ) -> tuple[Tensor, list[WeinceLambda]]:
+            return pair_loss(fn, q, a, temperature, directions=directions,
+                             normalization=normalization, hard_negatives=hard_negatives,
+                             labels=labels, label_threshold=label_threshold,
+                             query_ids=query_ids, answer_ids=answer_ids, tile_size=tile_size,
+                             policy=policy)
+
+        return over_blocks(inputs, n, block)
     batch = prepare_batch(fn, q, a, normalization=normalization, hard_negatives=hard_negatives,
                           labels=labels, label_threshold=label_threshold, query_ids=query_ids,
                           answer_ids=answer_ids)

@@ -28,7 +28,8 @@ def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
                 query_ids: Tensor | None = None, answer_ids: Tensor | None = None,
                 tile_size: TileSize = "auto", config: WeinceConfig | None = None,
                 return_stats: bool = False, anchor_pool: AnchorPool | None = None,
-                **weince_options: object) -> Tensor | tuple[Tensor, WeinceStats]:
+                softmax_batch: int | None = None, **weince_options: object
+                ) -> Tensor | tuple[Tensor, WeinceStats]:
     """WEINCE over a batch of pairs; returns a 0-dim tensor (and :class:`WeinceStats` with
     ``return_stats=True``, computed from the same lambdas, no second pass).
 
@@ -39,6 +40,9 @@ def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
     ``anchor_pool`` maps the rho of this call's anchors to the rho of every anchor of the
     batch, for the quantile rho0, when the call sees only some anchors (a rank's share under
     :func:`~batchscale.batching.local_pair_loss`, which passes an all-gather).
+    ``softmax_batch`` N: the mean over blocks of N consecutive pairs, each its own WEINCE
+    batch (its own rho0 quantile, tails from its own negatives); the stats cover every
+    block's anchors. Not with ``anchor_pool``.
     """
     if config is None:
         config = WeinceConfig.from_kwargs("weince_loss", **weince_options)
@@ -50,7 +54,8 @@ def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
                              normalization="l2", hard_negatives=hard_negatives, labels=labels,
                              label_threshold=label_threshold, query_ids=query_ids,
                              answer_ids=answer_ids, tile_size=tile_size,
-                             policy=WeinceMixture(config, anchor_pool))
+                             policy=WeinceMixture(config, anchor_pool),
+                             softmax_batch=softmax_batch)
     if return_stats:
         return loss, WeinceStats.from_lambdas(states)
     return loss

@@ -1,0 +1,118 @@
+r"""Softmax blocks: the batch's negatives as an axis of their own.
+
+With ``softmax_batch=N`` a batch of m pairs is split into m / N blocks of N consecutive
+pairs, and each block is an independent batch softmax: an anchor sees the N - 1 other pairs
+of its block as in-batch negatives, plus the hard negatives of the pairs of its block, and
+nothing of the other blocks. The loss is the mean of the blocks' losses, which (blocks being
+equal sized) is also the mean over the batch's anchors:
+
+    L = (N / m) sum_b L_b,     L_b = the loss of block b alone (its own rows, columns,
+                                     normalisation, WEINCE quantile rho0, ...)
+
+so the blocked loss equals the mean of separate calls, one per block (what the gradient
+accumulation of m / N micro-batches of N pairs would optimise). ``N = m`` (or None) is the
+plain loss. The per-pair inputs follow their pairs into the blocks:
+
+* labels (label-aware masking, BSC eq. 5): a block's divisor is its N pairs, so L is
+  (1/m) sum_i y_i l_i over the whole batch, as without blocks;
+* hard negatives: k per pair, ``(m * k, d)`` pair-major (pair i's are rows i k .. i k + k - 1)
+  or ``(m, k, d)``; a block gets the N k of its pairs;
+* query_ids, answer_ids: the false-negative masks act within a block (``answer_ids`` is the
+  answers' ids then the hard negatives', in the same pair-major order).
+
+The split is made here once, for every batch-softmax loss (:func:`pair_loss
+<batchscale.losses.pair_loss.pair_loss>`) and for the local loss under torch.distributed
+(:func:`~batchscale.batching.distributed_loss.local_block_loss`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from ._checks import check_embeddings, check_same_layout, check_vector
+
+T = TypeVar("T")
+
+
+def block_size(fn: str, softmax_batch: object, m: int) -> int | None:
+    """N, after checking that it splits ``m`` pairs into equal blocks; None for one block
+    (``softmax_batch`` None or equal to m), the plain loss."""
+    if softmax_batch is None:
+        return None
+    if isinstance(softmax_batch, bool) or not isinstance(softmax_batch, int) \
+            or softmax_batch < 2:
+        raise ValueError(f"{fn}: `softmax_batch` must be an integer >= 2 or None, got "
+                         f"{softmax_batch!r}")
+    if m % softmax_batch:
+        raise ValueError(f"{fn}: `softmax_batch` ({softmax_batch}) must divide the batch of "
+                         f"{m} pairs into equal softmax blocks")
+    return None if softmax_batch == m else softmax_batch
+
+
+class PairInputs:
+    """The per-pair inputs of a pair loss, checked for splitting: queries and answers (m, d),
+    hard negatives k per pair, pair-major (m * k, d), and the per-pair vectors."""
+
+    def __init__(self, fn: str, q: Tensor, a: Tensor, *, hard_negatives: Tensor | None = None,
+                 labels: object = None, query_ids: object = None,
+                 answer_ids: object = None) -> None:
+        check_embeddings(fn, "q", q)
+        check_embeddings(fn, "a", a)
+        check_same_layout(fn, "q", q, "a", a)
+        m, dev = q.shape[0], q.device
+        k = 0
+        if hard_negatives is not None:
+            if isinstance(hard_negatives, Tensor) and hard_negatives.ndim == 3:
+                if hard_negatives.shape[0] != m:
+                    raise ValueError(
+                        f"{fn}: `hard_negatives` of shape (m, k, d) must have m = {m} (one row "
+                        f"of negatives per pair), got shape {tuple(hard_negatives.shape)}")
+                hard_negatives = hard_negatives.reshape(-1, hard_negatives.shape[-1])
+            check_embeddings(fn, "hard_negatives", hard_negatives, min_rows=1)
+            check_same_layout(fn, "a", a, "hard_negatives", hard_negatives, same_rows=False)
+            h = hard_negatives.shape[0]
+            if h % m:
+                raise ValueError(
+                    f"{fn}: with `softmax_batch`, `hard_negatives` must hold k per pair "
+                    f"((m * k, d) pair-major or (m, k, d)), got {h} rows for {m} pairs")
+            k = h // m
+        self.fn, self.m, self.k = fn, m, k
+        self.q, self.a, self.hard_negatives = q, a, hard_negatives
+        self.labels = None if labels is None else check_vector(fn, "labels", labels, m, dev)
+        self.query_ids = None if query_ids is None else check_vector(
+            fn, "query_ids", query_ids, m, dev, integer=True)
+        self.answer_ids = None if answer_ids is None else check_vector(
+            fn, "answer_ids", answer_ids, m + m * k, dev, integer=True)
+
+    def rows(self, start: int, stop: int) -> dict[str, Any]:
+        """The inputs of pairs ``start .. stop - 1`` as keywords of a pair loss: ``q``, ``a``,
+        and those of ``hard_negatives``, ``labels``, ``query_ids``, ``answer_ids`` given."""
+        out: dict[str, Any] = {"q": self.q[start:stop], "a": self.a[start:stop]}
+        k = self.k
+        if self.hard_negatives is not None:
+            out["hard_negatives"] = self.hard_negatives[start * k : stop * k]
+        if self.labels is not None:
+            out["labels"] = self.labels[start:stop]
+        if self.query_ids is not None:
+            out["query_ids"] = self.query_ids[start:stop]
+        if self.answer_ids is not None:
+            ids = self.answer_ids
+            out["answer_ids"] = torch.cat([ids[start:stop],
+                                           ids[self.m + start * k : self.m + stop * k]])
+        return out
+
+
+def over_blocks(inputs: PairInputs, n: int, loss: Callable[..., tuple[Tensor, list[T]]]
+                ) -> tuple[Tensor, list[T]]:
+    """The mean of ``loss(**inputs.rows(block))`` over the blocks of ``n`` consecutive pairs,
+    and the concatenation of the lists it returns alongside (WEINCE's lambdas)."""
+    losses, extras = [], []
+    for start in range(0, inputs.m, n):
+        value, extra = loss(**inputs.rows(start, start + n))
+        losses.append(value)
+        extras.extend(extra)
+    return torch.stack(losses).mean(), extras
