@@ -87,6 +87,7 @@ class BSCShuffleSampler(EpochBatchSampler):
         embed: Callable[[], np.ndarray] | None = None,
         keys: np.ndarray | None = None,
         drop_last: bool = False,
+        fill_last: bool = False,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -95,6 +96,7 @@ class BSCShuffleSampler(EpochBatchSampler):
             num_examples,
             batch_size,
             drop_last=drop_last,
+            fill_last=fill_last,
             seed=seed,
             rank=rank,
             world_size=world_size,
@@ -157,6 +159,7 @@ class ShingleShuffleSampler(EpochBatchSampler):
         shingle_size: int = 2,
         keys: np.ndarray | None = None,
         drop_last: bool = False,
+        fill_last: bool = False,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -166,6 +169,7 @@ class ShingleShuffleSampler(EpochBatchSampler):
             len(self.shingles),
             batch_size,
             drop_last=drop_last,
+            fill_last=fill_last,
             seed=seed,
             rank=rank,
             world_size=world_size,
@@ -200,13 +204,15 @@ class TeacherHardBatchSampler(EpochBatchSampler):
         kmeans_iterations: int = 20,
         keys: np.ndarray | None = None,
         drop_last: bool = False,
+        fill_last: bool = False,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         x = check_embeddings(embeddings)
         super().__init__(
-            len(x), batch_size, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size
+            len(x), batch_size, drop_last=drop_last, fill_last=fill_last, seed=seed, rank=rank,
+            world_size=world_size,
         )
         if n_clusters is None:
             n_clusters = max(1, -(-len(x) // self.batch_size))

@@ -14,7 +14,9 @@ example, and a rank gets an empty list when the batch has fewer examples than th
 
 ``drop_last``: an epoch has ``N // batch_size`` full batches; the ``N % batch_size`` examples
 that come last in the epoch's plan form one partial batch, yielded last (``drop_last=False``)
-or skipped for this epoch (``drop_last=True``). ``len(sampler)`` is the exact number of
+or skipped for this epoch (``drop_last=True``), or filled up to ``batch_size`` with examples
+drawn at random from the rest of the epoch (``fill_last=True``: every step takes a whole
+batch, so a budget of examples is met exactly). ``len(sampler)`` is the exact number of
 batches of an epoch.
 
 Epochs and resume: ``set_epoch(e)`` selects epoch ``e`` (a different epoch restarts at its
@@ -40,6 +42,9 @@ import torch
 
 from .no_duplicates import check_keys, no_duplicate_batches
 from .text_keys import text_keys
+
+#: The random stream of the examples that fill a short last batch (``fill_last``).
+FILL_STREAM = 1000
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -87,6 +92,7 @@ class EpochBatchSampler(ABC):
         batch_size: int,
         *,
         drop_last: bool = False,
+        fill_last: bool = False,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -96,9 +102,18 @@ class EpochBatchSampler(ABC):
         self.seed = check_int("seed", seed, 0)
         self.world_size = check_int("world_size", world_size, 1)
         self.rank = check_int("rank", rank, 0)
-        if not isinstance(drop_last, bool):
-            raise ValueError(f"`drop_last` must be a bool, got {drop_last!r}")
+        for name, flag in (("drop_last", drop_last), ("fill_last", fill_last)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"`{name}` must be a bool, got {flag!r}")
+        if drop_last and fill_last:
+            raise ValueError("`drop_last` and `fill_last`: choose one way to treat the short "
+                             "last batch")
+        if fill_last and self.batch_size > self.num_examples:
+            raise ValueError(f"`fill_last`: a batch of {self.batch_size} cannot be filled "
+                             f"from {self.num_examples} examples without repeating one "
+                             "inside the batch; use a smaller batch or more data")
         self.drop_last = drop_last
+        self.fill_last = fill_last
         if self.rank >= self.world_size:
             raise ValueError(f"`rank` must be < world_size={world_size}, got {rank!r}")
         if self.batch_size % self.world_size:
@@ -134,8 +149,19 @@ class EpochBatchSampler(ABC):
             self._check_plan(plan)
             if self.drop_last and self.num_examples % self.batch_size:
                 plan = plan[:-1]
+            elif self.fill_last and self.num_examples % self.batch_size:
+                plan = [*plan[:-1], self._filled(plan[-1], self.epoch)]
             self._plan, self._plan_epoch = plan, self.epoch
         return self._plan
+
+    def _filled(self, last: np.ndarray, epoch: int) -> np.ndarray:
+        """The short last batch filled up to ``batch_size`` with examples drawn at random
+        from the epoch's other batches (as torch's DistributedSampler pads), so that every
+        step takes a whole batch: a few examples are seen twice in such an epoch."""
+        others = np.setdiff1d(np.arange(self.num_examples), last, assume_unique=True)
+        extra = self.rng(epoch, stream=FILL_STREAM).choice(others, self.batch_size - len(last),
+                                                 replace=False)
+        return np.concatenate([last, np.sort(extra)]).astype(np.int64)
 
     @property
     def planned(self) -> bool:
@@ -148,7 +174,8 @@ class EpochBatchSampler(ABC):
         that every rank steps through the same batches."""
         sizes = [len(b) for b in batches]
         n, b = self.num_examples, self.batch_size
-        expected = [b] * (n // b) + ([n % b] if n % b and not self.drop_last else [])
+        short = [] if not n % b or self.drop_last else [b if self.fill_last else n % b]
+        expected = [b] * (n // b) + short
         if sizes != expected:
             raise ValueError(f"adopt_plan: batch sizes {sizes[:5]}... do not fit {n} examples "
                              f"in batches of {b} (drop_last={self.drop_last})")
@@ -217,6 +244,7 @@ class EpochBatchSampler(ABC):
             "num_examples": self.num_examples,
             "batch_size": self.batch_size,
             "drop_last": self.drop_last,
+            "fill_last": self.fill_last,
         }
         if self.plan_in_state and self._plan is not None and self._plan_epoch == self.epoch:
             state["plan"], state["plan_sizes"] = flatten_plan(self._plan)
@@ -231,7 +259,7 @@ class EpochBatchSampler(ABC):
             raise ValueError(f"`state` lacks {sorted(missing)}")
         if state["sampler"] != type(self).__name__:
             raise ValueError(f"`state` is for a {state['sampler']}, not a {type(self).__name__}")
-        for name in ("num_examples", "batch_size", "drop_last"):
+        for name in ("num_examples", "batch_size", "drop_last", "fill_last"):
             if name in state and state[name] != getattr(self, name):
                 raise ValueError(
                     f"`state` has {name}={state[name]!r} but this sampler has "
@@ -279,6 +307,7 @@ class NoDuplicatesBatchSampler(EpochBatchSampler):
         batch_size: int,
         *,
         drop_last: bool = False,
+        fill_last: bool = False,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -288,6 +317,7 @@ class NoDuplicatesBatchSampler(EpochBatchSampler):
             len(self.keys),
             batch_size,
             drop_last=drop_last,
+            fill_last=fill_last,
             seed=seed,
             rank=rank,
             world_size=world_size,

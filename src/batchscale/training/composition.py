@@ -60,6 +60,11 @@ def pair_embeddings(encoder: SentenceEncoder, data: TrainingSet, batch_size: int
     return torch.nn.functional.normalize(q + a, dim=1).numpy()
 
 
+def budgeted(config: RunConfig) -> bool:
+    """The run stops at a budget of examples or steps (not after whole epochs)."""
+    return config.train.max_examples is not None or config.train.max_steps is not None
+
+
 class BatchComposition:
     """The trainer's sampler and its per-epoch planning, cache and statistics."""
 
@@ -73,8 +78,11 @@ class BatchComposition:
         self.is_main = rank == 0
         self.distributed = world_size > 1
         self.keys = text_keys(data.columns)
-        shard: dict[str, Any] = dict(drop_last=t.drop_last, seed=t.seed, rank=rank,
-                                     world_size=world_size)
+        # Under a budget of examples or steps every step takes a whole batch, so each cell
+        # of a study sees its budget exactly.
+        fill_last = budgeted(config) and not t.drop_last
+        shard: dict[str, Any] = dict(drop_last=t.drop_last, fill_last=fill_last, seed=t.seed,
+                                     rank=rank, world_size=world_size)
         grouping_keys = self.keys if h.no_duplicates else None
         self.cache: EmbeddingCache | None = None
         if t.sampler == "no_duplicates":

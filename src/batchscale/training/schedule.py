@@ -32,3 +32,37 @@ def warmup_linear(step: int, total_steps: int, warmup: int) -> float:
     if step < warmup:
         return step / max(1, warmup)
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def log_points(total_examples: int, points: int, batch_size: int) -> list[int]:
+    """Example counts of a log-spaced evaluation schedule: the targets
+    ``geomspace(1, total_examples, points)``, each rounded up to a whole step of
+    ``batch_size``, without repeats. The targets do not depend on the batch size, so runs at
+    different batch sizes are measured at the same example counts wherever their steps allow
+    (exactly so for batch sizes that divide each other and the budget)."""
+    if total_examples < 1 or points < 2 or batch_size < 1:
+        raise ValueError(f"log_points needs total_examples >= 1, points >= 2, batch_size >= 1; "
+                         f"got {total_examples}, {points}, {batch_size}")
+    out: list[int] = []
+    for k in range(points):
+        target = total_examples ** (k / (points - 1))
+        at = min(total_examples, math.ceil(target / batch_size - 1e-9) * batch_size)
+        if not out or at > out[-1]:
+            out.append(at)
+    return out
+
+
+#: The next evaluation point of a schedule that has ended.
+NEVER = 2**62
+
+
+def next_point(done: int, *, every: int | None = None,
+               schedule: list[int] | None = None) -> int:
+    """The example count of the next evaluation point after ``done`` examples: the next
+    multiple of ``every`` (linear) or the next count of ``schedule`` (log; past its end, never).
+    """
+    if schedule is not None:
+        return next((x for x in schedule if x > done), NEVER)
+    if every is None or every < 1:
+        raise ValueError(f"next_point: every must be >= 1, got {every}")
+    return (done // every + 1) * every

@@ -59,11 +59,11 @@ from .checkpoint import (
     set_rng_state,
     write_state,
 )
-from .composition import BatchComposition
+from .composition import BatchComposition, budgeted
 from .config import RunConfig, dump_config, term_key
 from .examples import TrainingSet
 from .objective import Objective
-from .schedule import scaled_lr, warmup_linear, warmup_steps
+from .schedule import log_points, next_point, scaled_lr, warmup_linear, warmup_steps
 
 Evaluator = Callable[[SentenceEncoder], dict[str, Any]]
 
@@ -72,7 +72,21 @@ EPOCHS = "epochs.jsonl"
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
+TENSORBOARD = "tensorboard"
 FINAL = "final"
+
+
+def scalars(record: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """Every finite number of an evaluation record, nested keys joined by '/'
+    (``dev/spearman``, ``dev/geometry/uniformity``)."""
+    out: list[tuple[str, float]] = []
+    for k, v in record.items():
+        tag = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += scalars(v, tag + "/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append((tag, float(v)))
+    return out
 
 
 class TrainingDiverged(RuntimeError):
@@ -126,7 +140,7 @@ def check_world_size(config: RunConfig, num_examples: int, world: int) -> None:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of the number "
                          f"of ranks ({world}): each rank takes an equal share of every batch")
     rest = num_examples % t.batch_size
-    if world > 1 and rest and rest < world and not t.drop_last:
+    if world > 1 and rest and rest < world and not t.drop_last and not budgeted(config):
         raise ValueError(f"the last batch of each epoch has {rest} example(s) for {world} "
                          "ranks, so a rank would get none; set train.drop_last: true or "
                          "change train.batch_size")
@@ -174,7 +188,9 @@ class Trainer:
                                             world_size=self.world)
         self.sampler = self.composition.sampler
         self.steps_per_epoch = len(self.sampler)
-        if t.max_examples is not None:
+        if t.max_steps is not None:
+            self.total_steps = t.max_steps
+        elif t.max_examples is not None:
             self.total_steps = math.ceil(t.max_examples / t.batch_size)
         else:
             self.total_steps = max(1, math.ceil(t.epochs * self.steps_per_epoch))
@@ -186,6 +202,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_linear(s, total, warm))
         self.progress = Progress()
+        e = config.eval
+        self.eval_points = (log_points(self._total_examples(), e.points, t.batch_size)
+                            if e.schedule == "log" else None)
+        self._tensorboard = None
         broadcast_parameters(self.parameters)
 
     # -- set-up -----------------------------------------------------------------------------
@@ -314,12 +334,30 @@ class Trainer:
             atomic_directory(self.out / BEST, self._save_model)
         record["best"] = p.best_examples == p.examples
         self._append_line(CURVE, record)
+        if self.config.eval.tensorboard:
+            self._write_tensorboard(record)
         p.curve_points += 1
         p.wall_seconds += time.perf_counter() - started
         self._checkpoint(rngs)
         if bar is not None:
             bar.set_postfix({"loss": record["train_loss"], f"dev {self.metric}": value},
                             refresh=False)
+
+    def _write_tensorboard(self, record: dict[str, Any]) -> None:
+        """The point's numbers as TensorBoard scalars, against examples seen (the study's
+        abscissa); a resumed run purges the events written after its checkpoint."""
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("eval.tensorboard needs the tensorboard package: pip "
+                                   "install 'batchscale[tensorboard]'") from None
+            self._tensorboard = SummaryWriter(str(self.out / TENSORBOARD),
+                                              purge_step=record["examples"])
+        step = record["examples"]
+        for tag, value in scalars(record):
+            self._tensorboard.add_scalar(tag, value, step)
+        self._tensorboard.flush()
 
     def _save_model(self, folder: Path) -> None:
         self.encoder.save(folder)
@@ -421,7 +459,7 @@ class Trainer:
             if self.is_main:
                 atomic_write_text(self.out / CONFIG, dump_config(self.config))
             self.progress = Progress(next_eval=0 if self.config.eval.at_start
-                                     else self.config.eval.every_examples)
+                                     else self._next_point(0))
         barrier("the start of the run")
 
     def _check_start(self, resume: bool) -> None:
@@ -443,7 +481,6 @@ class Trainer:
 
         self._start(resume)
         p = self.progress
-        every = self.config.eval.every_examples
         started = time.perf_counter()
         total_examples = self._total_examples()
         self.encoder.train()
@@ -452,7 +489,7 @@ class Trainer:
             if p.examples >= p.next_eval and p.step == 0 and p.curve_points == 0:
                 self._point(started, bar)
                 started = time.perf_counter()
-                p.next_eval = every
+                p.next_eval = self._next_point(0)
             while p.step < self.total_steps:
                 p.train_seconds += self.composition.plan(p.epoch)
                 for indices in self.sampler:
@@ -468,8 +505,7 @@ class Trainer:
                     if last:  # before the final checkpoint, which then counts it
                         self._end_epoch(complete=self.sampler.position == len(self.sampler))
                     if p.examples >= p.next_eval or last:
-                        while p.next_eval <= p.examples:
-                            p.next_eval += every
+                        p.next_eval = self._next_point(p.examples)
                         self._point(started, bar)
                         started = time.perf_counter()
                     if last:
@@ -479,10 +515,18 @@ class Trainer:
                     p.epoch += 1
                     continue
                 break
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         return FitResult(self.read_curve(), p.best_metric, p.best_examples, p.train_seconds,
                          p.examples, self.out)
 
+    def _next_point(self, done: int) -> int:
+        return next_point(done, every=self.config.eval.every_examples,
+                          schedule=self.eval_points)
+
     def _total_examples(self) -> int:
+        if budgeted(self.config):  # every step takes a whole batch
+            return self.total_steps * self.config.train.batch_size
         per_epoch = len(self.data) if not self.config.train.drop_last else \
             self.steps_per_epoch * self.config.train.batch_size
         full, rest = divmod(self.total_steps, self.steps_per_epoch)
