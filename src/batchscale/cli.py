@@ -210,8 +210,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
         return 1
     failed = f", {summary.failed} diverged (recorded; a rerun retries them)" \
         if summary.failed else ""
-    print(f"{summary.ran} runs done, {summary.skipped} were done before{failed}; store: "
-          f"{summary.store}")
+    untuned = f", {summary.not_tuned} not run (another lr won their setting on the first " \
+        "seed, or its choice is still open)" if summary.not_tuned else ""
+    print(f"{summary.ran} runs done, {summary.skipped} were done before{failed}{untuned}; "
+          f"store: {summary.store}")
     return 0
 
 

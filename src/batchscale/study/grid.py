@@ -13,7 +13,11 @@ key path)::
       vrns_weights: [0.0, 0.1]      # each loss without and with VRNS (optional)
       seeds: [0, 1, 2]
       lr_scaling: [sqrt]            # none | linear | sqrt (optim.reference_batch_size)
-    budget: {examples: 20000}       # or {epochs: 2}: the same for every cell
+      lr_multipliers: [0.5, 1, 2]   # optim.lr x each, on top of the scaling rule
+      lr_tuning: first_seed         # all_seeds: the best mean dev over seeds; first_seed: the
+                                    # best dev of the first seed, the other seeds run it only
+      softmax_batches: [16, 64]     # softmax blocks of N < B pairs, besides N = B
+    budget: {examples: 20000}       # or {steps: 500} or {epochs: 2}: the same for every cell
     report: {target: 75.0}          # optional: the fixed dev target of the convergence table
 
 Every cell is one training run; its identity is a hash of its resolved :class:`RunConfig`
@@ -24,6 +28,7 @@ is the hash of its sorted cell ids (two stores can be merged only when these agr
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +54,26 @@ class Grid(_Strict):
     vrns_weights: list[float] | None = None
     seeds: list[int] = Field(default=[0], min_length=1)
     lr_scaling: list[LrRule] = Field(default=["none"], min_length=1)
+    #: optim.lr times each multiplier; the report keeps the best per (loss, B, N) on dev.
+    lr_multipliers: list[float] = Field(default=[1.0], min_length=1)
+    lr_tuning: Literal["all_seeds", "first_seed"] = "all_seeds"
+    #: Softmax block sizes N (loss.softmax_batch) crossed with every batch size B that N
+    #: divides, N < B; the whole batch (N = B) is always a cell.
+    softmax_batches: list[int] | None = None
+
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _multipliers(cls, v: list[float]) -> list[float]:
+        if any(m <= 0 for m in v) or len(set(v)) != len(v):
+            raise ValueError(f"lr multipliers must be distinct and > 0, got {v}")
+        return v
+
+    @field_validator("softmax_batches")
+    @classmethod
+    def _blocks(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(n < 2 for n in v) or len(set(v)) != len(v)):
+            raise ValueError(f"softmax batch sizes must be distinct and >= 2, got {v}")
+        return v
 
     @field_validator("batch_sizes")
     @classmethod
@@ -92,15 +117,17 @@ class Grid(_Strict):
 
 
 class Budget(_Strict):
-    """The same training budget for every cell: examples seen, or epochs."""
+    """The same training budget for every cell: examples seen, optimiser steps, or epochs.
+    Under examples or steps every step takes a whole batch, so each cell meets it exactly."""
 
     examples: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=1)
     epochs: float | None = Field(default=None, gt=0.0)
 
     @model_validator(mode="after")
     def _one(self) -> Budget:
-        if (self.examples is None) == (self.epochs is None):
-            raise ValueError("give examples or epochs (exactly one)")
+        if sum(x is not None for x in (self.examples, self.steps, self.epochs)) != 1:
+            raise ValueError("give examples, steps or epochs (exactly one)")
         return self
 
 
@@ -135,6 +162,9 @@ class Cell:
     seed: int
     lr_scaling: str
     config: RunConfig
+    lr_multiplier: float = 1.0
+    #: Pairs per softmax block (the batch size when the whole batch is one block).
+    softmax_batch: int = 0
 
     @property
     def id(self) -> str:
@@ -142,8 +172,10 @@ class Cell:
 
     def label(self) -> str:
         vrns = f"+vrns{self.vrns_weight:g}" if self.vrns_weight > 0 else ""
-        return (f"{self.loss}{vrns} B={self.batch_size} seed={self.seed} "
-                f"lr={self.lr_scaling}")
+        blocks = f" N={self.softmax_batch}" if self.softmax_batch != self.batch_size else ""
+        lr = f"x{self.lr_multiplier:g}" if self.lr_multiplier != 1.0 else ""
+        return (f"{self.loss}{vrns} B={self.batch_size}{blocks} seed={self.seed} "
+                f"lr={self.lr_scaling}{lr}")
 
 
 @dataclass(frozen=True)
@@ -230,31 +262,31 @@ def expand(config: SweepConfig, base: RunConfig, source: str) -> list[Cell]:
         if g.vrns_weights is not None and "vrns_weight" in fields:
             raise ConfigError(f"{source}: grid.losses.{name}.vrns_weight: set VRNS weights in "
                               "grid.vrns_weights or in the variants, not both")
-    index = 0
-    for seed in g.seeds:
-        for name, fields in g.losses.items():
-            for w in g.vrns_weights if g.vrns_weights is not None else [None]:
-                for rule in g.lr_scaling:
-                    for b in g.batch_sizes:
-                        loss = _merge(raw["loss"], fields)
-                        if w is not None:
-                            loss["vrns_weight"] = w
-                        run = _merge(raw, {"loss": loss,
-                                           "optim": {"lr_scaling": rule},
-                                           "train": {"batch_size": b, "seed": seed}})
-                        if config.budget.examples is not None:
-                            run["train"]["max_examples"] = config.budget.examples
-                        else:
-                            run["train"]["max_examples"] = None
-                            run["train"]["epochs"] = config.budget.epochs
-                        try:
-                            rc = RunConfig.model_validate(run)
-                        except ValidationError as e:
-                            raise ConfigError(_format(e, f"{source}: grid.losses.{name}")) \
-                                from None
-                        cells.append(Cell(index, name, float(rc.loss.vrns_weight), b, seed,
-                                          rule, rc))
-                        index += 1
+    factors = itertools.product(
+        g.seeds, g.losses.items(), g.vrns_weights if g.vrns_weights is not None else [None],
+        g.lr_scaling, g.lr_multipliers, g.batch_sizes)
+    for seed, (name, fields), w, rule, mult, b in factors:
+        for n in [None, *(n for n in g.softmax_batches or [] if n < b and b % n == 0)]:
+            loss = _merge(raw["loss"], fields)
+            if n is not None:
+                loss["softmax_batch"] = n
+            if w is not None:
+                loss["vrns_weight"] = w
+            run = _merge(raw, {"loss": loss,
+                               "optim": {"lr_scaling": rule, "lr": raw["optim"]["lr"] * mult},
+                               "train": {"batch_size": b, "seed": seed, "max_examples": None,
+                                         "max_steps": None}})
+            if config.budget.epochs is not None:
+                run["train"]["epochs"] = config.budget.epochs
+            else:
+                run["train"]["max_examples"] = config.budget.examples
+                run["train"]["max_steps"] = config.budget.steps
+            try:
+                rc = RunConfig.model_validate(run)
+            except ValidationError as e:
+                raise ConfigError(_format(e, f"{source}: grid.losses.{name}")) from None
+            cells.append(Cell(len(cells), name, float(rc.loss.vrns_weight), b, seed, rule, rc,
+                              float(mult), rc.loss.softmax_batch or b))
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{source}: grid: two cells resolve to the same run config "

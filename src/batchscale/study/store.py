@@ -9,6 +9,9 @@ Tables:
 * ``runs``: one row per *finished* run: timings, throughput, peak memory, the selected dev
   score, the test score, the run's config and the package version;
 * ``curve``: the run's evaluation points (examples, steps, seconds, dev metric, loss, lr);
+* ``point_metrics``: every other number of each evaluation point, by name (``dev/pearson``,
+  the probe set's geometry ``geometry/neg_cos_var``, ``noise_scale/b_simple``, the loss's
+  diagnostics ``loss/weince_mean_lambda``, ``loss/temperature``);
 * ``metrics``: every numeric final metric, by split (``dev``: the selected checkpoint's dev
   figures, ``test``: its test figures);
 * ``failures``: runs that diverged (NaN / Inf), with the error; such a cell is not finished,
@@ -29,14 +32,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS cells (
     cell_id TEXT PRIMARY KEY, idx INTEGER NOT NULL, loss TEXT NOT NULL,
     loss_name TEXT NOT NULL, vrns_weight REAL NOT NULL, batch_size INTEGER NOT NULL,
-    seed INTEGER NOT NULL, lr_scaling TEXT NOT NULL, config TEXT NOT NULL);
+    seed INTEGER NOT NULL, lr_scaling TEXT NOT NULL, lr_multiplier REAL NOT NULL,
+    softmax_batch INTEGER NOT NULL, config TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY, cell_id TEXT NOT NULL REFERENCES cells, started_at TEXT NOT NULL,
     host TEXT, pid INTEGER, resumed INTEGER NOT NULL);
@@ -44,7 +48,7 @@ CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY, cell_id TEXT NOT NULL UNIQUE REFERENCES cells,
     started_at TEXT NOT NULL, finished_at TEXT NOT NULL, package_version TEXT NOT NULL,
     host TEXT, device TEXT, metric TEXT NOT NULL, examples INTEGER NOT NULL,
-    steps INTEGER NOT NULL, train_seconds REAL NOT NULL, wall_seconds REAL NOT NULL,
+    steps INTEGER NOT NULL, epochs REAL, train_seconds REAL NOT NULL, wall_seconds REAL NOT NULL,
     throughput REAL, peak_memory_mb REAL, memory_kind TEXT, best_dev REAL,
     best_examples INTEGER, last_dev REAL, test REAL, config TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS curve (
@@ -52,6 +56,9 @@ CREATE TABLE IF NOT EXISTS curve (
     examples INTEGER NOT NULL, steps INTEGER NOT NULL, seconds REAL NOT NULL,
     wall_seconds REAL, dev REAL, train_loss REAL, lr REAL,
     PRIMARY KEY (run_id, point));
+CREATE TABLE IF NOT EXISTS point_metrics (
+    run_id INTEGER NOT NULL REFERENCES runs, point INTEGER NOT NULL, name TEXT NOT NULL,
+    value REAL NOT NULL, PRIMARY KEY (run_id, point, name));
 CREATE TABLE IF NOT EXISTS failures (
     id INTEGER PRIMARY KEY, cell_id TEXT NOT NULL REFERENCES cells, failed_at TEXT NOT NULL,
     error TEXT NOT NULL);
@@ -61,9 +68,11 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 _RUN_COLUMNS = ("cell_id", "started_at", "finished_at", "package_version", "host", "device",
-                "metric", "examples", "steps", "train_seconds", "wall_seconds", "throughput",
-                "peak_memory_mb", "memory_kind", "best_dev", "best_examples", "last_dev",
-                "test", "config")
+                "metric", "examples", "steps", "epochs", "train_seconds", "wall_seconds",
+                "throughput", "peak_memory_mb", "memory_kind", "best_dev", "best_examples",
+                "last_dev", "test", "config")
+_CELL_COLUMNS = ("cell_id", "idx", "loss", "loss_name", "vrns_weight", "batch_size", "seed",
+                 "lr_scaling", "lr_multiplier", "softmax_batch", "config")
 _CURVE_COLUMNS = ("point", "examples", "steps", "seconds", "wall_seconds", "dev",
                   "train_loss", "lr")
 
@@ -150,9 +159,8 @@ class Store:
                 db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (k, v))
             for c in cells:
                 db.execute(
-                    "INSERT OR IGNORE INTO cells (cell_id, idx, loss, loss_name, vrns_weight, "
-                    "batch_size, seed, lr_scaling, config) VALUES (:cell_id, :idx, :loss, "
-                    ":loss_name, :vrns_weight, :batch_size, :seed, :lr_scaling, :config)", c)
+                    f"INSERT OR IGNORE INTO cells ({', '.join(_CELL_COLUMNS)}) VALUES "
+                    f"({', '.join(':' + k for k in _CELL_COLUMNS)})", c)
 
     def finished_cells(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT cell_id FROM runs")}
@@ -177,7 +185,8 @@ class Store:
     def failures(self) -> list[dict[str, Any]]:
         """Failures of cells that have no finished run, with the cell's factors."""
         rows = self.db.execute(
-            "SELECT f.*, c.loss, c.vrns_weight, c.batch_size, c.seed, c.lr_scaling "
+            "SELECT f.*, c.loss, c.vrns_weight, c.batch_size, c.seed, c.lr_scaling, "
+            "c.lr_multiplier, c.softmax_batch "
             "FROM failures f JOIN cells c USING (cell_id) WHERE f.cell_id NOT IN "
             "(SELECT cell_id FROM runs) ORDER BY c.idx, f.id")
         return [dict(r) for r in rows]
@@ -201,6 +210,10 @@ class Store:
         for point in curve:
             db.execute(f"INSERT INTO curve (run_id, {ccols}) VALUES (:run_id, {cmarks})",
                        {"run_id": run_id, **{c: point.get(c) for c in _CURVE_COLUMNS}})
+        for point in curve:
+            for name, value in point.get("metrics", {}).items():
+                db.execute("INSERT INTO point_metrics (run_id, point, name, value) "
+                           "VALUES (?, ?, ?, ?)", (run_id, point["point"], name, float(value)))
         for split, values in metrics.items():
             for name, value in values.items():
                 db.execute("INSERT INTO metrics (run_id, split, name, value) VALUES (?, ?, ?, ?)",
@@ -211,12 +224,21 @@ class Store:
         """Finished runs joined with their cell's factors, in grid order."""
         rows = self.db.execute(
             "SELECT r.*, c.idx, c.loss, c.loss_name, c.vrns_weight, c.batch_size, c.seed, "
-            "c.lr_scaling FROM runs r JOIN cells c USING (cell_id) ORDER BY c.idx")
+            "c.lr_scaling, c.lr_multiplier, c.softmax_batch FROM runs r JOIN cells c "
+            "USING (cell_id) ORDER BY c.idx")
         return [dict(r) for r in rows]
 
     def curve(self, run_id: int) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM curve WHERE run_id = ? ORDER BY point", (run_id,))
-        return [dict(r) for r in rows]
+        """The run's points, each with its ``metrics`` (the point_metrics rows by name)."""
+        rows = [dict(r) for r in self.db.execute(
+            "SELECT * FROM curve WHERE run_id = ? ORDER BY point", (run_id,))]
+        extra: dict[int, dict[str, float]] = {}
+        for r in self.db.execute("SELECT point, name, value FROM point_metrics "
+                                 "WHERE run_id = ?", (run_id,)):
+            extra.setdefault(r[0], {})[r[1]] = r[2]
+        for r in rows:
+            r["metrics"] = extra.get(r["point"], {})
+        return rows
 
     def metrics(self, run_id: int) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
@@ -267,9 +289,8 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict[str, int]:
             with target.transaction() as db:
                 for s in sources:
                     for c in s.cells():
-                        db.execute("INSERT OR IGNORE INTO cells VALUES (:cell_id, :idx, :loss, "
-                                   ":loss_name, :vrns_weight, :batch_size, :seed, :lr_scaling, "
-                                   ":config)", c)
+                        db.execute(f"INSERT OR IGNORE INTO cells ({', '.join(_CELL_COLUMNS)}) "
+                                   f"VALUES ({', '.join(':' + k for k in _CELL_COLUMNS)})", c)
                     for a in s.db.execute("SELECT cell_id, started_at, host, pid, resumed "
                                           "FROM attempts"):
                         db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, "

@@ -11,6 +11,7 @@ Each run directory lives under the work folder only while the run is in progress
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -25,10 +26,11 @@ import torch
 from .. import __version__
 from ..training.checkpoint import latest_checkpoint
 from ..training.config import dump_config
-from ..training.trainer import TrainingDiverged
+from ..training.trainer import TrainingDiverged, scalars
 from .grid import Cell, Sweep
 from .run import train_run
 from .store import Store, now
+from .tuning import setting_of, tuned
 
 
 def default_work_dir(store: Path) -> Path:
@@ -127,6 +129,21 @@ def _numbers(d: dict[str, Any] | None) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _finite_or_none(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _point_metrics(record: dict[str, Any], metric: str) -> dict[str, float]:
+    """An evaluation point's numbers besides the dev metric: the other dev figures, the
+    probe set's geometry, the noise scale (``dev/...`` nested keys by their own name) and the
+    loss's diagnostics (``loss/...``)."""
+    dev = {k: v for k, v in record["dev"].items() if k != metric}
+    out = dict(scalars({k: v for k, v in dev.items() if not isinstance(v, dict)}, "dev/"))
+    out.update(scalars({k: v for k, v in dev.items() if isinstance(v, dict)}))
+    out.update(scalars(record.get("loss_diagnostics") or {}, "loss/"))
+    return out
+
+
 def run_cell(store: Store, cell: Cell, work: Path, *, show_progress: bool = False,
              keep_runs: bool = False) -> int:
     """Train one cell and record it; returns the run's row id."""
@@ -143,8 +160,9 @@ def run_cell(store: Store, cell: Cell, work: Path, *, show_progress: bool = Fals
     fit, metric = result.fit, cell.config.eval.metric
     curve = [{"point": i, "examples": r["examples"], "steps": r["steps"],
               "seconds": r["seconds"], "wall_seconds": r.get("wall_seconds"),
-              "dev": float(r["dev"][metric]), "train_loss": r.get("train_loss"),
-              "lr": r.get("lr")} for i, r in enumerate(fit.curve)]
+              "dev": _finite_or_none(r["dev"][metric]), "train_loss": r.get("train_loss"),
+              "lr": r.get("lr"), "metrics": _point_metrics(r, metric)}
+             for i, r in enumerate(fit.curve)]
     best = next((r for r in fit.curve if r["examples"] == fit.best_examples), None)
     test = result.test or {}
     test_metric = test.get(metric)
@@ -158,6 +176,7 @@ def run_cell(store: Store, cell: Cell, work: Path, *, show_progress: bool = Fals
         "metric": metric,
         "examples": fit.examples,
         "steps": fit.curve[-1]["steps"] if fit.curve else 0,
+        "epochs": fit.curve[-1].get("epoch") if fit.curve else None,
         "train_seconds": fit.train_seconds,
         # A resumed run: its seconds before the interruption are in the last curve point.
         "wall_seconds": max(wall, float(fit.curve[-1].get("wall_seconds") or 0.0))
@@ -187,6 +206,8 @@ class SweepSummary:
     skipped: int
     ran: int
     failed: int = 0
+    #: Cells not run: another lr multiplier won their setting on the first seed.
+    not_tuned: int = 0
 
 
 def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | None = None,
@@ -217,8 +238,13 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
         for c in cells:  # finished before a kill that came ahead of the clean-up
             if c.id in done and not keep_runs and (work / c.id).is_dir():
                 shutil.rmtree(work / c.id, ignore_errors=True)
-        failed = 0
+        failed = not_tuned = 0
+        gate = _LrGate(sweep, store)
         for k, cell in enumerate(todo, 1):
+            if not gate.runs(cell):
+                not_tuned += 1
+                log(f"[{k}/{len(todo)}] {cell.label()}: skipped ({gate.why(cell)})")
+                continue
             t0 = time.perf_counter()
             try:
                 run_id = run_cell(store, cell, work, show_progress=show_progress,
@@ -235,12 +261,45 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
             test = "" if row["test"] is None else f", test {row['test']:.2f}"
             log(f"[{k}/{len(todo)}] {cell.label()}: dev {row['best_dev']:.2f}{test} "
                 f"({time.perf_counter() - t0:.1f} s)")
-    return SweepSummary(store_path, len(cells), len(cells) - len(todo), len(todo) - failed,
-                        failed)
+    return SweepSummary(store_path, len(cells), len(cells) - len(todo),
+                        len(todo) - failed - not_tuned, failed, not_tuned)
+
+
+class _LrGate:
+    """Under ``lr_tuning: first_seed``, a later seed's cell runs only with the multiplier that
+    won its setting on the first seed. Cells are in grid order (seeds outermost), so the first
+    seed's cells come first; a cell whose choice is still open (the first seed's cells of its
+    setting unfinished, e.g. in another shard) is skipped, and a rerun takes it up."""
+
+    def __init__(self, sweep: Sweep, store: Store) -> None:
+        g = sweep.config.grid
+        self.active = g.lr_tuning == "first_seed" and len(g.lr_multipliers) > 1
+        self.first = g.seeds[0]
+        self.store = store
+        self.cells = [_cell_row(c) for c in sweep.cells]
+
+    def _choice(self, cell: Cell) -> float | None:
+        dev: dict[str, float | None] = {r["cell_id"]: r["best_dev"] for r in self.store.runs()}
+        dev.update({f["cell_id"]: None for f in self.store.failures()})
+        setting = setting_of(_cell_row(cell))
+        same = [c for c in self.cells if setting_of(c) == setting]
+        return tuned(same, dev, "first_seed", self.first).get(setting)
+
+    def runs(self, cell: Cell) -> bool:
+        if not self.active or cell.seed == self.first:
+            return True
+        return self._choice(cell) == cell.lr_multiplier
+
+    def why(self, cell: Cell) -> str:
+        choice = self._choice(cell)
+        if choice is None:
+            return "its lr is not chosen yet: the first seed's cells of this setting are unfinished"
+        return f"seed {self.first} chose lr x{choice:g} for this setting"
 
 
 def _cell_row(c: Cell) -> dict[str, Any]:
     return {"cell_id": c.id, "idx": c.index, "loss": c.loss, "loss_name": c.config.loss.name,
             "vrns_weight": c.vrns_weight, "batch_size": c.batch_size, "seed": c.seed,
-            "lr_scaling": c.lr_scaling,
+            "lr_scaling": c.lr_scaling, "lr_multiplier": c.lr_multiplier,
+            "softmax_batch": c.softmax_batch,
             "config": json.dumps(c.config.model_dump(mode="json"), sort_keys=True)}
