@@ -4,16 +4,20 @@
 * :class:`Objective`: the configured loss as ``objective(embeddings, labels)``
 * :class:`Trainer`: the loop, evaluation points, best-model selection, atomic checkpoints,
   exact resume, NaN guard (:class:`TrainingDiverged`)
+* :func:`measure_noise_scale`: the gradient noise scale B_simple at an evaluation point
+  (:class:`NoiseScale`)
 """
 
 from .config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
 from .examples import TrainingSet
+from .noise_scale import NoiseScale, measure_noise_scale, two_batch_estimate
 from .objective import Objective
 from .trainer import FitResult, RunDirectoryError, Trainer, TrainingDiverged
 
 __all__ = [
     "ConfigError",
     "FitResult",
+    "NoiseScale",
     "Objective",
     "RunConfig",
     "RunDirectoryError",
@@ -23,4 +27,6 @@ __all__ = [
     "config_from_dict",
     "dump_config",
     "load_config",
+    "measure_noise_scale",
+    "two_batch_estimate",
 ]
