@@ -7,6 +7,7 @@ inside a rank's share and blocks across ranks."""
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,144 @@ def test_pair_inputs_slice_answer_ids_with_their_negatives() -> None:
     assert rows["answer_ids"].tolist() == [2, 3, 6 + 4, 6 + 5, 6 + 6, 6 + 7]
     assert torch.equal(rows["hard_negatives"], h[4:8])
     assert torch.equal(rows["labels"], scores[2:4])
+
+
+# -- the Objective under two gloo ranks -------------------------------------------------------
+
+# name: (loss config, cross_ranks, global batch B, rank 0's share, hard negatives per pair).
+# Rank 1 holds the other B - share pairs. N dividing both shares keeps every block inside a
+# rank; otherwise blocks span the two ranks.
+SCENARIOS: dict[str, tuple[dict, str, int, int, int]] = {
+    "bsc-N2-inside": ({"name": "bsc", "softmax_batch": 2, "temperature": 0.1}, "local", 8, 4, 1),
+    "bsc-N2-inside-uneven": ({"name": "bsc", "softmax_batch": 2, "label_threshold": 0.4},
+                             "local", 8, 2, 2),
+    "bsc-N8-one-block": ({"name": "bsc", "softmax_batch": 8}, "local", 8, 4, 1),
+    "bsc-N4-span-labels": ({"name": "bsc", "softmax_batch": 4, "label_threshold": 0.3,
+                            "learnable_temperature": True}, "local", 8, 6, 1),
+    "bsc-N4-span-a->q": ({"name": "bsc", "softmax_batch": 4, "directions": "a->q"},
+                         "local", 12, 6, 0),
+    "bsc-N8-span-three": ({"name": "bsc", "softmax_batch": 8}, "local", 16, 5, 2),
+    "infonce-N2-span": ({"name": "infonce", "softmax_batch": 2}, "local", 8, 3, 1),
+    "weince-N6-inside": ({"name": "weince", "softmax_batch": 6}, "local", 24, 12, 1),
+    "weince-N8-span": ({"name": "weince", "softmax_batch": 8, "label_threshold": 0.2},
+                       "local", 24, 12, 1),
+    "bsc_mse-N4-span": ({"name": "bsc_mse", "softmax_batch": 4, "mu": 0.5}, "local", 8, 2, 0),
+    "bsc-N4-global": ({"name": "bsc", "softmax_batch": 4, "label_threshold": 0.3,
+                       "tile_size": 3}, "global", 8, 6, 1),
+    "weince-N6-global": ({"name": "weince", "softmax_batch": 6}, "global", 12, 6, 1),
+    "cosent+bsc-N2-local": ({"name": "cosent", "plus": [
+        {"name": "infonce", "softmax_batch": 2, "weight": 2.0}]}, "local", 8, 4, 0),
+}
+
+
+def _global_inputs(b: int, k: int, seed: int):
+    q, a, h, scores, *_ = _case(b, k, d=5, seed=seed)
+    return q, a, h, scores
+
+
+def _objective_loss(name: str, rows: slice | None):
+    """The Objective's loss on ``rows`` of the scenario's global batch (all of it: None), and
+    the gradients of the rows' embeddings and of the learnable temperature."""
+    from batchscale.training import Objective
+    from batchscale.training.config import LossConfig
+
+    config, cross_ranks, b, _, k = SCENARIOS[name]
+    objective = Objective(LossConfig(**config), 1000, cross_ranks=cross_ranks).double()
+    q, a, h, scores = _global_inputs(b, k, seed=len(name))
+    rows = rows or slice(0, b)
+    sides = [q[rows], a[rows]] + ([h[rows.start * k : rows.stop * k]] if k else [])
+    leaves = [x.clone().requires_grad_(True) for x in sides]
+    loss = objective(leaves, scores[rows])
+    loss.backward()
+    temp = objective.temperature_module
+    grads = [x.grad for x in leaves]
+    return objective, loss.detach(), grads, None if temp is None else temp.inverse_temperature.grad
+
+
+def worker_blocks(out_dir: str) -> None:
+    from batchscale.batching.distributed import init_distributed, shutdown_distributed
+
+    info = init_distributed(backend="gloo", timeout_s=60)
+    results = {}
+    for name, (_, _, b, share, _) in SCENARIOS.items():
+        rows = slice(0, share) if info.rank == 0 else slice(share, b)
+        objective, loss, grads, temp_grad = _objective_loss(name, rows)
+        torch.distributed.all_reduce(loss)  # global: W copies; local: the ranks' parts
+        loss /= info.world_size
+        if temp_grad is not None:  # the trainer averages parameter gradients
+            torch.distributed.all_reduce(temp_grad)
+            temp_grad /= info.world_size
+        # A row's gradient sums every rank's loss: W times one process's (see distributed.py).
+        grads = [g / info.world_size for g in grads]
+        diagnostics = objective.pop_diagnostics(
+            lambda s: (torch.distributed.all_reduce(s), s)[1] / info.world_size)
+        results[name] = {"loss": loss, "grads": grads, "temp": temp_grad,
+                         "diagnostics": diagnostics}
+    torch.save(results, Path(out_dir) / f"rank{info.rank}.pt")
+    shutdown_distributed()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("blocks")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(HERE), "blocks",
+           str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_ranks_equal_one_process(two_ranks: list[dict], name: str) -> None:
+    _, _, b, share, _ = SCENARIOS[name]
+    objective, want_loss, (q_grad, a_grad, *h_grad), want_temp = _objective_loss(name, None)
+    want_diagnostics = objective.pop_diagnostics()
+    k = SCENARIOS[name][4]
+    for rank, got in enumerate(two_ranks):
+        got = got[name]
+        rows = slice(0, share) if rank == 0 else slice(share, b)
+        assert abs(float(got["loss"]) - float(want_loss)) <= TOL, rank
+        want = [q_grad[rows], a_grad[rows]] + [g[rows.start * k : rows.stop * k] for g in h_grad]
+        for g, w in zip(got["grads"], want, strict=True):
+            assert float((g - w).abs().max()) <= TOL, rank
+        if want_temp is not None:
+            assert abs(float(got["temp"]) - float(want_temp)) <= TOL
+        if "inside" in name or "global" in name:  # spanning blocks count twice (documented)
+            assert got["diagnostics"].keys() == want_diagnostics.keys()
+            for key, value in want_diagnostics.items():
+                assert got["diagnostics"][key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_objective_blocks_change_the_loss_and_bad_sizes_are_named() -> None:
+    from batchscale.training import Objective
+    from batchscale.training.config import LossConfig
+
+    q, a, h, scores = _global_inputs(8, 1, seed=0)
+    plain = Objective(LossConfig(name="bsc"), 100)([q, a, h], scores)
+    blocked = Objective(LossConfig(name="bsc", softmax_batch=4), 100)([q, a, h], scores)
+    whole = Objective(LossConfig(name="bsc", softmax_batch=8), 100)([q, a, h], scores)
+    assert torch.equal(whole, plain)
+    assert float(blocked) == pytest.approx(float(
+        bsc_loss(q[:4], a[:4], hard_negatives=h[:4]) + bsc_loss(q[4:], a[4:], hard_negatives=h[4:])
+    ) / 2, abs=TOL)
+    with pytest.raises(ValueError, match=r"`softmax_batch` \(3\) must divide the batch of 8"):
+        Objective(LossConfig(name="weince", softmax_batch=3), 100)([q, a], scores)
+
+
+if __name__ == "__main__":
+    worker_blocks(sys.argv[2])

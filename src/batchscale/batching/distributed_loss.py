@@ -9,6 +9,9 @@ gradients equal one process's on the whole batch (see
 :mod:`batchscale.batching.distributed`). The price is the B x B similarity block on every
 rank. :func:`local_pair_loss` is OpenCLIP's local loss: each rank scores only its own
 anchors' rows and columns (m_r x B similarities), with the same gradients.
+:func:`local_block_loss` is the local loss of a loss split into softmax blocks
+(``softmax_batch``, :mod:`batchscale.losses.blocks`): each rank computes the blocks that hold
+its pairs, from its own pairs alone when no block crosses a rank's share.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import Tensor
 from torch import distributed as dist
 
+from ..losses.blocks import PairInputs, block_size
 from .distributed import gather_rows, gather_with_grad, is_distributed, rank
 
 
@@ -68,6 +72,48 @@ def gather_batch(
     return gathered, labels
 
 
+def rank_shares(m: int, device: torch.device | str = "cpu",
+                group: dist.ProcessGroup | None = None) -> list[int]:
+    """Every rank's number of pairs, in rank order (an all-gather); ``[m]`` on one process.
+    The global batch is their concatenation, rank 0's pairs first."""
+    if not is_distributed(group):
+        return [m]
+    return [int(c) for c in gather_rows(torch.tensor([m], device=device), group)]
+
+
+def _gather_pairs(q: Tensor, a: Tensor, m: int, hard_negatives: Tensor | None, labels: object,
+                  query_ids: object, answer_ids: object, group: dist.ProcessGroup | None
+                  ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The global batch's queries, answers and, of the per-pair inputs given, the gathered
+    ones as keywords of a pair loss (hard negatives and ids in the global pair order)."""
+    sides = [q, a]
+    h = 0
+    if hard_negatives is not None:
+        if hard_negatives.ndim == 3:
+            hard_negatives = hard_negatives.reshape(-1, hard_negatives.shape[-1])
+        h = hard_negatives.shape[0]
+        sides.append(hard_negatives)
+    if labels is not None:
+        labels = _per_example("labels", labels, m, q.device)
+    (q, a, *negatives), labels = gather_batch(sides, labels, group)
+    extra: dict[str, Tensor] = {}
+    if negatives:
+        extra["hard_negatives"] = negatives[0]
+    if labels is not None:
+        extra["labels"] = labels
+    if query_ids is not None:
+        extra["query_ids"] = gather_rows(_per_example("query_ids", query_ids, m, q.device), group)
+    if answer_ids is not None:
+        ids = _per_example("answer_ids", answer_ids, m + h, q.device)
+        # Global layout: all ranks' answers, then all ranks' hard negatives, as the loss
+        # puts the gathered hard negatives after the gathered answers.
+        parts = [gather_rows(ids[:m], group)]
+        if h:
+            parts.append(gather_rows(ids[m:], group))
+        extra["answer_ids"] = torch.cat(parts)
+    return q, a, extra
+
+
 def gathered_pair_loss(
     loss_fn: Callable[..., Tensor],
     q: Tensor,
@@ -105,31 +151,7 @@ def gathered_pair_loss(
         }
         return loss_fn(q, a, **kwargs, **loss_kwargs)
     m = _pair_rows("gathered_pair_loss", q, a)
-    sides = [q, a]
-    h = 0
-    if hard_negatives is not None:
-        if hard_negatives.ndim == 3:
-            hard_negatives = hard_negatives.reshape(-1, hard_negatives.shape[-1])
-        h = hard_negatives.shape[0]
-        sides.append(hard_negatives)
-    if labels is not None:
-        labels = _per_example("labels", labels, m, q.device)
-    (q, a, *negatives), labels = gather_batch(sides, labels, group)
-    extra: dict[str, object] = {}
-    if negatives:
-        extra["hard_negatives"] = negatives[0]
-    if labels is not None:
-        extra["labels"] = labels
-    if query_ids is not None:
-        extra["query_ids"] = gather_rows(_per_example("query_ids", query_ids, m, q.device), group)
-    if answer_ids is not None:
-        ids = _per_example("answer_ids", answer_ids, m + h, q.device)
-        # Global layout: all ranks' answers, then all ranks' hard negatives, as the loss
-        # puts the gathered hard negatives after the gathered answers.
-        parts = [gather_rows(ids[:m], group)]
-        if h:
-            parts.append(gather_rows(ids[m:], group))
-        extra["answer_ids"] = torch.cat(parts)
+    q, a, extra = _gather_pairs(q, a, m, hard_negatives, labels, query_ids, answer_ids, group)
     return loss_fn(q, a, **extra, **loss_kwargs)
 
 
@@ -186,9 +208,7 @@ def local_pair_loss(
     def pool(x: Tensor) -> Tensor:
         return gather_rows(x, group) if distributed else x
 
-    counts = [m]
-    if distributed:
-        counts = [int(c) for c in gather_rows(torch.tensor([m], device=q.device), group)]
+    counts = rank_shares(m, q.device, group)
     mine = slice(sum(counts[: rank(group)]), sum(counts[: rank(group)]) + m)
     total = sum(counts)
     a_ids = q_ids = None
@@ -220,3 +240,89 @@ def local_pair_loss(
     loss = parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2
     world = len(counts)
     return loss * (world * m / total) if distributed else loss
+
+
+class BlockLoss(Protocol):
+    """A pair loss split into softmax blocks, called with a batch of whole blocks: the mean of
+    its blocks' losses; e.g. ``functools.partial(bsc_loss, temperature=0.05)``. Called with
+    ``softmax_batch`` and, of ``hard_negatives``, ``labels``, ``query_ids``, ``answer_ids``,
+    the ones given to :func:`local_block_loss`."""
+
+    def __call__(self, q: Tensor, a: Tensor, *, softmax_batch: int, **per_pair: Tensor
+                 ) -> Tensor: ...
+
+
+def _touched_blocks(start: int, m: int, n: int) -> list[tuple[int, int, int]]:
+    """The blocks of n pairs that hold pairs ``start .. start + m - 1``, as (first pair, end
+    pair, how many of those pairs they hold); consecutive blocks held whole are merged."""
+    out: list[tuple[int, int, int]] = []
+    end = start + m
+    for lo in range(start // n * n, end, n):
+        held = min(lo + n, end) - max(lo, start)
+        if held == n and out and out[-1][2] == out[-1][1] - out[-1][0]:
+            out[-1] = (out[-1][0], lo + n, out[-1][2] + n)
+        else:
+            out.append((lo, lo + n, held))
+    return out
+
+
+def local_block_loss(
+    block_loss: BlockLoss,
+    q: Tensor,
+    a: Tensor,
+    *,
+    softmax_batch: int | None,
+    hard_negatives: Tensor | None = None,
+    labels: object = None,
+    query_ids: object = None,
+    answer_ids: object = None,
+    group: dist.ProcessGroup | None = None,
+    shares: Sequence[int] | None = None,
+) -> Tensor:
+    r"""The local loss of a loss in softmax blocks of N = ``softmax_batch`` pairs.
+
+    The global batch of B pairs (the ranks' shares in rank order) splits into B / N blocks of
+    N consecutive pairs; the global loss is L = (N / B) sum_b L_b. Rank r returns
+    L_r = (W / B) sum_b n_rb L_b, n_rb the number of its pairs in block b, so that the mean
+    over the ranks is L and, with the gradients averaged across ranks, the gradients are L's
+    (:mod:`batchscale.batching.distributed`):
+
+    * when every rank's share starts and ends on a block boundary (N divides the shares),
+      each block lies in one rank: the rank calls ``block_loss`` on its own pairs, with no
+      communication, and L_r = (W m_r / B) x its blocks' mean, as :func:`local_pair_loss`'s;
+    * otherwise some block spans ranks, and every rank gathers the global batch (with
+      gradient) and computes, whole, each block that holds any of its pairs, weighted by
+      n_rb: a block shared by two ranks is computed on both (at most N x N similarities per
+      block, the same candidates as one process). WEINCE diagnostics recorded inside
+      ``block_loss`` then count a shared block once per rank that computes it.
+
+    Every rank takes the same branch and makes the same collectives (the shares are known to
+    all). One process: ``block_loss`` on the batch. ``shares`` (every rank's pair count, from
+    :func:`rank_shares`) saves an all-gather when the caller has them. Raises ``ValueError``
+    naming N when it does not divide B, on every rank alike.
+    """
+    m = _pair_rows("local_block_loss", q, a)
+    given = {k: v for k, v in (("hard_negatives", hard_negatives), ("labels", labels),
+                               ("query_ids", query_ids), ("answer_ids", answer_ids))
+             if v is not None}
+    counts = list(shares) if shares is not None else rank_shares(m, q.device, group)
+    total, world = sum(counts), len(counts)
+    if counts[rank(group)] != m:
+        raise ValueError(f"local_block_loss: `shares` gives this rank {counts[rank(group)]} "
+                         f"pairs, it holds {m}")
+    n = block_size("local_block_loss", softmax_batch, total) or total
+    if world == 1:
+        return block_loss(q, a, softmax_batch=n, **given)
+    edges = [sum(counts[:r]) for r in range(world + 1)]
+    if all(e % n == 0 for e in edges):
+        if m == 0:  # no pairs here (and nothing to gather): a zero in the graph
+            return q.sum() * 0.0
+        return block_loss(q, a, softmax_batch=n, **given) * (world * m / total)
+    gq, ga, extra = _gather_pairs(q, a, m, hard_negatives, labels, query_ids, answer_ids, group)
+    pairs = PairInputs("local_block_loss", gq, ga, **extra)
+    parts = [held * block_loss(**pairs.rows(lo, hi), softmax_batch=n)
+             for lo, hi, held in _touched_blocks(edges[rank(group)], m, n)]
+    if not parts:  # no pairs here: zeros keep the gathered tensors (and the all-reduces of
+        # their backward, which every rank must run) in the graph
+        parts = [x.sum() * 0.0 for x in (gq, ga, *extra.values()) if x.is_floating_point()]
+    return sum(parts[1:], start=parts[0]) * (world / total)

@@ -13,6 +13,13 @@ against every rank's candidates for the batch-softmax terms
 triplet, VRNS: cheap, some coupling all pairs) on the gathered batch; ``"global"`` computes
 every term on the gathered batch (:func:`~batchscale.batching.gather_batch`). Both give the
 gradients of one process on the whole batch once the trainer averages them across ranks.
+
+``loss.softmax_batch`` N (each term its own) splits a batch-softmax term of the global batch
+into independent blocks of N consecutive pairs (:mod:`batchscale.losses.blocks`): passed to
+the loss on the gathered batch, and under the local loss
+:func:`~batchscale.batching.distributed_loss.local_block_loss` (each rank's blocks from its
+own pairs when N divides the shares, else the blocks holding its pairs from the gathered
+batch). N = B is the term without blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from ..batching.distributed import is_distributed
-from ..batching.distributed_loss import gather_batch, local_pair_loss
+from ..batching.distributed_loss import (
+    gather_batch,
+    local_block_loss,
+    local_pair_loss,
+    rank_shares,
+)
 from ..losses import (
     LearnableTemperature,
     bsc_loss,
@@ -110,7 +122,8 @@ class Objective(nn.Module):
                 value = self._local_term(term, embeddings, labels, t_tau)
             else:
                 (q, a, *rest), batch_labels = whole()
-                value = self._term(term, q, a, rest[0] if rest else None, batch_labels, t_tau)
+                value = self._term(term, q, a, rest[0] if rest else None, batch_labels, t_tau,
+                                   softmax_batch=term.softmax_batch)
             loss = loss + weight * value
         if c.vrns_weight > 0:
             (q, a, *_), _ = whole()
@@ -124,6 +137,19 @@ class Objective(nn.Module):
         """A batch-softmax term as OpenCLIP's local loss: this rank's anchors, every rank's
         candidates; each direction is the term's rows direction with these anchors."""
         q, a, *rest = embeddings
+        negatives = rest[0] if rest else None
+        if c.softmax_batch is not None:
+            shares = rank_shares(q.shape[0], q.device)
+            if c.softmax_batch != sum(shares):
+
+                def blocks(q: Tensor, a: Tensor, *, softmax_batch: int,
+                           hard_negatives: Tensor | None = None,
+                           labels: Tensor | None = None) -> Tensor:
+                    return self._term(c, q, a, hard_negatives, labels, tau,
+                                      softmax_batch=softmax_batch)
+
+                return local_block_loss(blocks, q, a, softmax_batch=c.softmax_batch,
+                                        hard_negatives=negatives, labels=labels, shares=shares)
 
         def rows(anchors: Tensor, positives: Tensor, *, hard_negatives: Tensor | None,
                  answer_ids: Tensor | None, anchor_pool) -> Tensor:
@@ -131,25 +157,29 @@ class Objective(nn.Module):
                               directions="q->a", anchor_pool=anchor_pool)
 
         directions = "q->a" if c.name == "infonce" else c.directions
-        return local_pair_loss(rows, q, a, directions=directions,
-                               hard_negatives=rest[0] if rest else None)
+        return local_pair_loss(rows, q, a, directions=directions, hard_negatives=negatives)
 
     def _term(self, c: LossConfig, q: Tensor, a: Tensor, negatives: Tensor | None,
               labels: Tensor | None, tau: float | Tensor, *, directions: str | None = None,
-              anchor_pool=None) -> Tensor:
+              anchor_pool=None, softmax_batch: int | None = None) -> Tensor:
+        """One term on a batch (its batch-softmax loss in blocks of ``softmax_batch`` pairs)."""
+        blocks = dict(softmax_batch=softmax_batch) if c.name in SOFTMAX_LOSSES else {}
         masking = dict(labels=labels, label_threshold=c.label_threshold) \
             if c.label_threshold is not None and labels is not None else {}
         directions = directions or c.directions
         if c.name == "bsc":
             return bsc_loss(q, a, tau, directions=directions, normalization=c.normalization,
-                            hard_negatives=negatives, tile_size=c.tile_size, **masking)
+                            hard_negatives=negatives, tile_size=c.tile_size, **blocks,
+                            **masking)
         if c.name == "infonce":
             return infonce_loss(q, a, tau, normalization=c.normalization,
-                                hard_negatives=negatives, tile_size=c.tile_size, **masking)
+                                hard_negatives=negatives, tile_size=c.tile_size, **blocks,
+                                **masking)
         if c.name == "weince":
             loss, stats = weince_loss(q, a, tau, directions=directions,
                                       hard_negatives=negatives, tile_size=c.tile_size,
-                                      return_stats=True, anchor_pool=anchor_pool, **masking)
+                                      return_stats=True, anchor_pool=anchor_pool, **blocks,
+                                      **masking)
             self._record(weight=stats.anchors, weince_mean_lambda=stats.mean_lambda,
                          weince_weibull_share=stats.weibull_share)
             return loss
@@ -158,7 +188,7 @@ class Objective(nn.Module):
                 else DEFAULT_LABEL_THRESHOLD
             return bsc_mse_loss(q, a, labels, tau, mu=c.mu, label_threshold=threshold,
                                 directions=directions, normalization=c.normalization,
-                                hard_negatives=negatives, tile_size=c.tile_size)
+                                hard_negatives=negatives, tile_size=c.tile_size, **blocks)
         if c.name == "cosine_mse":
             return cosine_mse_loss(q, a, labels)
         if c.name == "cosent":
