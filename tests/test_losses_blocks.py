@@ -103,6 +103,24 @@ def test_tiled_blocks_equal_dense_blocks_and_three_d_negatives(tile) -> None:
     assert abs(float(bsc_loss(q, a, 0.07, tile_size=tile, **flat)) - float(dense)) <= TOL
 
 
+def test_plain_dense_blocks_take_one_batched_pass(monkeypatch) -> None:
+    """BSC / InfoNCE on the dense path: one stacked pass, no loop over blocks (whose results
+    the other tests compare it with); WEINCE and tiles: one call per block."""
+    from batchscale.losses import blocks, pair_loss
+
+    looped = []
+    real = blocks.over_blocks
+    monkeypatch.setattr(pair_loss, "over_blocks",
+                        lambda *args: looped.append(args[1]) or real(*args))
+    q, a, h, *_ = _case(12, 1, seed=6)
+    bsc_loss(q, a, hard_negatives=h, softmax_batch=4, tile_size=None)
+    infonce_loss(q, a, hard_negatives=h, softmax_batch=4)
+    assert looped == []
+    bsc_loss(q, a, hard_negatives=h, softmax_batch=4, tile_size=2)
+    weince_loss(q, a, hard_negatives=h, softmax_batch=6, tile_size=None)
+    assert looped == [4, 6]
+
+
 def test_coord_normalization_is_per_block() -> None:
     q, a, h, *_ = _case(12, 1, seed=2)
     got = bsc_loss(q, a, 1.0, normalization="coord", hard_negatives=h, softmax_batch=6)

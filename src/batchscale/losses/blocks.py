@@ -20,6 +20,10 @@ plain loss. The per-pair inputs follow their pairs into the blocks:
 * query_ids, answer_ids: the false-negative masks act within a block (``answer_ids`` is the
   answers' ids then the hard negatives', in the same pair-major order).
 
+Plain logits (BSC, InfoNCE) on the dense path take every block at once
+(:func:`stacked_plain_loss`: one batched matmul, the blocks' rows stacked into one softmax
+pass); WEINCE and the tiled path call the loss once per block (:func:`over_blocks`).
+
 The split is made here once, for every batch-softmax loss (:func:`pair_loss
 <batchscale.losses.pair_loss.pair_loss>`) and for the local loss under torch.distributed
 (:func:`~batchscale.batching.distributed_loss.local_block_loss`).
@@ -33,7 +37,10 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from ._checks import check_embeddings, check_same_layout, check_vector
+from ._checks import check_choice, check_embeddings, check_same_layout, check_vector
+from .batch_softmax import Directions, binary_labels, direction_loss
+from .logits import PLAIN_LOGITS
+from .similarity import NORMALIZATIONS, Normalization, normalize
 
 T = TypeVar("T")
 
@@ -116,3 +123,54 @@ def over_blocks(inputs: PairInputs, n: int, loss: Callable[..., tuple[Tensor, li
         losses.append(value)
         extras.extend(extra)
     return torch.stack(losses).mean(), extras
+
+
+def _within_blocks(ids: Tensor, g: int, n: int, cols: int) -> Tensor:
+    """(g * n, cols) candidate mask of each block: candidate j of anchor i's block counts
+    unless it has the id of i's positive (candidate i of the block) without being it."""
+    ids = ids.reshape(g, cols)
+    eye = torch.eye(n, cols, dtype=torch.bool, device=ids.device)
+    return ((ids[:, None, :] != ids[:, :n, None]) | eye).reshape(g * n, cols)
+
+
+def stacked_plain_loss(inputs: PairInputs, n: int, temperature: float | Tensor,
+                       directions: Directions, normalization: Normalization,
+                       label_threshold: float | None) -> Tensor:
+    """The blocked loss with plain logits, dense, in one pass: the g = m / n blocks'
+    similarities as one batched matmul (g, n, n + n k), their rows stacked into one
+    (m, n + n k) softmax with each anchor's positive at its place in its block. Each
+    block's loss is the dense loss's (the same candidates, masks, normalisation per block),
+    and the mean over the m anchors is the mean over the blocks."""
+    fn, m, k, g = inputs.fn, inputs.m, inputs.k, inputs.m // n
+    check_choice(fn, "normalization", normalization, NORMALIZATIONS)
+    weight = None
+    if inputs.labels is not None:
+        weight = binary_labels(fn, inputs.labels, m, inputs.q.device, label_threshold)
+    elif label_threshold is not None:
+        raise ValueError(f"{fn}: `label_threshold` given without `labels`")
+    d = inputs.q.shape[1]
+    q = normalize(inputs.q.reshape(g, n, d), normalization)
+    candidates = inputs.a.reshape(g, n, d)
+    if k:
+        assert inputs.hard_negatives is not None
+        candidates = torch.cat([candidates, inputs.hard_negatives.reshape(g, n * k, d)], dim=1)
+    candidates = normalize(candidates, normalization)
+    sims = torch.bmm(q, candidates.transpose(1, 2))  # (g, n, n + n k)
+    cols = n + n * k
+    target = torch.arange(n, device=sims.device).repeat(g)
+    losses = []
+    if directions in ("both", "q->a"):
+        mask = None
+        if inputs.answer_ids is not None:
+            ids = inputs.answer_ids
+            mask = _within_blocks(torch.cat([ids[:m].reshape(g, n),
+                                             ids[m:].reshape(g, n * k)], dim=1), g, n, cols)
+        loss, _ = direction_loss(sims.reshape(m, cols), target, mask, weight, PLAIN_LOGITS,
+                                 temperature, m)
+        losses.append(loss)
+    if directions in ("both", "a->q"):
+        columns = sims[:, :, :n].transpose(1, 2).reshape(m, n)
+        mask = None if inputs.query_ids is None else _within_blocks(inputs.query_ids, g, n, n)
+        loss, _ = direction_loss(columns, target, mask, weight, PLAIN_LOGITS, temperature, m)
+        losses.append(loss)
+    return losses[0] if len(losses) == 1 else (losses[0] + losses[1]) / 2

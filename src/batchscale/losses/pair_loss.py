@@ -9,8 +9,8 @@ from torch import Tensor
 
 from ._checks import check_choice, check_temperature
 from .batch_softmax import DIRECTIONS, Directions, batch_softmax_loss, prepare_batch
-from .blocks import PairInputs, block_size, over_blocks
-from .logits import PLAIN_LOGITS, LogitPolicy, anchor_pool_of
+from .blocks import PairInputs, block_size, over_blocks, stacked_plain_loss
+from .logits import PLAIN_LOGITS, LogitPolicy, ScaledCosine, anchor_pool_of
 from .similarity import Normalization
 from .tiled import DEFAULT_TILE, tiled_batch_softmax_loss
 from .weince_tail import WeinceLambda
@@ -56,6 +56,11 @@ def pair_loss(fn: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
                              "block's rho0 comes from the block's own anchors")
         inputs = PairInputs(fn, q, a, hard_negatives=hard_negatives, labels=labels,
                             query_ids=query_ids, answer_ids=answer_ids)
+        k = inputs.k
+        if isinstance(policy, ScaledCosine) and resolve_tile(
+                fn, tile_size, n, n + n * k, inputs.q.device.type) is None:
+            return stacked_plain_loss(inputs, n, temperature, directions, normalization,
+                                      label_threshold), []
 
         def block(q: Tensor, a: Tensor, hard_negatives: Tensor | None = None,
                   labels: object = None, query_ids: object = None, answer_ids: object = None

@@ -20,11 +20,12 @@ _EPS = 1e-12
 
 
 def normalize(x: Tensor, mode: Normalization) -> Tensor:
-    """Normalise a (batch, dim) tensor as BSC's ``mode`` says."""
+    """Normalise a (batch, dim) tensor, or each block of a (blocks, batch, dim) one, as BSC's
+    ``mode`` says."""
     if mode == "l2":
         return F.normalize(x, p=2, dim=-1, eps=_EPS)
-    if mode == "coord":
-        spread = x.amax(dim=0) - x.amin(dim=0)
+    if mode == "coord":  # over the batch axis: the rows (of each block of a (blocks, batch, dim))
+        spread = x.amax(dim=-2, keepdim=True) - x.amin(dim=-2, keepdim=True)
         return x / spread.clamp_min(_EPS)
     if mode == "none":
         return x
