@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..batching.distributed import is_distributed
 from ..data import BeirDataset, Pair, load_pairs, load_snli_pairs, load_stsb, load_triplets
 from ..encoders import SentenceEncoder
 from ..encoders.encoder import resolve_dtype
@@ -25,10 +26,13 @@ from ..evaluation import evaluate_retrieval, evaluate_sts, pair_geometry, run_ta
 from ..evaluation.tasks import default_data_dir
 from ..training import Objective, RunConfig, Trainer, TrainingSet
 from ..training.checkpoint import atomic_write_text
+from ..training.noise_scale import measure_noise_scale
 from ..training.trainer import FitResult
 
 #: Training pairs whose embeddings give the geometry diagnostics at each evaluation point.
 GEOMETRY_PAIRS = 256
+#: The probe set is drawn with this seed, not the run's: every cell measures the same pairs.
+PROBE_SEED = 0
 
 
 @dataclass
@@ -137,10 +141,12 @@ def _holdout_pairs(records: list[Pair], fraction: float, seed: int
 
 
 def make_evaluator(config: RunConfig, data: TrainingSet, holdout: Any, *,
-                   show_progress: bool = False) -> Callable[[SentenceEncoder], dict[str, Any]]:
+                   objective: Objective | None = None, show_progress: bool = False
+                   ) -> Callable[[SentenceEncoder], dict[str, Any]]:
     """The dev evaluation: on a copy of the encoder in the evaluation dtype (the figures of
-    ``batchscale eval --split dev`` on a saved checkpoint), plus pair geometry on a fixed
-    sample of training pairs."""
+    ``batchscale eval --split dev`` on a saved checkpoint), plus the mechanisms: pair
+    geometry on a fixed probe set of training pairs (the same pairs for every seed and batch
+    size) and, with ``eval.noise_scale`` and an ``objective``, the gradient noise scale."""
     e = config.eval
     ref = e.dev
     if ref.split == "holdout":
@@ -153,7 +159,7 @@ def make_evaluator(config: RunConfig, data: TrainingSet, holdout: Any, *,
         kind, path = task_path(ref.task, _data_dir(config))
         target = list(load_stsb(path, ref.split)) if kind == "sts" else (BeirDataset(path),
                                                                           ref.split)
-    rng = random.Random(config.train.seed)
+    rng = random.Random(PROBE_SEED)
     sample = sorted(rng.sample(range(len(data)), min(GEOMETRY_PAIRS, len(data))))
     q_texts = [data.columns[0][i] for i in sample]
     a_texts = [data.columns[1][i] for i in sample]
@@ -172,6 +178,12 @@ def make_evaluator(config: RunConfig, data: TrainingSet, holdout: Any, *,
             q = model.encode(q_texts, batch_size=e.batch_size, show_progress=False)
             a = model.encode(a_texts, batch_size=e.batch_size, show_progress=False)
             metrics["geometry"] = pair_geometry(q, a, temperature=config.loss.temperature)
+        # Only rank 0 evaluates, so under torchrun the objective's collectives cannot run.
+        if e.noise_scale is not None and objective is not None and not is_distributed():
+            metrics["noise_scale"] = measure_noise_scale(
+                encoder, objective, data, config.train.batch_size,
+                batches=e.noise_scale.batches, chunks=e.noise_scale.chunks,
+                seed=config.train.seed).as_dict()
         return metrics
 
     return evaluate
@@ -207,7 +219,7 @@ def train_run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     encoder = build_encoder(config)
     objective = Objective(config.loss, num_examples=len(data),
                           cross_ranks=config.train.distributed_loss).to(encoder.device)
-    evaluate = make_evaluator(config, data, holdout)
+    evaluate = make_evaluator(config, data, holdout, objective=objective)
     trainer = Trainer(encoder, objective, data, config, out, evaluate,
                       show_progress=show_progress)
     fit = trainer.fit(resume=resume)

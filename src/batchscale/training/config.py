@@ -263,6 +263,10 @@ class RunConfig(_Strict):
         if n is not None and t.batch_size % n:
             raise ValueError(f"loss.softmax_batch ({n}) must divide train.batch_size "
                              f"({t.batch_size}): the batch splits into equal softmax blocks")
+        ns = self.eval.noise_scale
+        if ns is not None and t.batch_size % ns.chunks:
+            raise ValueError(f"eval.noise_scale.chunks ({ns.chunks}) must divide "
+                             f"train.batch_size ({t.batch_size}): equal chunks")
         if t.max_examples is not None and t.max_steps is not None:
             raise ValueError("train.max_examples and train.max_steps: give one budget, not both")
         if self.eval.dev.split == "holdout" and self.data.dev_holdout == 0.0:

@@ -1,0 +1,156 @@
+"""The report's Answer: sentences generated from the computed numbers, nothing written by hand.
+
+Each sentence says what the numbers show at the seed count used (intervals included), links
+the table or plot it comes from, and claims a direction only where its 95% interval excludes
+zero. A sentence whose numbers the grid does not have says so instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .analysis import MIN_BATCH_SIZES
+from .formatting import fmt, fmt_iv, fmt_pd, fmt_spread, percent
+
+
+def excludes_zero(d: dict[str, Any] | None) -> bool:
+    return d is not None and d["lo"] is not None and (d["lo"] > 0 or d["hi"] < 0)
+
+
+def _direction(d: dict[str, Any] | None, more: str, less: str) -> str:
+    """A claim only where the interval excludes zero."""
+    if not excludes_zero(d):
+        return "no difference that this many seeds can resolve"
+    return more if d["mean"] > 0 else less  # type: ignore[index]
+
+
+def best_batch(data: dict[str, Any]) -> list[dict[str, Any]]:
+    m = data["metric"]
+    out = []
+    for b in data["best"]:
+        parts = [f"**{b['loss']}**: the best batch size on dev (tuned lr) is **{b['batch_size']}** "
+                 f"(dev {m} {fmt_iv(b['dev'])}, test {fmt_iv(b['test'])}, n = "
+                 f"{(b['test'] or b['dev'] or {}).get('n', 0)} seeds)"]
+        for e in b["extremes"]:
+            parts.append(f"batch {e['batch_size']} scores {fmt_pd(e['test'])} on test against "
+                         f"it ({_direction(e['test'], 'better', 'worse')})")
+        out.append({"text": "; ".join(parts) + ".", "link": "quality"})
+    return out
+
+
+def trend(data: dict[str, Any]) -> list[dict[str, Any]]:
+    m = data["metric"]
+    out = []
+    for t in data["trends"]:
+        if t["test"] is None:
+            continue
+        slope, curv = t["test"]["slope"], t["test"]["curvature"]
+        text = (f"**{t['loss']}**: per doubling of the batch size, test {m} changes by "
+                f"{fmt_pd(slope)} (mean of per-seed slopes; "
+                f"{_direction(slope, 'it rises', 'it falls')})")
+        if curv is not None:
+            shape = _direction(curv, "the gain per doubling grows with B",
+                               "the gain per doubling shrinks with B")
+            text += f"; curvature {fmt_pd(curv, 3)} ({shape})"
+        out.append({"text": text + ".", "link": "trend"})
+    return out
+
+
+def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for c in data["critical"]:
+        head = f"**{c['loss']}**, dev target {fmt(c['value'])} ({c['target']})"
+        if c["b_crit"] is None:
+            reached = ", ".join(f"B={p['batch_size']}: {p['reached']}/{p['runs']}"
+                                for p in c["per_batch"])
+            out.append({"text": f"{head}: no seed reached it at {MIN_BATCH_SIZES} batch sizes, "
+                                f"so B_crit is not fitted (runs reaching it: {reached}).",
+                        "link": "critical"})
+            continue
+        text = (f"{head}: B_crit = {fmt_iv(c['b_crit'], 0)} (S_min = {fmt_iv(c['s_min'], 1)} "
+                f"steps, E_min = {fmt_iv(c['e_min'], 0)} examples; geometric mean of "
+                f"{c['n']} per-seed fits)")
+        lo, hi = c["measured"]
+        if c["b_crit"]["mean"] > hi:
+            text += (f"; that is beyond the largest batch measured ({hi}): the steps show no "
+                     "floor yet, so read it as a lower bound")
+        elif c["b_crit"]["mean"] < lo:
+            text += (f"; that is below the smallest batch measured ({lo}): read it as an "
+                     "upper bound")
+        d = c.get("doubling") or {}
+        gains = []
+        if d.get("below"):
+            gains.append(f"doubling B at {d['below']['batch_size']} saves "
+                         f"{percent(d['below']['steps_saved'])} of the steps")
+        if d.get("above"):
+            gains.append(f"at {d['above']['batch_size']}, {percent(d['above']['steps_saved'])}")
+        if gains:
+            text += "; " + ", ".join(gains) + " (pooled fit)"
+        if c["b_simple"] is not None:
+            text += (f"; the gradient noise scale B_simple where runs reach the target: "
+                     f"{fmt_spread(c['b_simple'])} (median [range], n = {c['b_simple']['n']})")
+        out.append({"text": text + ".", "link": "critical"})
+    return out
+
+
+def negatives(data: dict[str, Any]) -> list[dict[str, Any]]:
+    m = data["metric"]
+    out = []
+    for n in data["negatives"]:
+        t = n["test"]
+        text = (f"**{n['loss']}**, batch {n['b_small']} -> {n['b_large']}: test {m} "
+                f"{fmt_pd(t['total'])} in all; the optimisation batch alone (negatives held "
+                f"at N = {n['b_small']}) {fmt_pd(t['optimisation'])}, the extra negatives "
+                f"{fmt_pd(t['negatives'])}")
+        if excludes_zero(t["total"]) and t["negatives_share"] is not None:
+            text += f": the negatives carry {percent(t['negatives_share'])} of the effect"
+        else:
+            text += ": the total is not distinguishable from zero, so no share is claimed"
+        out.append({"text": text + ".", "link": "blocks"})
+    if not out:
+        out.append({"text": "The grid has no softmax-block cells (grid.softmax_batches), so "
+                            "the negatives and the optimisation batch are not separated.",
+                    "link": "blocks"})
+    return out
+
+
+def differences(data: dict[str, Any]) -> list[dict[str, Any]]:
+    m = data["metric"]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for d in data["differences"]:
+        by.setdefault(d["comparison"], []).append(d)
+    out = []
+    for name, rows in by.items():
+        cells = [f"B={d['batch_size']}: {fmt_pd(d['test'], p_holm=d['test_p_holm'])}"
+                 for d in rows]
+        out.append({"text": f"**{name}** on test {m}, by batch size: " + "; ".join(cells)
+                            + ".", "link": "differences"})
+    if not any("vrns" in name for name in by):
+        out.append({"text": "VRNS is not in this grid (grid.vrns_weights).",
+                    "link": "differences"})
+    return out
+
+
+def regime(data: dict[str, Any]) -> dict[str, Any]:
+    d = data["design"]
+    budget = d["budget"]
+    epochs = d.get("epochs_seen")
+    text = (f"These conclusions hold for: model {d['model']}, trained on {d['data']}, a budget "
+            f"of {fmt(budget['value'], 0) if budget['value'] is not None else 'n/a'} "
+            f"{budget['kind']} per run"
+            + (f" ({fmt_spread(epochs, 2)} epochs)" if epochs else "")
+            + f", {len(d['seeds'] or [])} seeds per cell, lr = {d['base_lr']} x rule "
+            f"{'/'.join(d['lr_scaling'] or [])} x the best of "
+            f"{', '.join(f'{m:g}' for m in d['lr_multipliers'])} on dev ({d['lr_tuning']}), "
+            f"selection on {d['dev']['task']} {d['dev']['split']}, test on "
+            f"{(d['test'] or {}).get('task')} {(d['test'] or {}).get('split')}.")
+    if d["flagged"]:
+        text += f" {len(d['flagged'])} runs did not meet the budget exactly (see Design)."
+    return {"text": text, "link": "design"}
+
+
+def answer(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Answer's sentences, in order: the best batch size and the extremes' cost, the
+    trend, B_crit, the negatives' share, the loss comparisons, the regime."""
+    return [*best_batch(data), *trend(data), *critical(data), *negatives(data),
+            *differences(data), regime(data)]
