@@ -8,7 +8,6 @@ checked against values recomputed here straight from the SQLite rows with numpy 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -178,10 +177,17 @@ def test_sweep_config_errors_name_file_and_key(tmp_path, tiny_static, data_dir):
                                     "study-scifact-minilm.yaml"])
 def test_study_presets_validate(preset):
     sweep = load_sweep(SRC.parent / "configs" / preset)
-    sizes = sweep.config.grid.batch_sizes
-    assert len(sweep.cells) == len(sizes) * 3 * 3 * (len(sweep.config.grid.vrns_weights or [0]))
+    g = sweep.config.grid
+    sizes = g.batch_sizes
+    # every B at N = B, plus each softmax block N that divides a larger B
+    settings = sum(1 + sum(n < b and b % n == 0 for n in g.softmax_batches or []) for b in sizes)
+    assert len(sweep.cells) == (settings * len(g.losses) * len(g.seeds) * len(g.lr_multipliers)
+                                * len(g.vrns_weights or [0]) * len(g.lr_scaling))
+    assert {c.config.train.batch_size % c.softmax_batch for c in sweep.cells} == {0}
     if preset == "study-demo.yaml":
-        assert (min(sizes), max(sizes)) == (16, 4096)
+        assert (min(sizes), max(sizes)) == (32, 2048) and len(g.seeds) == 3
+        assert g.lr_tuning == "first_seed" and len(g.lr_multipliers) == 3
+        assert sweep.base.eval.schedule == "log" and sweep.base.eval.noise_scale is not None
         assert sweep.base.model.name == "static:default"
         assert sweep.base.data.train == ["stsb", "snli"]
     else:
@@ -229,7 +235,8 @@ def test_shard_and_merge_equal_the_unsharded_sweep(tmp_path, sweep_file, full_st
         for key in ("dev", "test"):
             assert (ra[key]["mean"], ra[key]["lo"], ra[key]["hi"]) == pytest.approx(
                 (rb[key]["mean"], rb[key]["lo"], rb[key]["hi"]), abs=1e-9)
-        assert ra["examples_to_95"] == rb["examples_to_95"]
+        assert [{k: v for k, v in t.items() if k != "seconds"} for t in ra["to_target"]] == \
+            [{k: v for k, v in t.items() if k != "seconds"} for t in rb["to_target"]]
 
 
 def test_merge_refuses_another_sweep(tmp_path, tiny_static, data_dir, full_store, capsys):
@@ -316,39 +323,34 @@ def test_report_numbers_equal_those_recomputed_from_the_store(full_store, tmp_pa
     assert md_path == tmp_path / "rep" / "report.md"
     md = md_path.read_text(encoding="utf-8")
     html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
-    assert html.count("data:image/png;base64,") == 4 and "src='plots/" not in html
+    pngs = sorted(p.name for p in (tmp_path / "rep" / "plots").iterdir())
+    assert html.count("data:image/png;base64,") == len(pngs) >= 5 and "src='plots/" not in html
+    assert md.index("## Answer") < md.index("## Design") < md.index("## Final quality")
     table = _table(md, "Final quality per loss and batch size")
     assert len(table) == 4  # (infonce, weince) x (8, 32)
-    for loss, batch, seeds, dev, test, ex95 in table:
+    for loss, batch, seeds, mult, dev, test, steps, examples in table:
         runs = _rows(full_store, "SELECT r.* FROM runs r JOIN cells c USING (cell_id) "
                                  "WHERE c.loss = ? AND c.batch_size = ?", (loss, int(batch)))
-        assert int(seeds) == len(runs) == 2
+        assert int(seeds) == len(runs) == 2 and mult == "1"
         for cell, key in ((dev, "best_dev"), (test, "test")):
             m, lo, hi = _t_ci([r[key] for r in runs])
             assert cell == f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
-        reach = []
-        for r in runs:  # first evaluation point at >= 95% of the run's own best dev score
-            reach.append(_rows(full_store, "SELECT MIN(examples) FROM curve WHERE run_id = ? "
-                                           "AND dev >= ?", (r["id"], 0.95 * r["best_dev"]))[0][0])
-        if len(set(reach)) == 1:
-            assert ex95 == f"{reach[0]:,.0f} [{reach[0]:,.0f}, {reach[0]:,.0f}]"
-        else:
-            m, lo, hi = _t_ci(reach)
-            assert ex95 == f"{m:,.0f} [{lo:,.0f}, {hi:,.0f}]"
+        assert examples == "192 [192, 192]"  # the budget, exactly
+        assert steps == f"{192 // int(batch)} [{192 // int(batch)}, {192 // int(batch)}]"
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
-    # Trend: least squares of every run's test score on log2(batch size).
+    # Trend: per seed, the slope of the test score on log2(batch size); t interval over seeds.
     for t in data["trends"]:
-        rows = _rows(full_store, "SELECT c.batch_size, r.test FROM runs r JOIN cells c "
+        rows = _rows(full_store, "SELECT c.seed, c.batch_size, r.test FROM runs r JOIN cells c "
                                  "USING (cell_id) WHERE c.loss = ?", (t["loss"],))
-        x = np.log2([r[0] for r in rows])
-        y = np.array([r[1] for r in rows])
-        slope = np.polyfit(x, y, 1)[0]
-        assert t["test"]["slope"] == pytest.approx(slope, abs=1e-9)
-        resid = y - np.polyval(np.polyfit(x, y, 1), x)
-        se = math.sqrt(resid @ resid / (len(x) - 2) / ((x - x.mean()) @ (x - x.mean())))
-        half = stats.t.ppf(0.975, len(x) - 2) * se
-        assert (t["test"]["lo"], t["test"]["hi"]) == pytest.approx((slope - half, slope + half))
-    # Paired differences: weince minus infonce per batch size, paired by seed.
+        slopes = []
+        for seed in (0, 1):
+            pts = sorted((r[1], r[2]) for r in rows if r[0] == seed)
+            slopes.append(np.polyfit(np.log2([p[0] for p in pts]), [p[1] for p in pts], 1)[0])
+        m, lo, hi = _t_ci(slopes)
+        got = t["test"]["slope"]
+        assert (got["mean"], got["lo"], got["hi"]) == pytest.approx((m, lo, hi), abs=1e-9)
+        assert got["p_t"] == pytest.approx(stats.ttest_1samp(slopes, 0.0).pvalue, abs=1e-9)
+    # Paired differences: weince minus infonce per batch size, paired by seed (paired t).
     diffs = [d for d in data["differences"] if d["comparison"] == "weince − infonce"]
     assert [d["batch_size"] for d in diffs] == [8, 32]
     for d in diffs:
@@ -356,12 +358,12 @@ def test_report_numbers_equal_those_recomputed_from_the_store(full_store, tmp_pa
                                  "USING (cell_id) WHERE c.batch_size = ?", (d["batch_size"],))
         by = {(r[0], r[1]): r[2] for r in rows}
         delta = [by[("weince", s)] - by[("infonce", s)] for s in (0, 1)]
-        assert d["dev"]["mean"] == pytest.approx(np.mean(delta), abs=1e-12)
-        if delta[0] != delta[1]:
-            ref = stats.bootstrap((np.array(delta),), np.mean, n_resamples=9999,
-                                  method="percentile", rng=np.random.default_rng(0))
-            assert (d["dev"]["lo"], d["dev"]["hi"]) == pytest.approx(
-                (ref.confidence_interval.low, ref.confidence_interval.high))
+        m, lo, hi = _t_ci(delta)
+        assert (d["dev"]["mean"], d["dev"]["lo"], d["dev"]["hi"]) == pytest.approx(
+            (m, lo, hi), abs=1e-9)
+        ref = stats.ttest_rel([by[("weince", s)] for s in (0, 1)],
+                              [by[("infonce", s)] for s in (0, 1)]).pvalue
+        assert d["dev"]["p_t"] == pytest.approx(ref, abs=1e-9)
 
 
 def _fake_store(path: Path, name: str, losses: list[str], seeds: list[int]) -> Path:
@@ -375,7 +377,8 @@ def _fake_store(path: Path, name: str, losses: list[str], seeds: list[int]) -> P
                 (x, b, s) for s in seeds for x in losses for b in (16, 64)):
             cells.append({"cell_id": f"c{i}", "idx": i, "loss": loss, "loss_name": "bsc",
                           "vrns_weight": 0.0, "batch_size": b, "seed": seed,
-                          "lr_scaling": "none", "config": "{}"})
+                          "lr_scaling": "none", "lr_multiplier": 1.0, "softmax_batch": b,
+                          "config": "{}"})
         s.initialise("h", name, resolved, "0.1.0", cells)
         for c in cells:
             curve = [{"point": k, "examples": 100 * k, "steps": k, "seconds": float(k),
@@ -410,9 +413,9 @@ def test_one_seed_gives_na_intervals_not_a_crash(tmp_path):
     md, _ = write_report(store, tmp_path / "rep")
     table = _table(md.read_text(encoding="utf-8"), "Final quality per loss and batch size")
     assert len(table) == 4
-    assert all(row[3].endswith("[n/a]") and row[4].endswith("[n/a]") for row in table)
+    assert all(row[4].endswith("[n/a]") and row[5].endswith("[n/a]") for row in table)
     diffs = _table(md.read_text(encoding="utf-8"), "Paired differences over seeds")
-    assert diffs and all(row[3].endswith("[n/a]") for row in diffs)
+    assert diffs and all("[n/a] (n = 1)" in row[3] for row in diffs)
 
 
 # -- data: several training sources ---------------------------------------------------------
@@ -451,8 +454,8 @@ def test_a_diverged_run_is_recorded_and_retried(tmp_path, tiny_static, data_dir,
     summary = sweep_module.run_sweep(sweep, store, log=lambda _: None)
     assert (summary.ran, summary.failed) == (1, 1)
     md, _ = write_report(store, tmp_path / "rep")
-    assert "Diverged (NaN / Inf, not in the tables): infonce batch 32 (1 attempts)" in \
-        md.read_text(encoding="utf-8")
+    assert ("Diverged (NaN / Inf; scored -inf in the lr choice, not in the tables): infonce "
+            "B=32 N=32 lr x1 (1 attempts)") in md.read_text(encoding="utf-8")
     monkeypatch.setattr(sweep_module, "train_run", real)
     summary = sweep_module.run_sweep(sweep, store, log=lambda _: None)
     assert (summary.skipped, summary.ran, summary.failed) == (1, 1, 0)

@@ -142,7 +142,8 @@ def regime(data: dict[str, Any]) -> dict[str, Any]:
             + f", {len(d['seeds'] or [])} seeds per cell, lr = {d['base_lr']} x rule "
             f"{'/'.join(d['lr_scaling'] or [])} x the best of "
             f"{', '.join(f'{m:g}' for m in d['lr_multipliers'])} on dev ({d['lr_tuning']}), "
-            f"selection on {d['dev']['task']} {d['dev']['split']}, test on "
+            f"selection on {(d['dev'] or {}).get('task')} {(d['dev'] or {}).get('split')}, "
+            "test on "
             f"{(d['test'] or {}).get('task')} {(d['test'] or {}).get('split')}.")
     if d["flagged"]:
         text += f" {len(d['flagged'])} runs did not meet the budget exactly (see Design)."
