@@ -46,6 +46,11 @@ def test_log_points_are_log_spaced_whole_steps_shared_across_batch_sizes():
     assert log_points(1024, 11, 16) == [16, 32, 64, 128, 256, 512, 1024]
     # a target between steps rounds up to the next whole step: geomspace(1, 1000, 4)
     assert log_points(1000, 4, 40) == [40, 120, 1000]
+    # aligned on a sweep's batch sizes: geomspace(1, 192, 8) = 1, 2.1, 4.5, 9.5, 20, 43, 91, 192
+    align = [8, 16, 32]
+    assert log_points(192, 8, 16, align) == [16, 32, 64, 96, 192]
+    assert log_points(192, 8, 32, align) == [32, 64, 96, 192]
+    assert log_points(192, 8, 8, align) == [8, 16, 32, 64, 96, 192]
     assert next_point(40, schedule=[40, 120, 1000]) == 120
     assert next_point(1000, schedule=[40, 120, 1000]) > 10**12
     assert next_point(41, every=20) == 60 and next_point(60, every=20) == 80

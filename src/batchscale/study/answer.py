@@ -67,16 +67,17 @@ def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
                                 f"so B_crit is not fitted (runs reaching it: {reached}).",
                         "link": "critical"})
             continue
-        text = (f"{head}: B_crit = {fmt_iv(c['b_crit'], 0)} (S_min = {fmt_iv(c['s_min'], 1)} "
-                f"steps, E_min = {fmt_iv(c['e_min'], 0)} examples; geometric mean of "
-                f"{c['n']} per-seed fits)")
         lo, hi = c["measured"]
+        fitted = (f"geometric mean of {c['n']} per-seed fits: S_min = "
+                  f"{fmt_iv(c['s_min'], 1)} steps, E_min = {fmt_iv(c['e_min'], 0)} examples")
         if c["b_crit"]["mean"] > hi:
-            text += (f"; that is beyond the largest batch measured ({hi}): the steps show no "
-                     "floor yet, so read it as a lower bound")
+            text = (f"{head}: B_crit > {hi}, the largest batch measured: the steps still fall "
+                    f"as 1/B there (no floor), so only this bound is measured ({fitted})")
         elif c["b_crit"]["mean"] < lo:
-            text += (f"; that is below the smallest batch measured ({lo}): read it as an "
-                     "upper bound")
+            text = (f"{head}: B_crit < {lo}, the smallest batch measured: the steps hardly "
+                    f"fall with B ({fitted})")
+        else:
+            text = f"{head}: B_crit = {fmt_iv(c['b_crit'], 0)} ({fitted})"
         d = c.get("doubling") or {}
         gains = []
         if d.get("below"):

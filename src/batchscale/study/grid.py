@@ -30,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -170,6 +172,12 @@ class Cell:
     def id(self) -> str:
         return config_hash(self.config)
 
+    @property
+    def setting(self) -> tuple[str, float, str, int, int]:
+        """The cell without its seed and lr multiplier (what the lr is tuned for)."""
+        return (self.loss, self.vrns_weight, self.lr_scaling, self.batch_size,
+                self.softmax_batch)
+
     def label(self) -> str:
         vrns = f"+vrns{self.vrns_weight:g}" if self.vrns_weight > 0 else ""
         blocks = f" N={self.softmax_batch}" if self.softmax_batch != self.batch_size else ""
@@ -201,10 +209,45 @@ class Sweep:
 
     def shard(self, i: int, n: int) -> list[Cell]:
         """The cells of shard ``i`` of ``n`` (0-based): grid indices congruent to i mod n,
-        so every shard gets a mix of batch sizes and losses."""
+        so every shard gets a mix of batch sizes and losses. Under ``lr_tuning:
+        first_seed`` whole settings go to one shard instead (each, costliest first, to the
+        shard whose estimated cost is lowest so far: :func:`balanced_settings`), so that a
+        shard's own store holds the first seed's lr choice."""
         if n < 1 or not 0 <= i < n:
             raise ValueError(f"--shard {i}/{n}: need 0 <= i < n")
+        g = self.config.grid
+        if g.lr_tuning == "first_seed" and len(g.lr_multipliers) > 1:
+            mine = balanced_settings(self.cells, n)[i]
+            return [c for c in self.cells if c.setting in mine]
         return [c for c in self.cells if c.index % n == i]
+
+
+def estimated_cost(cell: Cell) -> float:
+    """A rough cost of a cell in units of a small step: its steps, each costing more with
+    the batch, plus its evaluation points (for balancing shards only)."""
+    t, b = cell.config.train, cell.batch_size
+    if t.max_steps is not None:
+        steps = t.max_steps
+    elif t.max_examples is not None:
+        steps = -(-t.max_examples // b)
+    else:
+        steps = math.ceil(t.epochs * 10_000 / b)
+    return steps * (1 + b / 128) + 20 * cell.config.eval.points
+
+
+def balanced_settings(cells: Sequence[Cell], n: int) -> list[set[tuple]]:
+    """The cells' settings dealt to ``n`` shards, costliest first, each to the shard with the
+    lowest estimated cost so far (deterministic: ties go to the lower shard)."""
+    cost: dict[tuple, float] = {}
+    for c in cells:
+        cost[c.setting] = cost.get(c.setting, 0.0) + estimated_cost(c)
+    shards: list[set[tuple]] = [set() for _ in range(n)]
+    load = [0.0] * n
+    for setting in sorted(cost, key=lambda k: (-cost[k], str(k))):
+        k = min(range(n), key=lambda j: (load[j], j))
+        shards[k].add(setting)
+        load[k] += cost[setting]
+    return shards
 
 
 def config_hash(config: RunConfig) -> str:
@@ -272,6 +315,8 @@ def expand(config: SweepConfig, base: RunConfig, source: str) -> list[Cell]:
                 loss["softmax_batch"] = n
             if w is not None:
                 loss["vrns_weight"] = w
+            if raw["eval"]["schedule"] == "log":  # every cell evaluates at the same counts
+                raw["eval"]["align_points"] = sorted(g.batch_sizes)
             run = _merge(raw, {"loss": loss,
                                "optim": {"lr_scaling": rule, "lr": raw["optim"]["lr"] * mult},
                                "train": {"batch_size": b, "seed": seed, "max_examples": None,

@@ -220,6 +220,9 @@ class EvalConfig(_Strict):
     schedule: Literal["linear", "log"] = "linear"
     every_examples: int = Field(default=2000, ge=1)
     points: int = Field(default=16, ge=2)
+    #: Batch sizes whose runs share the log schedule's points (a sweep sets its own): each
+    #: target is rounded up to a multiple of the largest of them not above it.
+    align_points: list[int] | None = None
     at_start: bool = True
     batch_size: int = Field(default=256, ge=1)
     #: Evaluation dtype, as ``batchscale eval --dtype`` (auto: bf16 on CPUs with native bf16).

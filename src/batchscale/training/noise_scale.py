@@ -198,8 +198,9 @@ def _encode(encoder: nn.Module, features: dict[str, Tensor], rows: int) -> Tenso
 
 
 def _sq_norm(grads: Sequence[Tensor | None]) -> float:
-    return math.fsum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
-                     for g in grads if g is not None)
+    # Each tensor's norm in its own dtype (a float64 copy of a static encoder's 30k x 384
+    # gradient cost 5x the norm), summed in float64.
+    return math.fsum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads if g is not None)
 
 
 def probe_gradients(encoder: nn.Module, objective, sides: Sequence[Sequence[str]],

@@ -34,19 +34,25 @@ def warmup_linear(step: int, total_steps: int, warmup: int) -> float:
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
-def log_points(total_examples: int, points: int, batch_size: int) -> list[int]:
+def log_points(total_examples: int, points: int, batch_size: int,
+               align: list[int] | None = None) -> list[int]:
     """Example counts of a log-spaced evaluation schedule: the targets
-    ``geomspace(1, total_examples, points)``, each rounded up to a whole step of
-    ``batch_size``, without repeats. The targets do not depend on the batch size, so runs at
-    different batch sizes are measured at the same example counts wherever their steps allow
-    (exactly so for batch sizes that divide each other and the budget)."""
+    ``geomspace(1, total_examples, points)``, each rounded up to a multiple of the largest
+    batch size of ``align`` not above it (of ``batch_size`` without one), then to a whole
+    step of ``batch_size``, without repeats.
+
+    The targets do not depend on the run, so the runs of a sweep (``align``: its batch
+    sizes) are measured at the same example counts wherever their steps allow: exactly so
+    when the batch sizes divide each other and the budget (powers of two, say)."""
     if total_examples < 1 or points < 2 or batch_size < 1:
         raise ValueError(f"log_points needs total_examples >= 1, points >= 2, batch_size >= 1; "
                          f"got {total_examples}, {points}, {batch_size}")
     out: list[int] = []
     for k in range(points):
         target = total_examples ** (k / (points - 1))
-        at = min(total_examples, math.ceil(target / batch_size - 1e-9) * batch_size)
+        quantum = max([b for b in align or [] if b <= target] or [batch_size])
+        target = math.ceil(target / quantum - 1e-9) * quantum
+        at = min(total_examples, math.ceil(target / batch_size) * batch_size)
         if not out or at > out[-1]:
             out.append(at)
     return out

@@ -213,7 +213,8 @@ class Trainer:
             self.optimizer, lambda s: warmup_linear(s, total, warm))
         self.progress = Progress()
         e = config.eval
-        self.eval_points = (log_points(self._total_examples(), e.points, t.batch_size)
+        self.eval_points = (log_points(self._total_examples(), e.points, t.batch_size,
+                                       e.align_points)
                             if e.schedule == "log" else None)
         self._tensorboard = None
         broadcast_parameters(self.parameters)

@@ -1,0 +1,267 @@
+"""The study report v2: every number of the Answer recomputed straight from the SQLite rows
+with numpy / scipy / statsmodels; the lr gate of ``lr_tuning: first_seed``; the softmax-block
+axis; the mechanisms in the store; the budget check.
+
+One small sweep (static encoder over a tiny vocabulary, synthetic STS-B): 3 batch sizes x
+InfoNCE / WEINCE x 3 seeds x 2 lr multipliers (first seed tunes) x a softmax block of 8.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+from statsmodels.stats.multitest import multipletests
+
+from batchscale.cli import main
+from batchscale.study.report import compute, load_runs, write_report
+from test_study import _rows, _sweep_dict, _write, data_dir, tiny_static  # noqa: F401
+
+SEEDS = (0, 1, 2)
+BATCHES = (8, 16, 32)
+
+
+@pytest.fixture(scope="module")
+def design_store(tmp_path_factory: pytest.TempPathFactory, tiny_static: Path,  # noqa: F811
+                 data_dir: Path) -> Path:  # noqa: F811
+    raw = _sweep_dict(tiny_static, data_dir, batch_sizes=list(BATCHES), seeds=list(SEEDS),
+                      lr_multipliers=[0.5, 1.0], lr_tuning="first_seed", softmax_batches=[8])
+    raw["base"]["eval"] = {"schedule": "log", "points": 8, "geometry": True,
+                           "noise_scale": {"batches": 2, "chunks": 2}, "dtype": "float32"}
+    folder = tmp_path_factory.mktemp("design")
+    sweep = _write(folder / "design.yaml", raw)
+    store = folder / "design.sqlite"
+    assert main(["sweep", str(sweep), "--store", str(store)]) == 0
+    return store
+
+
+# -- independent recomputation --------------------------------------------------------------
+def _runs(store: Path) -> list[dict]:
+    rows = _rows(store, "SELECT r.id, r.best_dev, r.test, r.examples, r.steps, c.loss, "
+                        "c.batch_size, c.softmax_batch, c.seed, c.lr_multiplier "
+                        "FROM runs r JOIN cells c USING (cell_id)")
+    return [dict(r) for r in rows]
+
+
+def _tuned(store: Path) -> list[dict]:
+    """The runs at the multiplier with the best seed-0 dev score of their setting."""
+    runs = _runs(store)
+    chosen = {}
+    for r in runs:
+        if r["seed"] == 0:
+            key = (r["loss"], r["batch_size"], r["softmax_batch"])
+            if key not in chosen or r["best_dev"] > chosen[key][1]:
+                chosen[key] = (r["lr_multiplier"], r["best_dev"])
+    return [r for r in runs
+            if chosen[(r["loss"], r["batch_size"], r["softmax_batch"])][0] == r["lr_multiplier"]]
+
+
+def _cell(tuned: list[dict], loss: str, b: int, n: int | None = None) -> dict[int, dict]:
+    n = b if n is None else n
+    return {r["seed"]: r for r in tuned
+            if r["loss"] == loss and r["batch_size"] == b and r["softmax_batch"] == n}
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _exact(d: np.ndarray) -> float:
+    """Two-sided sign-flip p by enumerating every flip."""
+    obs = abs(d.mean())
+    flips = [abs((d * np.array(s)).mean()) for s in itertools.product((1, -1), repeat=len(d))]
+    return float(np.mean([f >= obs - 1e-12 for f in flips]))
+
+
+def _paired_text(a: list[float], b: list[float], digits: int = 2,
+                 holm: float | None = None) -> str:
+    d = np.asarray(a) - np.asarray(b)
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    ps = [f"n = {len(d)}", f"p = {_p(stats.ttest_1samp(d, 0.0).pvalue)}"]
+    if holm is not None:
+        ps.append(f"Holm p = {_p(holm)}")
+    ps.append(f"exact p = {_p(_exact(d))}")
+    return f"{d.mean():+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] ({', '.join(ps)})"
+
+
+def _iv_text(x: list[float], digits: int = 2) -> str:
+    a = np.asarray(x)
+    lo, hi = stats.t.interval(0.95, len(a) - 1, loc=a.mean(), scale=stats.sem(a))
+    return f"{a.mean():.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _steps_to(store: Path, run_id: int, target: float) -> int | None:
+    row = _rows(store, "SELECT MIN(steps) FROM curve WHERE run_id = ? AND dev >= ?",
+                (run_id, target))[0][0]
+    return row
+
+
+# -- the Answer -----------------------------------------------------------------------------
+def test_every_number_of_the_answer_is_recomputed_from_the_store(design_store, tmp_path):
+    md, _ = write_report(design_store, tmp_path / "rep")
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    answer = [a["text"] for a in data["answer"]]
+    text = md.read_text(encoding="utf-8")
+    assert all(a in text for a in answer)
+    tuned = _tuned(design_store)
+
+    # 1. the best batch size per loss on dev, its test score, the extremes against it
+    for loss in ("infonce", "weince"):
+        means = {b: np.mean([r["best_dev"] for r in _cell(tuned, loss, b).values()])
+                 for b in BATCHES}
+        best = max(BATCHES, key=lambda b: means[b])
+        top = _cell(tuned, loss, best)
+        sentence = next(a for a in answer if a.startswith(f"**{loss}**: the best batch"))
+        assert (f"is **{best}** (dev spearman {_iv_text([top[s]['best_dev'] for s in SEEDS])}, "
+                f"test {_iv_text([top[s]['test'] for s in SEEDS])}, n = 3 seeds)") in sentence
+        for b in sorted({BATCHES[0], BATCHES[-1]} - {best}):
+            other = _cell(tuned, loss, b)
+            want = _paired_text([other[s]["test"] for s in SEEDS],
+                                [top[s]["test"] for s in SEEDS])
+            assert f"batch {b} scores {want} on test" in sentence
+
+    # 2. the trend: per-seed slopes (and quadratic curvatures) of test on log2 B
+    for loss in ("infonce", "weince"):
+        slopes, curvs = [], []
+        for s in SEEDS:
+            x = np.log2(BATCHES)
+            y = [_cell(tuned, loss, b)[s]["test"] for b in BATCHES]
+            slopes.append(np.polyfit(x, y, 1)[0])
+            curvs.append(np.polyfit(x - x.mean(), y, 2)[0])
+        sentence = next(a for a in answer if a.startswith(f"**{loss}**: per doubling"))
+        assert f"changes by {_paired_text(slopes, [0.0] * 3)}" in sentence
+        assert f"curvature {_paired_text(curvs, [0.0] * 3, 3)}" in sentence
+
+    # 3. B_crit per loss and target: targets from the start and best tuned scores
+    starts = [_rows(design_store, "SELECT dev FROM curve WHERE run_id = ? AND point = 0",
+                    (r["id"],))[0][0] for r in tuned]
+    settings = {(r["loss"], r["batch_size"], r["softmax_batch"]) for r in tuned}
+    best_mean = max(np.mean([r["best_dev"] for r in _cell(tuned, *k).values()])
+                    for k in settings)
+    start = np.mean(starts)
+    for frac in (0.5, 0.8, 0.9):
+        target = start + frac * (best_mean - start)
+        name = f"{round(frac * 100)}% of the gain"
+        for loss in ("infonce", "weince"):
+            head = f"**{loss}**, dev target {target:.2f} ({name})"
+            sentence = next(a for a in answer if a.startswith(head))
+            steps = {s: {b: _steps_to(design_store, _cell(tuned, loss, b)[s]["id"], target)
+                         for b in BATCHES} for s in SEEDS}
+            fits = []
+            for s in SEEDS:
+                pts = [(b, st) for b, st in steps[s].items() if st]
+                if len(pts) >= 3:
+                    bs, ss = np.array(pts, dtype=float).T
+                    (ls, le), _ = optimize.curve_fit(
+                        lambda b, ls, le: np.log(np.exp(ls) + np.exp(le) / b), bs, np.log(ss),
+                        p0=[np.log(ss.min()), np.log(ss.max() * bs.min())], maxfev=20000)
+                    fits.append((np.exp(ls), np.exp(le)))
+            if not fits:
+                assert "B_crit is not fitted" in sentence
+                for b in BATCHES:
+                    hit = sum(steps[s][b] is not None and steps[s][b] > 0 for s in SEEDS)
+                    assert f"B={b}: {hit}/3" in sentence
+                continue
+            logs = np.log([e / s_ for s_, e in fits])
+            b_crit = math.exp(logs.mean())
+            got = next(c for c in data["critical"]
+                       if c["loss"] == loss and c["target"] == name)["b_crit"]
+            assert f"geometric mean of {len(fits)} per-seed fits" in sentence
+            if got["mean"] > BATCHES[-1]:  # no floor in the range: only a bound is claimed
+                assert b_crit > BATCHES[-1] and f"B_crit > {BATCHES[-1]}," in sentence
+                continue
+            if got["mean"] < BATCHES[0]:
+                assert b_crit < BATCHES[0] and f"B_crit < {BATCHES[0]}," in sentence
+                continue
+            assert got["mean"] == pytest.approx(b_crit, rel=1e-4)
+            if len(fits) > 1:
+                lo, hi = stats.t.interval(0.95, len(logs) - 1, loc=logs.mean(),
+                                          scale=stats.sem(logs))
+                assert (got["lo"], got["hi"]) == pytest.approx((math.exp(lo), math.exp(hi)),
+                                                               rel=1e-4)
+            assert f"B_crit = {got['mean']:,.0f} [" in sentence
+
+    # 4. the negatives' share: B_small = 8 -> B_large at N = 8
+    for loss in ("infonce", "weince"):
+        small = _cell(tuned, loss, 8)
+        for large in (16, 32):
+            whole, mid = _cell(tuned, loss, large), _cell(tuned, loss, large, 8)
+            sentence = next(a for a in answer if a.startswith(f"**{loss}**, batch 8 -> {large}"))
+            t = lambda c: [c[s]["test"] for s in SEEDS]  # noqa: E731
+            assert f"test spearman {_paired_text(t(whole), t(small))} in all" in sentence
+            assert f"alone (negatives held at N = 8) {_paired_text(t(mid), t(small))}" \
+                in sentence
+            assert f"the extra negatives {_paired_text(t(whole), t(mid))}" in sentence
+
+    # 5. WEINCE - InfoNCE per batch size, Holm over the table's three paired t tests
+    w = {b: _cell(tuned, "weince", b) for b in BATCHES}
+    i = {b: _cell(tuned, "infonce", b) for b in BATCHES}
+    ps = [stats.ttest_rel([w[b][s]["test"] for s in SEEDS],
+                          [i[b][s]["test"] for s in SEEDS]).pvalue for b in BATCHES]
+    holm = multipletests(ps, method="holm")[1]
+    sentence = next(a for a in answer if a.startswith("**weince − infonce**"))
+    for b, h in zip(BATCHES, holm, strict=True):
+        want = _paired_text([w[b][s]["test"] for s in SEEDS], [i[b][s]["test"] for s in SEEDS],
+                            holm=h)
+        assert f"B={b}: {want}" in sentence
+
+    # 6. the regime: budget, seeds, lr
+    regime = answer[-1]
+    assert "a budget of 192 examples per run" in regime and "3 seeds per cell" in regime
+    assert "lr = 0.05 x rule none x the best of 0.5, 1 on dev (first_seed)" in regime
+
+
+def test_first_seed_tuning_runs_later_seeds_at_the_winner_only(design_store):
+    runs = _runs(design_store)
+    tuned = _tuned(design_store)
+    assert len(runs) == 2 * 5 * (2 + 1 + 1)  # 2 losses x 5 settings x (2 mults + 2 seeds)
+    for r in runs:
+        if r["seed"] != 0:
+            assert r in tuned
+    # the (B, N) axis: N = 8 beside N = B at 16 and 32, none at 8
+    blocks = {(r["batch_size"], r["softmax_batch"]) for r in runs}
+    assert blocks == {(8, 8), (16, 16), (16, 8), (32, 32), (32, 8)}
+    # every run met the budget exactly, in whole steps
+    assert {(r["batch_size"], r["examples"], r["steps"]) for r in runs} == \
+        {(8, 192, 24), (16, 192, 12), (32, 192, 6)}
+
+
+def test_the_store_keeps_every_mechanism_at_every_point(design_store):
+    names = {r[0] for r in _rows(design_store, "SELECT DISTINCT name FROM point_metrics")}
+    for name in ("geometry/neg_cos_mean", "geometry/neg_cos_var",
+                 "geometry/hardest_neg_cos_mean", "geometry/alignment", "geometry/uniformity",
+                 "geometry/weince_mean_lambda", "noise_scale/grad_sq",
+                 "noise_scale/trace_sigma", "dev/pearson"):
+        assert name in names
+    counts = _rows(design_store, "SELECT c.run_id, COUNT(DISTINCT c.point), "
+                                 "COUNT(DISTINCT m.point) FROM curve c LEFT JOIN point_metrics m "
+                                 "ON m.run_id = c.run_id AND m.point = c.point AND "
+                                 "m.name = 'geometry/neg_cos_var' GROUP BY c.run_id")
+    assert all(r[1] == r[2] for r in counts)
+    # the log schedule: points at the same example counts for every batch size that has them
+    by_batch = {}
+    for r in _rows(design_store, "SELECT c2.batch_size, c.examples FROM curve c JOIN runs r "
+                                 "ON r.id = c.run_id JOIN cells c2 USING (cell_id)"):
+        by_batch.setdefault(r[0], set()).add(r[1])
+    assert by_batch[32] <= by_batch[16] <= by_batch[8]
+
+
+def test_the_report_flags_a_run_that_missed_the_budget(design_store, tmp_path):
+    store = tmp_path / "edited.sqlite"
+    shutil.copy(design_store, store)
+    db = sqlite3.connect(store)
+    run_id = db.execute("SELECT MIN(id) FROM runs").fetchone()[0]
+    db.execute("UPDATE runs SET examples = 188 WHERE id = ?", (run_id,))
+    db.commit()
+    db.close()
+    data = compute(*load_runs(store))
+    flagged = data["design"]["flagged"]
+    assert len(flagged) == 1 and flagged[0]["examples"] == 188
+    assert "1 runs did not meet the budget exactly" in data["answer"][-1]["text"]
