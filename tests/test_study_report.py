@@ -187,6 +187,37 @@ def test_every_number_of_the_answer_is_recomputed_from_the_store(design_store, t
                 assert (got["lo"], got["hi"]) == pytest.approx((math.exp(lo), math.exp(hi)),
                                                                rel=1e-4)
             assert f"B_crit = {got['mean']:,.0f} [" in sentence
+            for key, k in (("S_min", 0), ("E_min", 1)):
+                logs_k = np.log([f[k] for f in fits])
+                shown = f"{math.exp(logs_k.mean()):,.{1 - k}f}"
+                assert f"{key} = {shown} [" in sentence
+            # the pooled fit: what doubling the batch buys at the smallest batch
+            pooled = [(b, steps[s][b]) for s in SEEDS for b in BATCHES if steps[s][b]]
+            bs, ss = np.array(pooled, dtype=float).T
+            (ls, le), _ = optimize.curve_fit(
+                lambda b, ls, le: np.log(np.exp(ls) + np.exp(le) / b), bs, np.log(ss),
+                p0=[np.log(ss.min()), np.log(ss.max() * bs.min())], maxfev=20000)
+            s0, e0, b0 = math.exp(ls), math.exp(le), BATCHES[0]
+            if 2 * b0 <= e0 / s0:
+                saved = 1 - (s0 + e0 / (2 * b0)) / (s0 + e0 / b0)
+                assert f"doubling B at {BATCHES[0]} saves {100 * saved:.0f}% of the steps" \
+                    in sentence
+            # B_simple where the runs first reach the target: ratio of the averages
+            noise = []
+            for s in SEEDS:
+                for b in BATCHES:
+                    if steps[s][b]:
+                        run_id = _cell(tuned, loss, b)[s]["id"]
+                        point = _rows(design_store, "SELECT point FROM curve WHERE run_id = ? "
+                                      "AND steps = ?", (run_id, steps[s][b]))[0][0]
+                        vals = dict(_rows(design_store, "SELECT name, value FROM point_metrics "
+                                          "WHERE run_id = ? AND point = ?", (run_id, point)))
+                        noise.append((vals["noise_scale/trace_sigma"],
+                                      vals["noise_scale/grad_sq"]))
+            trace, grad = np.mean(noise, axis=0)
+            if grad > 0:
+                assert (f"B_simple = {trace / grad:,.0f} (ratio of averages over {len(noise)} "
+                        "runs)") in sentence
 
     # 4. the negatives' share: B_small = 8 -> B_large at N = 8
     for loss in ("infonce", "weince"):
@@ -196,8 +227,8 @@ def test_every_number_of_the_answer_is_recomputed_from_the_store(design_store, t
             sentence = next(a for a in answer if a.startswith(f"**{loss}**, batch 8 -> {large}"))
             t = lambda c: [c[s]["test"] for s in SEEDS]  # noqa: E731
             assert f"test spearman {_paired_text(t(whole), t(small))} in all" in sentence
-            assert f"alone (negatives held at N = 8) {_paired_text(t(mid), t(small))}" \
-                in sentence
+            assert (f"alone (negatives held at N = 8; fewer, larger steps at this budget) "
+                    f"{_paired_text(t(mid), t(small))}") in sentence
             assert f"the extra negatives {_paired_text(t(whole), t(mid))}" in sentence
 
     # 5. WEINCE - InfoNCE per batch size, Holm over the table's three paired t tests

@@ -56,18 +56,18 @@ def test_log_points_are_log_spaced_whole_steps_shared_across_batch_sizes():
     assert next_point(41, every=20) == 60 and next_point(60, every=20) == 80
 
 
-@pytest.mark.parametrize("budget", [{"max_examples": 96}, {"max_steps": 12}])
+@pytest.mark.parametrize(("batch", "budget"), [(8, {"max_examples": 96}),
+                                               (16, {"max_examples": 96}),
+                                               (8, {"max_steps": 12})])
 def test_a_budget_is_met_exactly_when_the_batch_size_does_not_divide_the_data(
-        budget, tiny_st_dir, scored_pairs):  # noqa: F811
-    # 60 training pairs (80, a quarter held out), batch 8: 60 % 8 = 4
-    config = _config(tiny_st_dir, scored_pairs, train={"epochs": 1, **budget},
+        batch, budget, tiny_st_dir, scored_pairs, tmp_path):  # noqa: F811
+    # 60 training pairs (80, a quarter held out): 60 % 8 = 4, 60 % 16 = 12
+    config = _config(tiny_st_dir, scored_pairs, train={"epochs": 1, "batch_size": batch,
+                                                       **budget},
                      eval={"every_examples": 1000})
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as out:
-        result = train_run(config, out, show_progress=False)
+    result = train_run(config, tmp_path / "run", show_progress=False)
     assert result.fit.examples == 96
-    assert [r["steps"] for r in result.fit.curve] == [0, 12]
+    assert [r["steps"] for r in result.fit.curve] == [0, 96 // batch]
     assert result.fit.curve[-1]["epoch"] == pytest.approx(96 / 60)
 
 

@@ -61,7 +61,7 @@ MECHANISMS = {
     "weince_mean_lambda": "geometry/weince_mean_lambda",
     "temperature": "loss/temperature",
 }
-B_SIMPLE = "noise_scale/b_simple"
+TRACE_SIGMA, GRAD_SQ = "noise_scale/trace_sigma", "noise_scale/grad_sq"
 #: Batch sizes that must reach a target before its hyperbola is fitted: through two points
 #: a hyperbola passes exactly, and its interval says nothing.
 MIN_BATCH_SIZES = 3
@@ -263,7 +263,18 @@ def reach(run: dict[str, Any], target: float) -> dict[str, Any] | None:
         return None
     point = next(p for p in run["curve"] if p["steps"] == hit[0])
     return {"steps": hit[0], "examples": hit[1], "seconds": point["seconds"],
-            "b_simple": point.get("metrics", {}).get(B_SIMPLE)}
+            "noise": point.get("metrics", {})}
+
+
+def b_simple(points: list[dict[str, float]]) -> dict[str, Any] | None:
+    """B_simple as McCandlish et al. take it: the ratio of the averages of the tr(Sigma) and
+    |G|^2 estimates (each unbiased; their ratio per point is not, and is undefined where the
+    |G|^2 estimate is not positive) over the given evaluation points (runs, seeds)."""
+    pairs = [(p[TRACE_SIGMA], p[GRAD_SQ]) for p in points if TRACE_SIGMA in p and GRAD_SQ in p]
+    if not pairs:
+        return None
+    trace, grad = (sum(x) / len(pairs) for x in zip(*pairs, strict=True))
+    return {"value": trace / grad if grad > 0 else None, "n": len(pairs)}
 
 
 def targets(runs: Runs, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -421,7 +432,7 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
     for arm in runs.arms:
         for t in targets_:
             per_seed: dict[int, dict[int, float | None]] = defaultdict(dict)
-            at_target: list[float | None] = []
+            at_target: list[dict[str, float]] = []
             per_batch = []
             for b in runs.batches:
                 hits = {}
@@ -430,7 +441,7 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                     per_seed[int(r["seed"])][b] = None if h is None else float(h["steps"])
                     hits[int(r["seed"])] = h
                     if h is not None:
-                        at_target.append(h["b_simple"])
+                        at_target.append(h["noise"])
                 got = [h for h in hits.values() if h is not None]
                 if hits:
                     per_batch.append({"batch_size": b, "reached": len(got), "runs": len(hits),
@@ -447,7 +458,7 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                 "pooled": None if pooled is None else {
                     "s_min": pooled.s_min, "e_min": pooled.e_min, "b_crit": pooled.b_crit},
                 "measured": [min(runs.batches), max(runs.batches)],
-                "b_simple": spread(median_range(at_target))}
+                "b_simple": b_simple(at_target)}
             if pooled is not None:
                 h = pooled
                 below = [b for b in runs.batches if b * 2 <= h.b_crit]
@@ -472,15 +483,17 @@ def mechanisms_section(runs: Runs) -> tuple[list[dict[str, Any]], list[dict[str,
                 continue
             last = [r["curve"][-1].get("metrics", {}) for r in group if r["curve"]]
             row: dict[str, Any] = {"loss": runs.label(arm), "batch_size": b}
-            for name, stored in [*MECHANISMS.items(), ("b_simple", B_SIMPLE)]:
+            for name, stored in MECHANISMS.items():
                 row[name] = iv(t_interval([m[stored] for m in last if stored in m]))
+            row["b_simple"] = b_simple(last)
             rows.append(row)
             points = []
             for i in range(min(len(r["curve"]) for r in group)):
                 ms = [r["curve"][i].get("metrics", {}) for r in group]
                 point = {"examples": group[0]["curve"][i]["examples"]}
-                for name, stored in [*MECHANISMS.items(), ("b_simple", B_SIMPLE)]:
+                for name, stored in MECHANISMS.items():
                     point[name] = t_mean(m.get(stored) for m in ms)
+                point["b_simple"] = (b_simple(ms) or {}).get("value")
                 points.append(point)
             curves.append({"loss": runs.label(arm), "batch_size": b, "points": points})
     return rows, curves

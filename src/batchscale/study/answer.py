@@ -87,9 +87,13 @@ def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
             gains.append(f"at {d['above']['batch_size']}, {percent(d['above']['steps_saved'])}")
         if gains:
             text += "; " + ", ".join(gains) + " (pooled fit)"
-        if c["b_simple"] is not None:
-            text += (f"; the gradient noise scale B_simple where runs reach the target: "
-                     f"{fmt_spread(c['b_simple'])} (median [range], n = {c['b_simple']['n']})")
+        if c["b_simple"] is not None and c["b_simple"]["value"] is not None:
+            text += (f"; the gradient noise scale where runs reach the target: B_simple = "
+                     f"{fmt(c['b_simple']['value'], 0)} (ratio of averages over "
+                     f"{c['b_simple']['n']} runs)")
+        if c["b_crit"]["lo"] is not None and c["b_crit"]["lo"] == c["b_crit"]["hi"]:
+            text += ("; the seeds reached the target at the same evaluation points, so the "
+                     "interval has no width at the schedule's resolution (eval.points)")
         out.append({"text": text + ".", "link": "critical"})
     return out
 
@@ -101,12 +105,18 @@ def negatives(data: dict[str, Any]) -> list[dict[str, Any]]:
         t = n["test"]
         text = (f"**{n['loss']}**, batch {n['b_small']} -> {n['b_large']}: test {m} "
                 f"{fmt_pd(t['total'])} in all; the optimisation batch alone (negatives held "
-                f"at N = {n['b_small']}) {fmt_pd(t['optimisation'])}, the extra negatives "
+                f"at N = {n['b_small']}; fewer, larger steps at this budget) "
+                f"{fmt_pd(t['optimisation'])}, the extra negatives "
                 f"{fmt_pd(t['negatives'])}")
-        if excludes_zero(t["total"]) and t["negatives_share"] is not None:
-            text += f": the negatives carry {percent(t['negatives_share'])} of the effect"
-        else:
+        share = t["negatives_share"]
+        if not excludes_zero(t["total"]) or share is None:
             text += ": the total is not distinguishable from zero, so no share is claimed"
+        elif share >= 0:
+            text += (f": the negatives carry {percent(share)} of the effect (point "
+                     "estimates)")
+        else:
+            text += (": the negatives move the score the other way, so the optimisation "
+                     "batch accounts for more than all of the effect (point estimates)")
         out.append({"text": text + ".", "link": "blocks"})
     if not out:
         out.append({"text": "The grid has no softmax-block cells (grid.softmax_batches), so "
@@ -136,7 +146,8 @@ def regime(data: dict[str, Any]) -> dict[str, Any]:
     d = data["design"]
     budget = d["budget"]
     epochs = d.get("epochs_seen")
-    text = (f"These conclusions hold for: model {d['model']}, trained on {d['data']}, a budget "
+    data_ = " + ".join(d["data"]) if isinstance(d["data"], list) else d["data"]
+    text = (f"These conclusions hold for: model {d['model']}, trained on {data_}, a budget "
             f"of {fmt(budget['value'], 0) if budget['value'] is not None else 'n/a'} "
             f"{budget['kind']} per run"
             + (f" ({fmt_spread(epochs, 2)} epochs)" if epochs else "")

@@ -177,15 +177,20 @@ MECHANISM_PANELS = [("neg_cos_mean", "negative cosine, mean"),
 
 
 def mechanisms(data: dict[str, Any]) -> bytes | None:
+    def value(r: dict[str, Any], key: str) -> float | None:
+        x = r[key]
+        return None if x is None else x.get("mean", x.get("value"))
+
     panels = [(k, t) for k, t in MECHANISM_PANELS
-              if any(r[k] is not None for r in data["mechanisms"])]
+              if any(value(r, k) is not None for r in data["mechanisms"])]
     if not panels:
         return None
     fig, axes = _panels(len(panels), 4.2, 3.2)
     for ax, (key, title) in zip(axes, panels, strict=True):
         for loss in data["losses"]:
-            rows = [r for r in data["mechanisms"] if r["loss"] == loss and r[key] is not None]
-            ax.plot([r["batch_size"] for r in rows], [r[key]["mean"] for r in rows],
+            rows = [r for r in data["mechanisms"] if r["loss"] == loss
+                    and value(r, key) is not None]
+            ax.plot([r["batch_size"] for r in rows], [value(r, key) for r in rows],
                     marker="o", label=loss)
         ax.set_title(title)
         _finish(ax, "batch size", title, logx=True)

@@ -73,7 +73,8 @@ def tables(data: dict[str, Any]) -> list[Table]:
                 ["loss", "target", "dev", "seeds fitted", "B_crit", "S_min (steps)",
                  "E_min (examples)", "B_simple at target", "steps by batch (median)"],
                 [[c["loss"], c["target"], fmt(c["value"]), str(c["n"]), fmt_iv(c["b_crit"], 0),
-                  fmt_iv(c["s_min"], 1), fmt_iv(c["e_min"], 0), fmt_spread(c["b_simple"]),
+                  fmt_iv(c["s_min"], 1), fmt_iv(c["e_min"], 0),
+                  fmt((c["b_simple"] or {}).get("value"), 0),
                   ", ".join(f"{p['batch_size']}: "
                             + (fmt(p["steps"]["median"], 0) if p["steps"] else "-")
                             for p in c["per_batch"])]
@@ -122,7 +123,7 @@ def tables(data: dict[str, Any]) -> list[Table]:
                   fmt_iv(r["neg_cos_var"], 4), fmt_iv(r["hardest_neg_cos_mean"], 3),
                   fmt_iv(r["alignment"], 3), fmt_iv(r["uniformity"], 3),
                   fmt_iv(r["weince_mean_lambda"], 3), fmt_iv(r["temperature"], 4),
-                  fmt_iv(r["b_simple"], 0)] for r in data["mechanisms"]]))
+                  fmt((r["b_simple"] or {}).get("value"), 0)] for r in data["mechanisms"]]))
     out.append(("cost", "Throughput and peak memory (mean [95% t CI] over seeds)",
                 ["loss", "batch", "pairs / s", "peak memory (MiB)", "memory measure",
                  "train seconds"],
@@ -154,7 +155,9 @@ def _notes(data: dict[str, Any]) -> list[str]:
         "runs of the same seed; counts (steps, examples) are median [min, max].",
         "B_simple: the gradient noise scale tr(Sigma)/|G|^2 (McCandlish et al. appendix A), "
         "from probe batches of the run's batch size with the negatives fixed: the noise of "
-        "which anchors carry the gradient, not of the negatives.",
+        "which anchors carry the gradient, not of the negatives; the ratio of the averaged "
+        "tr(Sigma) and |G|^2 estimates over the seeds' (or runs') points. Far below B_simple "
+        "the |G|^2 estimate is noise, so read small-batch values as rough.",
         "Seconds are training seconds (evaluation excluded); peak memory is CUDA's peak "
         "allocation on a GPU, else the process's peak resident set during the run (rough on "
         "a CPU).",
