@@ -10,7 +10,6 @@ agent would kill the survivor itself and hide its error). Loopback only.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from batchscale.batching.distributed_loss import gathered_pair_loss, local_pair_
 from batchscale.batching.gradient_cache import cached_backward
 from batchscale.losses import LearnableTemperature, bsc_loss, infonce_loss, weince_loss
 from conftest import random_token_batch, tiny_mean_pooled_bert
+from ranks import free_port, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -245,10 +245,6 @@ def worker_equivalence(out_dir: str) -> None:
     shutdown_distributed()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(rank: int, world: int, port: int) -> dict[str, str]:
@@ -268,22 +264,7 @@ def child_env(rank: int, world: int, port: int) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        str(HERE),
-        "equivalence",
-        str(out),
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(HERE, ["equivalence", str(out)], out)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

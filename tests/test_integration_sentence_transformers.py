@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable
@@ -50,6 +48,7 @@ from batchscale.integrations.sentence_transformers import (  # noqa: E402
     WEINCELoss,
 )
 from batchscale.losses import LearnableTemperature, WeinceConfig  # noqa: E402
+from ranks import run_ranks  # noqa: E402
 
 Features = list[dict[str, object]]
 WORDS = [f"w{i}" for i in range(60)]
@@ -445,16 +444,7 @@ def worker_two_ranks(bert_dir: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("two-ranks")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={port}", __file__, str(bert_dir),
-           str(out)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(__file__, [str(bert_dir), str(out)], out, timeout=300)
 
 
 @pytest.mark.distributed

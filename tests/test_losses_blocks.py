@@ -15,6 +15,7 @@ import torch
 
 from batchscale.losses import bsc_loss, bsc_mse_loss, infonce_loss, weince_loss
 from batchscale.losses.blocks import PairInputs
+from ranks import run_ranks
 
 HERE = Path(__file__).resolve()
 TOL = 1e-10
@@ -269,28 +270,13 @@ def worker_blocks(out_dir: str) -> None:
     shutdown_distributed()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    import os
-    import subprocess
-    import sys
 
     out = tmp_path_factory.mktemp("blocks")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(HERE), "blocks",
-           str(out)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(HERE, ["blocks", str(out)], out)
 
 
 @pytest.mark.distributed

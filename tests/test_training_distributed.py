@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from ranks import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -33,12 +34,6 @@ train: {batch_size: 32, max_examples: 192, seed: 3, gradient_cache: {chunk_size:
         hard_batches: {n_clusters: 64}}
 eval: {every_examples: 96, geometry: false, dtype: float32, test: null}
 """
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -86,7 +81,7 @@ def runs(request: pytest.FixtureRequest, one_process, shared_data: Path,
     config.write_text(CONFIG, encoding="utf-8")
     done = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
                  "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                 f"--master-port={_free_port()}", "-m", "batchscale", "train", str(config),
+                 f"--master-port={free_port()}", "-m", "batchscale", "train", str(config),
                  "--no-progress", "--set", f"data.data_dir={shared_data}",
                  "--set", f"train.distributed_loss={mode}", "--set", f"train.sampler={sampler}",
                  "--out", str(tmp / "run"), "--dist-timeout", "120"])

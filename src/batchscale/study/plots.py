@@ -62,10 +62,7 @@ def _finish(ax: Any, xlabel: str, ylabel: str, *, logx: bool = False) -> None:
 
 
 def curves(data: dict[str, Any], key: str) -> bytes:
-    losses, m = data["losses"], data["metric"]
-    color = _colors(data["batch_sizes"])
-    fig, axes = _panels(len(losses))
-    for ax, loss in zip(axes, losses, strict=True):
+    def draw(ax: Any, loss: str, color: dict[int, Any]) -> None:
         for c in data["curves"]:
             pts = [p for p in c["points"] if c["loss"] == loss and p[key] > 0]
             if not pts:
@@ -76,10 +73,10 @@ def curves(data: dict[str, Any], key: str) -> bytes:
             if key == "examples":
                 ax.fill_between(x, [p["lo"] for p in pts], [p["hi"] for p in pts],
                                 color=color[c["batch_size"]], alpha=0.2, linewidth=0)
-        ax.set_title(loss)
-        _finish(ax, {"examples": "examples seen", "steps": "optimiser steps",
-                     "seconds": "training seconds"}[key], f"dev {m}", logx=True)
-    return _png(fig)
+
+    xlabel = {"examples": "examples seen", "steps": "optimiser steps",
+              "seconds": "training seconds"}[key]
+    return per_loss(data, draw, xlabel, f"dev {data['metric']}")
 
 
 def quality(data: dict[str, Any]) -> bytes:
@@ -136,36 +133,39 @@ def frontier(data: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def lr_plot(data: dict[str, Any]) -> bytes:
-    losses = data["losses"]
+def per_loss(data: dict[str, Any], draw: Any, xlabel: str, ylabel: str) -> bytes:
+    """One panel per loss: ``draw(ax, loss, colour of each batch size)``, log2 x axis."""
     color = _colors(data["batch_sizes"])
-    fig, axes = _panels(len(losses))
-    for ax, loss in zip(axes, losses, strict=True):
+    fig, axes = _panels(len(data["losses"]))
+    for ax, loss in zip(axes, data["losses"], strict=True):
+        draw(ax, loss, color)
+        ax.set_title(loss)
+        _finish(ax, xlabel, ylabel, logx=True)
+    return _png(fig)
+
+
+def lr_plot(data: dict[str, Any]) -> bytes:
+    def draw(ax: Any, loss: str, color: dict[int, Any]) -> None:
         for r in data["lr"]:
             if r["loss"] != loss or r["softmax_batch"] != r["batch_size"]:
                 continue
             pts = [(x["multiplier"], x["dev"]["mean"]) for x in r["multipliers"] if x["dev"]]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                     color=color[r["batch_size"]], label=f"B={r['batch_size']}")
-        ax.set_title(loss)
-        _finish(ax, "lr multiplier", f"dev {data['metric']}", logx=True)
-    return _png(fig)
+
+    return per_loss(data, draw, "lr multiplier", f"dev {data['metric']}")
 
 
 def blocks(data: dict[str, Any]) -> bytes:
-    losses = data["losses"]
-    color = _colors(data["batch_sizes"])
-    fig, axes = _panels(len(losses))
-    for ax, loss in zip(axes, losses, strict=True):
+    def draw(ax: Any, loss: str, color: dict[int, Any]) -> None:
         for b in data["batch_sizes"]:
             rows = [r for r in data["blocks"] if r["loss"] == loss and r["batch_size"] == b
                     and r["test"] is not None]
             if len(rows) > 1:
                 ax.plot([r["softmax_batch"] for r in rows], [r["test"]["mean"] for r in rows],
                         marker="o", color=color[b], label=f"B={b}")
-        ax.set_title(loss)
-        _finish(ax, "softmax block N (pairs)", f"test {data['metric']}", logx=True)
-    return _png(fig)
+
+    return per_loss(data, draw, "softmax block N (pairs)", f"test {data['metric']}")
 
 
 MECHANISM_PANELS = [("neg_cos_mean", "negative cosine, mean"),
