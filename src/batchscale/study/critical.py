@@ -176,8 +176,8 @@ def steps_to_target(curve: Sequence[Mapping[str, float | None]],
     """(steps, examples) at the first evaluation point with dev >= target; None if none.
 
     ``curve``: evaluation points in training order, each with keys ``steps``, ``examples``
-    and ``dev`` (None: not evaluated). No interpolation between points, as
-    :func:`batchscale.study.stats.first_reach`: the figure is a point that was measured.
+    and ``dev`` (None: not evaluated). No interpolation between points:
+    the figure is a point that was measured.
     """
     for p in curve:
         d = p.get("dev")

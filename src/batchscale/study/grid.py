@@ -18,7 +18,7 @@ key path)::
                                     # best dev of the first seed, the other seeds run it only
       softmax_batches: [16, 64]     # softmax blocks of N < B pairs, besides N = B
     budget: {examples: 20000}       # or {steps: 500} or {epochs: 2}: the same for every cell
-    report: {target: 75.0}          # optional: the fixed dev target of the convergence table
+    report: {targets: [75.0]}       # optional: dev targets (default: 50/80/90% of the gain)
 
 Every cell is one training run; its identity is a hash of its resolved :class:`RunConfig`
 (so the same run is recognised across shards, stores and reruns), and the sweep's identity
@@ -134,13 +134,12 @@ class Budget(_Strict):
 
 
 class ReportSettings(_Strict):
-    #: A fixed dev score every run is timed to (None: 95% of the best dev score of the study).
-    target: float | None = None
+    #: Dev scores every run is timed to (steps / examples to each, B_crit per target; None:
+    #: 50%, 80% and 90% of the way from the start score to the best tuned mean dev score).
+    targets: list[float] | None = None
     #: Paired differences (A minus B) between loss variants, by name (None: weince minus
     #: infonce where the grid has both).
     compare: list[tuple[str, str]] | None = None
-    bootstrap_resamples: int = Field(default=9999, ge=100)
-    seed: int = 0
 
 
 class SweepConfig(_Strict):

@@ -15,11 +15,6 @@ the true mean about 75% of the time, not 95%; see tests/test_study_stats.py).
   log2(batch size), then the mean over seeds with a t interval and tests;
 * :func:`trend_difference`: the loss x batch-size interaction as the paired difference of
   per-seed slopes;
-* :func:`first_reach`: examples and seconds at the first evaluation point at or above a
-  threshold (no interpolation between points: the figure is a point that was measured).
-
-Deprecated (kept while study/report.py still imports them): :func:`bootstrap_interval`
-and :func:`trend`.
 """
 
 from __future__ import annotations
@@ -66,57 +61,6 @@ def t_interval(values: Sequence[float]) -> Interval | None:
     n, mean = len(x), float(x.mean())
     half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
     return Interval(mean, mean - half, mean + half, n)
-
-
-def bootstrap_interval(values: Sequence[float], *, resamples: int = 9999,
-                       seed: int = 0) -> Interval | None:
-    """Mean and percentile bootstrap interval of ``values`` (paired differences).
-
-    Deprecated: with 2-3 seeds a percentile bootstrap covers the true mean far less often
-    than 95% (about 75% for n = 3). Use :func:`paired_difference`. Kept only while
-    study/report.py imports it.
-    """
-    x = _finite(values)
-    if len(x) < 2:
-        return _without_ci(x)
-    n, mean = len(x), float(x.mean())
-    if np.all(x == x[0]):
-        return Interval(mean, mean, mean, n)
-    res = stats.bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=CONFIDENCE,
-                          method="percentile", rng=np.random.default_rng(seed))
-    ci = res.confidence_interval
-    return Interval(mean, float(ci.low), float(ci.high), n)
-
-
-@dataclass(frozen=True)
-class Trend:
-    slope: float
-    lo: float | None
-    hi: float | None
-    intercept: float
-    r: float
-    p: float
-    n: int
-
-
-def trend(batch_sizes: Sequence[int], values: Sequence[float]) -> Trend | None:
-    """y = a + b log2(B): b with its 95% interval b +- t_{0.975, n-2} * stderr(b).
-
-    Deprecated: pools every run as if independent, ignoring that runs of one seed are
-    paired across batch sizes. Use :func:`seed_trend`. Kept only while study/report.py
-    imports it.
-    """
-    pairs = [(math.log2(b), v) for b, v in zip(batch_sizes, values, strict=True)
-             if v is not None and math.isfinite(v)]
-    if len(pairs) < 3 or len({x for x, _ in pairs}) < 2:
-        return None
-    x, y = np.array(pairs, dtype=float).T
-    fit = stats.linregress(x, y)
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(x) - 2) * fit.stderr)
-    slope = float(fit.slope)
-    lo, hi = (slope - half, slope + half) if math.isfinite(half) else (None, None)
-    return Trend(slope, lo, hi, float(fit.intercept), float(fit.rvalue), float(fit.pvalue),
-                 len(x))
 
 
 # -- paired differences -------------------------------------------------------------------
@@ -327,13 +271,3 @@ def trend_difference(points_a: Sequence[tuple[int, int, float | None]],
     sb, _ = _seed_fits(points_b)
     common = sorted(set(sa) & set(sb))
     return paired_difference([sa[s] for s in common], [sb[s] for s in common])
-
-
-def first_reach(examples: Sequence[int], seconds: Sequence[float],
-                dev: Sequence[float | None],
-                threshold: float) -> tuple[int, float] | None:
-    """(examples, seconds) of the first point with dev >= threshold; None if none."""
-    for e, s, d in zip(examples, seconds, dev, strict=True):
-        if d is not None and d >= threshold:
-            return int(e), float(s)
-    return None
