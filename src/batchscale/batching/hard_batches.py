@@ -86,21 +86,9 @@ class BSCShuffleSampler(EpochBatchSampler):
         exact_knn: bool = True,
         embed: Callable[[], np.ndarray] | None = None,
         keys: np.ndarray | None = None,
-        drop_last: bool = False,
-        fill_last: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        **options: Any,  # EpochBatchSampler's: drop_last, fill_last, seed, rank, world_size
     ) -> None:
-        super().__init__(
-            num_examples,
-            batch_size,
-            drop_last=drop_last,
-            fill_last=fill_last,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-        )
+        super().__init__(num_examples, batch_size, **options)
         self.group_size = check_group_size(group_size, self.batch_size)
         if variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
@@ -158,22 +146,10 @@ class ShingleShuffleSampler(EpochBatchSampler):
         group_size: int = 8,
         shingle_size: int = 2,
         keys: np.ndarray | None = None,
-        drop_last: bool = False,
-        fill_last: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        **options: Any,  # EpochBatchSampler's: drop_last, fill_last, seed, rank, world_size
     ) -> None:
         self.shingles = ShingleSets(columns, shingle_size)
-        super().__init__(
-            len(self.shingles),
-            batch_size,
-            drop_last=drop_last,
-            fill_last=fill_last,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-        )
+        super().__init__(len(self.shingles), batch_size, **options)
         self.group_size = check_group_size(group_size, self.batch_size)
         self.keys = None if keys is None else check_keys(keys, self.num_examples)
         self.labels: np.ndarray | None = None  # the last plan's group ids
@@ -203,17 +179,10 @@ class TeacherHardBatchSampler(EpochBatchSampler):
         n_clusters: int | None = None,
         kmeans_iterations: int = 20,
         keys: np.ndarray | None = None,
-        drop_last: bool = False,
-        fill_last: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        **options: Any,  # EpochBatchSampler's: drop_last, fill_last, seed, rank, world_size
     ) -> None:
         x = check_embeddings(embeddings)
-        super().__init__(
-            len(x), batch_size, drop_last=drop_last, fill_last=fill_last, seed=seed, rank=rank,
-            world_size=world_size,
-        )
+        super().__init__(len(x), batch_size, **options)
         if n_clusters is None:
             n_clusters = max(1, -(-len(x) // self.batch_size))
         self.keys = None if keys is None else check_keys(keys, self.num_examples)

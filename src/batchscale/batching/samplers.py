@@ -301,27 +301,11 @@ class NoDuplicatesBatchSampler(EpochBatchSampler):
     epoch when unavoidable.
     """
 
-    def __init__(
-        self,
-        keys: np.ndarray,
-        batch_size: int,
-        *,
-        drop_last: bool = False,
-        fill_last: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+    def __init__(self, keys: np.ndarray, batch_size: int, **options: Any) -> None:
+        """``options``: those of :class:`EpochBatchSampler` (``drop_last``, ``fill_last``,
+        ``seed``, ``rank``, ``world_size``)."""
         self.keys = check_keys(keys)
-        super().__init__(
-            len(self.keys),
-            batch_size,
-            drop_last=drop_last,
-            fill_last=fill_last,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-        )
+        super().__init__(len(self.keys), batch_size, **options)
 
     @classmethod
     def from_texts(
