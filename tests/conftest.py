@@ -104,6 +104,8 @@ def corrupt_copy(src: Path, dst: Path, line: int, edit) -> Path:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
+        if os.environ.get("CI"):  # CI has the data beside the clone: missing is a failure
+            pytest.fail(f"shared data not found at {SHARED_DATA} (CI={os.environ['CI']})")
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
 

@@ -62,10 +62,16 @@ def test_label_masking_is_eq5() -> None:
     got = bsc_loss(q, a, 0.1, labels=torch.tensor(labels))
     ref = pair_loss_reference(q.numpy(), a.numpy(), 0.1, labels=labels)
     assert got.item() == pytest.approx(ref, rel=1e-12)
-    # Divided by m, not by the number of anchors.
+    # Divided by m, not by the number of anchors: the per-anchor cross-entropies written out
+    # (rows and columns, every candidate kept), summed over the anchors, over 2 x 8.
     keep = [i for i, y in enumerate(labels) if y]
-    anchors_only = pair_loss_reference(q.numpy(), a.numpy(), 0.1, labels=labels) * 8 / len(keep)
-    assert got.item() != pytest.approx(anchors_only, rel=1e-3)
+    qn = torch.nn.functional.normalize(q.double(), dim=1)
+    an = torch.nn.functional.normalize(a.double(), dim=1)
+    logits = qn @ an.T / 0.1
+    ce = [float(torch.logsumexp(logits[i], 0) - logits[i, i])
+          + float(torch.logsumexp(logits[:, i], 0) - logits[i, i]) for i in keep]
+    assert got.item() == pytest.approx(sum(ce) / (2 * 8), rel=1e-9)
+    assert got.item() != pytest.approx(sum(ce) / (2 * len(keep)), rel=1e-3)
     # Labelled negatives stay candidates: dropping the pairs from the batch changes the loss.
     dropped = bsc_loss(q[keep], a[keep], 0.1) * len(keep) / 8
     assert got.item() != pytest.approx(dropped.item(), rel=1e-3)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from .logits import LogitBlock, LogitPolicy
@@ -56,6 +57,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the backward reuses the forward's buffers in place
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         sims, temperature, positive_index = ctx.saved_tensors
         if ctx.buffers_used:
