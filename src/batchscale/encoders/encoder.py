@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..hardware import cpu_has_native_bfloat16
+
 DEFAULT_MODEL = "default"
 Pooling = Literal["mean", "cls"]
 
@@ -118,9 +120,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        native = device.type == "cpu" and any(
-            getattr(torch.cpu, f, lambda: False)()
-            for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        native = device.type == "cpu" and cpu_has_native_bfloat16()
         return torch.bfloat16 if native else torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -77,8 +78,9 @@ def check_unit_interval(fn: str, name: str, value: float) -> float:
     return float(value)
 
 
-def check_choice(fn: str, name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+def check_choice(fn: str, name: str, value: object, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming ``fn`` and ``name``."""
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{fn}: `{name}` must be one of {list(choices)}, got {value!r}")
     return value
 

@@ -18,9 +18,12 @@ from .pair_loss import TileSize
 from .pointwise import cosine_mse_loss
 from .similarity import Normalization
 
+#: BSC's label threshold t on scores scaled to [0, 1]: pairs scored <= t are never anchors.
+BSC_LABEL_THRESHOLD = 0.6
+
 
 def bsc_mse_loss(q: Tensor, a: Tensor, scores: Tensor, temperature: float | Tensor = 0.05, *,
-                 mu: float = 0.1, label_threshold: float = 0.6,
+                 mu: float = 0.1, label_threshold: float = BSC_LABEL_THRESHOLD,
                  directions: Directions = "both", normalization: Normalization = "l2",
                  hard_negatives: Tensor | None = None, tile_size: TileSize = "auto",
                  softmax_batch: int | None = None) -> Tensor:

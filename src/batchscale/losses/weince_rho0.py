@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from ..hardware import cpu_has_native_bfloat16
 from .tile_plan import TilePlan, blocks, strip_height, strip_sims
 from .weince_tail import AnchorPool, WeinceConfig, rho_from_max
 
@@ -39,11 +40,7 @@ def fast_bfloat16(device: torch.device) -> bool:
         # bounds assume float32 sums
         return (torch.cuda.is_bf16_supported()
                 and not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
-    if device.type == "cpu":
-        # torch's own check (inductor uses it); without the instructions bfloat16 is emulated
-        return any(getattr(torch.cpu, name, lambda: False)()
-                   for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return False
+    return device.type == "cpu" and cpu_has_native_bfloat16()
 
 
 def _norms(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -212,8 +212,7 @@ class Sweep:
         first_seed`` whole settings go to one shard instead (each, costliest first, to the
         shard whose estimated cost is lowest so far: :func:`balanced_settings`), so that a
         shard's own store holds the first seed's lr choice."""
-        if n < 1 or not 0 <= i < n:
-            raise ValueError(f"--shard {i}/{n}: need 0 <= i < n")
+        check_shard(i, n, f"{i}/{n}")
         g = self.config.grid
         if g.lr_tuning == "first_seed" and len(g.lr_multipliers) > 1:
             mine = balanced_settings(self.cells, n)[i]
@@ -261,6 +260,10 @@ def parse_shard(text: str) -> tuple[int, int]:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
         raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    return check_shard(i, n, text)
+
+
+def check_shard(i: int, n: int, text: str) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise ValueError(f"--shard {text!r}: need 0 <= i < n")
     return i, n
@@ -284,12 +287,15 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def base_file(base: str, sweep_file: Path | None) -> Path:
+    """The run config a sweep's ``base`` names, relative to the sweep file."""
+    p = Path(base)
+    return p if p.is_absolute() or sweep_file is None else sweep_file.parent / p
+
+
 def _resolve_base(config: SweepConfig, path: Path | None, source: str) -> RunConfig:
     if isinstance(config.base, str):
-        base_path = Path(config.base)
-        if not base_path.is_absolute() and path is not None:
-            base_path = path.parent / base_path
-        return load_config(base_path)
+        return load_config(base_file(config.base, path))
     from ..training.config import config_from_dict
 
     return config_from_dict(config.base, f"{source}: base")
@@ -380,10 +386,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a sweep config must be a mapping")
         if isinstance(raw.get("base"), str) and any(o.startswith("base.") for o in overrides):
-            base_path = Path(raw["base"])
-            if not base_path.is_absolute():
-                base_path = path.parent / base_path
-            raw = dict(raw, base=yaml.safe_load(base_path.read_text(encoding="utf-8")) or {})
+            base = base_file(raw["base"], path)
+            raw = dict(raw, base=yaml.safe_load(base.read_text(encoding="utf-8")) or {})
         raw = apply_overrides(raw, overrides)
         source += " (with --set)"
     return sweep_from_dict(raw, source, path)

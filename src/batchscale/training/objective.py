@@ -48,10 +48,9 @@ from ..losses import (
     vrns_penalty,
     weince_loss,
 )
+from ..losses.combined import BSC_LABEL_THRESHOLD
 from .config import LossConfig
 
-#: BSC's label threshold on [0, 1] scores (t = 0.6), used by bsc_mse when none is set.
-DEFAULT_LABEL_THRESHOLD = 0.6
 #: Losses with a softmax over the batch's candidates: under the local loss, each rank scores
 #: only its own anchors.
 SOFTMAX_LOSSES = frozenset({"bsc", "infonce", "weince", "bsc_mse"})
@@ -185,7 +184,7 @@ class Objective(nn.Module):
             return loss
         if c.name == "bsc_mse":
             threshold = c.label_threshold if c.label_threshold is not None \
-                else DEFAULT_LABEL_THRESHOLD
+                else BSC_LABEL_THRESHOLD
             return bsc_mse_loss(q, a, labels, tau, mu=c.mu, label_threshold=threshold,
                                 directions=directions, normalization=c.normalization,
                                 hard_negatives=negatives, tile_size=c.tile_size, **blocks)

@@ -42,12 +42,6 @@ def check_fraction(owner: str, name: str, value: object) -> float | None:
     return float(value)
 
 
-def check_choice(owner: str, name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{owner}: `{name}` must be one of {list(choices)}, got {value!r}")
-    return str(value)
-
-
 class BatchscaleLoss(nn.Module):
     """Embeds the columns and computes :meth:`pair_loss` on them; subclasses give the loss.
 

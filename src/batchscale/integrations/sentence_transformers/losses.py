@@ -24,10 +24,12 @@ from batchscale.losses import (
     infonce_loss,
     weince_loss,
 )
+from batchscale.losses._checks import check_choice
+from batchscale.losses.combined import BSC_LABEL_THRESHOLD
 from batchscale.losses.pair_loss import TileSize
 
 from . import citations
-from .base import BatchSoftmaxLoss, check_choice, check_fraction
+from .base import BatchSoftmaxLoss, check_fraction
 
 
 class BSCLoss(BatchSoftmaxLoss):
@@ -64,7 +66,7 @@ class BSCLoss(BatchSoftmaxLoss):
         owner = type(self).__name__
         mu = check_fraction(owner, "mu", mu)
         if mu is not None and label_threshold is None:
-            label_threshold = 0.6
+            label_threshold = BSC_LABEL_THRESHOLD
         super().__init__(model, temperature, label_threshold=label_threshold,
                          tile_size=tile_size, mini_batch_size=mini_batch_size,
                          gather_across_ranks=gather_across_ranks)
