@@ -13,6 +13,11 @@ from torch import Tensor
 
 from .weince_tail import AnchorPool, WeinceConfig, WeinceLambda, weince_lambda
 
+#: A policy's per-anchor constants, computed once per call by its ``row_state`` and handed
+#: back to it (WEINCE's lambdas; None for plain logits). Code that only passes the state
+#: along (the core cross-entropy) types it with this name, not WEINCE's class.
+RowState = WeinceLambda | None
+
 
 class LogitBlock(NamedTuple):
     """Logits of a block of anchor rows and what their backward needs.
@@ -97,10 +102,10 @@ class LogitPolicy(Protocol):
         """The tail-fit constants when the logits need each anchor's negative tail."""
 
     def row_state(self, sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None,
-                  anchors: Tensor) -> WeinceLambda | None:
+                  anchors: Tensor) -> RowState:
         """Per-anchor constants computed once from the (detached) similarities."""
 
-    def coefficients(self, state: WeinceLambda | None, temperature: Tensor) -> Coefficients:
+    def coefficients(self, state: RowState, temperature: Tensor) -> Coefficients:
         """The per-anchor constants of the logits of ``state``'s anchors."""
 
     def shortfall(self, sims: Tensor, slope: bool, out: Tensor | None = None
@@ -112,12 +117,12 @@ class LogitPolicy(Protocol):
         """dg/ds of a block of similarities (``coef`` broadcast to it), in ``out`` when
         given (a scalar when it is one)."""
 
-    def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
+    def logits(self, sims: Tensor, state: RowState, temperature: Tensor
                ) -> LogitBlock:
         """Logits g of a block of rows, with dg/ds and dg/dtau."""
 
 
-def _block(policy: LogitPolicy, sims: Tensor, state: WeinceLambda | None,
+def _block(policy: LogitPolicy, sims: Tensor, state: RowState,
            temperature: Tensor) -> LogitBlock:
     """A policy's logits of a block of anchor rows, from its coefficients and shortfall."""
     coef = policy.coefficients(state, temperature)
@@ -140,7 +145,7 @@ class ScaledCosine:
                   anchors: Tensor) -> None:
         return None
 
-    def coefficients(self, state: WeinceLambda | None, temperature: Tensor) -> Coefficients:
+    def coefficients(self, state: RowState, temperature: Tensor) -> Coefficients:
         return Coefficients(1.0 / temperature, None, None)
 
     def shortfall(self, sims: Tensor, slope: bool, out: Tensor | None = None) -> None:
@@ -149,7 +154,7 @@ class ScaledCosine:
     def slope(self, sims: Tensor, coef: Coefficients, out: Tensor | None = None) -> Tensor:
         return coef.scale
 
-    def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
+    def logits(self, sims: Tensor, state: RowState, temperature: Tensor
                ) -> LogitBlock:
         return _block(self, sims, state, temperature)
 
@@ -171,7 +176,7 @@ class WeinceMixture:
         return weince_lambda(sims, positive_index, candidate_mask, anchors, self.config,
                              self.anchor_pool)
 
-    def coefficients(self, state: WeinceLambda | None, temperature: Tensor) -> Coefficients:
+    def coefficients(self, state: RowState, temperature: Tensor) -> Coefficients:
         assert state is not None
         lam = state.lam.to(temperature.dtype)
         plain_weight = 1.0 - lam
@@ -210,7 +215,7 @@ class WeinceMixture:
             slope.masked_fill_(clamped, 0.0)
         return slope.add_(coef.scale)
 
-    def logits(self, sims: Tensor, state: WeinceLambda | None, temperature: Tensor
+    def logits(self, sims: Tensor, state: RowState, temperature: Tensor
                ) -> LogitBlock:
         return _block(self, sims, state, temperature)
 

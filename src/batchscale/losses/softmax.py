@@ -20,13 +20,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
-    from .logits import LogitBlock, LogitPolicy
-    from .weince_tail import WeinceLambda
+    from .logits import LogitBlock, LogitPolicy, RowState
 
 
 def _softmax_buffers(sims: Tensor, temperature: Tensor, positive_index: Tensor,
                      candidate_mask: Tensor | None, policy: LogitPolicy,
-                     state: WeinceLambda | None) -> tuple[Tensor, Tensor, Tensor, LogitBlock]:
+                     state: RowState) -> tuple[Tensor, Tensor, Tensor, LogitBlock]:
     """(loss per row, exp(g - max) per entry, its row sums, the policy's block)."""
     block = policy.logits(sims, state, temperature)
     logits = block.logits
@@ -44,7 +43,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, sims: Tensor, temperature: Tensor, positive_index: Tensor,
                 candidate_mask: Tensor | None, policy: LogitPolicy,
-                state: WeinceLambda | None) -> Tensor:
+                state: RowState) -> Tensor:
         loss, weights, total, block = _softmax_buffers(sims, temperature, positive_index,
                                                        candidate_mask, policy, state)
         ctx.save_for_backward(sims, temperature, positive_index)
@@ -87,7 +86,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
 
 def softmax_cross_entropy(sims: Tensor, positive_index: Tensor,
                           candidate_mask: Tensor | None, policy: LogitPolicy,
-                          state: WeinceLambda | None, temperature: float | Tensor) -> Tensor:
+                          state: RowState, temperature: float | Tensor) -> Tensor:
     """Per-anchor loss l_i, shape (rows,), of the similarities ``sims`` (rows, cols).
 
     ``candidate_mask[i, j]`` False removes j from anchor i's candidates (the positive must
@@ -96,14 +95,6 @@ def softmax_cross_entropy(sims: Tensor, positive_index: Tensor,
         float(temperature), dtype=sims.dtype, device=sims.device)
     return _SoftmaxCrossEntropy.apply(sims, tau.to(sims.dtype).reshape(()), positive_index,
                                       candidate_mask, policy, state)
-
-
-def negative_counts(candidate_mask: Tensor | None, rows: int, cols: int,
-                    device: torch.device) -> Tensor:
-    """K_i, the number of negatives of each anchor (its candidates but the positive)."""
-    if candidate_mask is None:
-        return torch.full((rows,), cols - 1, dtype=torch.long, device=device)
-    return candidate_mask.sum(dim=1, dtype=torch.int32).to(torch.long) - 1
 
 
 def weighted_anchor_mean(per_anchor: Tensor, weights: Tensor | None, count: int) -> Tensor:

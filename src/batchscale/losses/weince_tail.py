@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .softmax import negative_counts
+from .candidates import negative_counts
 
 WeinceFactors = Literal["both", "rho", "aic"]
 #: Maps the rho of this call's anchors to the rho of every anchor of the batch, for rho0

@@ -1,0 +1,17 @@
+"""Which columns of a block of similarities are an anchor's negatives: counts of them.
+
+Imports nothing of the loss package, so that the tail fit (:mod:`weince_tail`) and the
+core cross-entropy (:mod:`softmax`) can both use it without an import cycle."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def negative_counts(candidate_mask: Tensor | None, rows: int, cols: int,
+                    device: torch.device) -> Tensor:
+    """K_i, the number of negatives of each anchor (its candidates but the positive)."""
+    if candidate_mask is None:
+        return torch.full((rows,), cols - 1, dtype=torch.long, device=device)
+    return candidate_mask.sum(dim=1, dtype=torch.int32).to(torch.long) - 1
