@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from batchscale.cli import main
 from batchscale.training import ConfigError, load_config
@@ -84,7 +85,30 @@ def test_the_cli_reports_config_errors_and_exits_1(tmp_path, capsys):
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")
                                            if not p.name.startswith("study-")))  # sweeps
 def test_presets_validate(preset):
-    load_config(CONFIGS / preset)
+    """Every value the preset writes is the value the validated config holds (nothing is
+    dropped, renamed or coerced on the way)."""
+    raw = yaml.safe_load((CONFIGS / preset).read_text(encoding="utf-8"))
+    loaded = load_config(CONFIGS / preset).model_dump(mode="json")
+
+    def leaves(d: dict, path: tuple = ()):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from leaves(v, (*path, k))
+            else:
+                yield (*path, k), v
+
+    def at(d: object, path: tuple) -> object:
+        for k in path:
+            d = d[int(k)] if isinstance(d, list) else d[k]
+        return d
+
+    written = list(leaves(raw))
+    assert written
+    for path, value in written:
+        got = at(loaded, path)
+        if isinstance(value, list):
+            got = list(got)
+        assert got == value, f"{preset}: {'.'.join(map(str, path))}: {got!r} != {value!r}"
 
 
 def test_presets_exist():
