@@ -15,3 +15,16 @@ def negative_counts(candidate_mask: Tensor | None, rows: int, cols: int,
     if candidate_mask is None:
         return torch.full((rows,), cols - 1, dtype=torch.long, device=device)
     return candidate_mask.sum(dim=1, dtype=torch.int32).to(torch.long) - 1
+
+
+def keep_negatives_(sims: Tensor, positives: tuple[Tensor, Tensor] | None,
+                    non_candidates: Tensor | None) -> Tensor:
+    """``sims`` with everything but each anchor's negatives at -inf, in place: the entries
+    at ``positives`` (row offsets, column offsets) and those where ``non_candidates`` is
+    True (false negatives: same text id as the positive). The one place the tail fits and
+    the rho0 sweeps hide what is not a negative; copy ``sims`` first to keep it."""
+    if positives is not None:
+        sims[positives] = float("-inf")
+    if non_candidates is not None:
+        sims.masked_fill_(non_candidates, float("-inf"))
+    return sims

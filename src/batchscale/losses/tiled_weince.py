@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .batch_softmax import candidate_mask
+from .candidates import keep_negatives_
 from .logits import Coefficients, LogitPolicy, Shortfall, anchor_pool_of, mixed_logits
 from .tile_plan import (
     STRIP_ENTRIES,
@@ -92,11 +93,11 @@ def _row_strips(q: Tensor, candidates: Tensor, plan: TilePlan, cfg: WeinceConfig
     for r in blocks(m, height):
         sims = strip_sims(q[r], candidates[:width], buffer)
         diag = diagonal(r, slice(0, width), sims.device)
-        if diag is not None:
-            sims[diag[1], diag[2]] = float("-inf")      # the positive, in both directions
+        # the positive, in both directions
+        keep_negatives_(sims, None if diag is None else diag[1:], None)
         if fits is not None and k_rows is not None:
             mask = plan.row_mask(r, slice(0, width))
-            negatives = sims if mask is None else sims.masked_fill(~mask, float("-inf"))
+            negatives = sims if mask is None else keep_negatives_(sims.clone(), None, ~mask)
             fits.add(negatives, k_rows[r], cfg)
         if col_max is not None:
             answers = masked_(sims[:, :m], plan.col_mask(slice(0, m), r))
@@ -108,21 +109,19 @@ def _fit_without_positive(fits: _Fits, sims: Tensor, mask: Tensor | None,
                           diag: tuple[Tensor, Tensor, Tensor] | None, k: Tensor,
                           cfg: WeinceConfig) -> TailFit:
     """Fit a strip of anchors whose positives lie on ``diag``; ``sims`` is left as it was."""
+    positions = None if diag is None else diag[1:]
     if mask is not None:
-        negatives = sims.masked_fill(~mask, float("-inf"))
-        if diag is not None:
-            negatives[diag[1], diag[2]] = float("-inf")
-        return fits.add(negatives, k, cfg)
-    if diag is None:
+        return fits.add(keep_negatives_(sims.clone(), positions, ~mask), k, cfg)
+    if positions is None:
         return fits.add(sims, k, cfg)
     # No ids: only the positives differ from the negatives, so hide them in place and put
     # them back rather than copy the strip.
-    positives = sims[diag[1], diag[2]]
-    sims[diag[1], diag[2]] = float("-inf")
+    positives = sims[positions]
+    keep_negatives_(sims, positions, None)
     try:
         return fits.add(sims, k, cfg)
     finally:
-        sims[diag[1], diag[2]] = positives
+        sims[positions] = positives
 
 
 def _shift(policy: LogitPolicy, coef: Coefficients, max_negative: Tensor, positive: Tensor

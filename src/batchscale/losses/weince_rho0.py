@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..hardware import cpu_has_native_bfloat16
+from .candidates import keep_negatives_
 from .tile_plan import TilePlan, blocks, strip_height, strip_sims
 from .weince_tail import AnchorPool, WeinceConfig, rho_from_max
 
@@ -50,12 +51,15 @@ def _norms(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _mask_negatives_(sims: Tensor, rows: Tensor, answer_ids: Tensor | None) -> Tensor:
     """Keep each row's negatives: its positive (column = row index) and the candidates that
-    share its positive's text id go to -inf."""
-    sims[torch.arange(rows.numel(), device=sims.device), rows] = float("-inf")
-    if answer_ids is not None:
-        same = answer_ids[None, : sims.shape[1]] == answer_ids[rows][:, None]
-        sims.masked_fill_(same, float("-inf"))
-    return sims
+    share its positive's text id go to -inf.
+
+    The rows are an index tensor (the refinement recomputes scattered rows), so the false
+    negatives come from the ids here rather than from ``candidate_mask``, which takes slices;
+    the same-id mask covers the positive too."""
+    positives = (torch.arange(rows.numel(), device=sims.device), rows)
+    same = (None if answer_ids is None
+            else answer_ids[None, : sims.shape[1]] == answer_ids[rows][:, None])
+    return keep_negatives_(sims, positives, same)
 
 
 def _negative_strips(q: Tensor, candidates: Tensor, rows: Tensor, answer_ids: Tensor | None,

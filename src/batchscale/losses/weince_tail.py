@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .candidates import negative_counts
+from .candidates import keep_negatives_, negative_counts
 
 WeinceFactors = Literal["both", "rho", "aic"]
 #: Maps the rho of this call's anchors to the rho of every anchor of the batch, for rho0
@@ -359,11 +359,10 @@ def top_negatives(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor |
     for start in range(0, rows, step):
         block = sims[start:start + step]
         # A masked copy of a few rows: the positive and the false negatives become -inf.
-        negatives = block.clone()
         local = torch.arange(block.shape[0], device=sims.device)
-        negatives[local, positive_index[start:start + step]] = float("-inf")
-        if candidate_mask is not None:
-            negatives.masked_fill_(~candidate_mask[start:start + step], float("-inf"))
+        negatives = keep_negatives_(
+            block.clone(), (local, positive_index[start:start + step]),
+            None if candidate_mask is None else ~candidate_mask[start:start + step])
         parts.append(sorted_top_values(negatives, k_max))
     return torch.cat(parts)
 
