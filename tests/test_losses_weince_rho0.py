@@ -29,17 +29,17 @@ def _exact_rho(q: torch.Tensor, c: torch.Tensor, answer_ids: torch.Tensor | None
     return torch.where(negative.any(dim=1), torch.clamp(1.0 - top, min=CFG.eps), 1.0)
 
 
-def _reference_rho0(rho: torch.Tensor, pool: torch.Tensor) -> float:
-    values = sorted(rho[pool].tolist())
+def _reference_rho0(rho: torch.Tensor, counted: torch.Tensor) -> float:
+    values = sorted(rho[counted].tolist())
     return values[round(CFG.quantile * (len(values) - 1))]
 
 
-def _rho0(q, c, answer_ids=None, anchors=None, anchor_pool=None):
+def _rho0(q, c, answer_ids=None, anchors=None, gather_anchors=None):
     m = q.shape[0]
     anchors = torch.ones(m, dtype=torch.bool) if anchors is None else anchors
     plan = TilePlan(WeinceMixture(CFG), True, False, answer_ids, None, anchors, 64)
     k = tail_size(negatives_per_anchor(answer_ids, m, c.shape[0], q.device), CFG)
-    return weince_rho0.row_rho0(q, c, plan, k, CFG, anchor_pool), k
+    return weince_rho0.row_rho0(q, c, plan, k, CFG, gather_anchors), k
 
 
 def _near_ties(m: int, d: int, seed: int, spread: float, dtype=torch.float64):
@@ -81,8 +81,8 @@ def test_rho0_with_masks_labels_and_rows_without_negatives(sweep) -> None:
     answer_ids[m:] = torch.arange(1000, 1000 + hard)    # false negatives among the answers
     anchors = torch.rand(m, generator=g) > 0.3
     got, k = _rho0(q, c, answer_ids, anchors)
-    pool = anchors & (k > 0)
-    want = _reference_rho0(_exact_rho(q, c, answer_ids), pool)
+    counted = anchors & (k > 0)
+    want = _reference_rho0(_exact_rho(q, c, answer_ids), counted)
     assert float(got) == pytest.approx(want, abs=1e-12)
     # a batch where nothing is a negative of anything: rho0 = 1
     single = torch.zeros(3, dtype=torch.long)
@@ -90,18 +90,18 @@ def test_rho0_with_masks_labels_and_rows_without_negatives(sweep) -> None:
     assert int(k.sum()) == 0 and float(got) == 1.0
 
 
-def test_rho0_over_every_rank_through_the_anchor_pool(sweep) -> None:
+def test_rho0_over_every_rank_through_the_anchor_gather(sweep) -> None:
     q, c = _near_ties(120, 32, seed=5, spread=1e-4)
     local = _exact_rho(q, c, None)
-    # other ranks' exact rho, some inside this rank's window, appended by the pool
+    # other ranks' exact rho, some inside this rank's window, appended by the all-gather
     others = torch.cat([local[:40] + 1e-7, torch.linspace(0.1, 0.4, 50, dtype=torch.float64)])
     calls = []
 
-    def pool(x: torch.Tensor) -> torch.Tensor:
+    def gather_anchors(x: torch.Tensor) -> torch.Tensor:
         calls.append(x.numel())
         return torch.cat([x, others])
 
-    got, _ = _rho0(q, c, anchor_pool=pool)
+    got, _ = _rho0(q, c, gather_anchors=gather_anchors)
     want = sorted(local.tolist() + others.tolist())[round(CFG.quantile * (120 + 90 - 1))]
     assert float(got) == pytest.approx(want, abs=1e-12)
     assert calls == [120, 120, 120]           # bounds below, above, then the exact values

@@ -51,55 +51,55 @@ class ContrastiveBatch:
         return self.q.shape[0]
 
 
-def binary_labels(fn: str, labels: object, m: int, device: torch.device,
+def binary_labels(caller: str, labels: object, m: int, device: torch.device,
                   threshold: float | None) -> Tensor:
     """y_i in {0, 1}: given as binary, or 1[score_i > threshold] for scores in [0, 1]."""
-    y = check_vector(fn, "labels", labels, m, device)
+    y = check_vector(caller, "labels", labels, m, device)
     y = y.to(torch.float64)
     if threshold is None:
         if not bool(((y == 0) | (y == 1)).all()):
             bad = y[(y != 0) & (y != 1)][:3].tolist()
             raise ValueError(
-                f"{fn}: `labels` must be 0/1 unless `label_threshold` is set, got values {bad}"
+                f"{caller}: `labels` must be 0/1 unless `label_threshold` is set, got values {bad}"
             )
         return y > 0.5
     if not (0.0 <= threshold <= 1.0):
-        raise ValueError(f"{fn}: `label_threshold` must be in [0, 1], got {threshold}")
+        raise ValueError(f"{caller}: `label_threshold` must be in [0, 1], got {threshold}")
     if bool(((y < 0) | (y > 1)).any()):
         bad = y[(y < 0) | (y > 1)][:3].tolist()
-        raise ValueError(f"{fn}: graded `labels` must be scaled to [0, 1], got values {bad}")
+        raise ValueError(f"{caller}: graded `labels` must be scaled to [0, 1], got values {bad}")
     return y > threshold
 
 
-def prepare_batch(fn: str, q: Tensor, a: Tensor, *, normalization: Normalization,
+def prepare_batch(caller: str, q: Tensor, a: Tensor, *, normalization: Normalization,
                   hard_negatives: Tensor | None = None, labels: object = None,
                   label_threshold: float | None = None, query_ids: object = None,
                   answer_ids: object = None) -> ContrastiveBatch:
     """Validate and normalise the inputs of a pair loss."""
-    check_embeddings(fn, "q", q)
-    check_embeddings(fn, "a", a)
-    check_same_layout(fn, "q", q, "a", a)
-    check_choice(fn, "normalization", normalization, NORMALIZATIONS)
+    check_embeddings(caller, "q", q)
+    check_embeddings(caller, "a", a)
+    check_same_layout(caller, "q", q, "a", a)
+    check_choice(caller, "normalization", normalization, NORMALIZATIONS)
     m, dev = q.shape[0], q.device
     candidates = a
     if hard_negatives is not None:
         if isinstance(hard_negatives, Tensor) and hard_negatives.ndim == 3:
             hard_negatives = hard_negatives.reshape(-1, hard_negatives.shape[-1])
-        check_embeddings(fn, "hard_negatives", hard_negatives, min_rows=1)
-        check_same_layout(fn, "a", a, "hard_negatives", hard_negatives, same_rows=False)
+        check_embeddings(caller, "hard_negatives", hard_negatives, min_rows=1)
+        check_same_layout(caller, "a", a, "hard_negatives", hard_negatives, same_rows=False)
         candidates = torch.cat([a, hard_negatives])
     n_cand = candidates.shape[0]
 
     weight = None
     if labels is not None:
-        weight = binary_labels(fn, labels, m, dev, label_threshold)
+        weight = binary_labels(caller, labels, m, dev, label_threshold)
     elif label_threshold is not None:
-        raise ValueError(f"{fn}: `label_threshold` given without `labels`")
+        raise ValueError(f"{caller}: `label_threshold` given without `labels`")
 
     if answer_ids is not None:
-        answer_ids = check_vector(fn, "answer_ids", answer_ids, n_cand, dev, integer=True)
+        answer_ids = check_vector(caller, "answer_ids", answer_ids, n_cand, dev, integer=True)
     if query_ids is not None:
-        query_ids = check_vector(fn, "query_ids", query_ids, m, dev, integer=True)
+        query_ids = check_vector(caller, "query_ids", query_ids, m, dev, integer=True)
     return ContrastiveBatch(normalize(q, normalization), normalize(candidates, normalization),
                             weight, answer_ids, query_ids)
 

@@ -45,17 +45,17 @@ from .similarity import NORMALIZATIONS, Normalization, normalize
 T = TypeVar("T")
 
 
-def block_size(fn: str, softmax_batch: object, m: int) -> int | None:
+def block_size(caller: str, softmax_batch: object, m: int) -> int | None:
     """N, after checking that it splits ``m`` pairs into equal blocks; None for one block
     (``softmax_batch`` None or equal to m), the plain loss."""
     if softmax_batch is None:
         return None
     if isinstance(softmax_batch, bool) or not isinstance(softmax_batch, int) \
             or softmax_batch < 2:
-        raise ValueError(f"{fn}: `softmax_batch` must be an integer >= 2 or None, got "
+        raise ValueError(f"{caller}: `softmax_batch` must be an integer >= 2 or None, got "
                          f"{softmax_batch!r}")
     if m % softmax_batch:
-        raise ValueError(f"{fn}: `softmax_batch` ({softmax_batch}) must divide the batch of "
+        raise ValueError(f"{caller}: `softmax_batch` ({softmax_batch}) must divide the batch of "
                          f"{m} pairs into equal softmax blocks")
     return None if softmax_batch == m else softmax_batch
 
@@ -64,36 +64,36 @@ class PairInputs:
     """The per-pair inputs of a pair loss, checked for splitting: queries and answers (m, d),
     hard negatives k per pair, pair-major (m * k, d), and the per-pair vectors."""
 
-    def __init__(self, fn: str, q: Tensor, a: Tensor, *, hard_negatives: Tensor | None = None,
+    def __init__(self, caller: str, q: Tensor, a: Tensor, *, hard_negatives: Tensor | None = None,
                  labels: object = None, query_ids: object = None,
                  answer_ids: object = None) -> None:
-        check_embeddings(fn, "q", q)
-        check_embeddings(fn, "a", a)
-        check_same_layout(fn, "q", q, "a", a)
+        check_embeddings(caller, "q", q)
+        check_embeddings(caller, "a", a)
+        check_same_layout(caller, "q", q, "a", a)
         m, dev = q.shape[0], q.device
         k = 0
         if hard_negatives is not None:
             if isinstance(hard_negatives, Tensor) and hard_negatives.ndim == 3:
                 if hard_negatives.shape[0] != m:
                     raise ValueError(
-                        f"{fn}: `hard_negatives` of shape (m, k, d) must have m = {m} (one row "
+                        f"{caller}: `hard_negatives` of shape (m, k, d) must have m = {m} (one row "
                         f"of negatives per pair), got shape {tuple(hard_negatives.shape)}")
                 hard_negatives = hard_negatives.reshape(-1, hard_negatives.shape[-1])
-            check_embeddings(fn, "hard_negatives", hard_negatives, min_rows=1)
-            check_same_layout(fn, "a", a, "hard_negatives", hard_negatives, same_rows=False)
+            check_embeddings(caller, "hard_negatives", hard_negatives, min_rows=1)
+            check_same_layout(caller, "a", a, "hard_negatives", hard_negatives, same_rows=False)
             h = hard_negatives.shape[0]
             if h % m:
                 raise ValueError(
-                    f"{fn}: with `softmax_batch`, `hard_negatives` must hold k per pair "
+                    f"{caller}: with `softmax_batch`, `hard_negatives` must hold k per pair "
                     f"((m * k, d) pair-major or (m, k, d)), got {h} rows for {m} pairs")
             k = h // m
-        self.fn, self.m, self.k = fn, m, k
+        self.caller, self.m, self.k = caller, m, k
         self.q, self.a, self.hard_negatives = q, a, hard_negatives
-        self.labels = None if labels is None else check_vector(fn, "labels", labels, m, dev)
+        self.labels = None if labels is None else check_vector(caller, "labels", labels, m, dev)
         self.query_ids = None if query_ids is None else check_vector(
-            fn, "query_ids", query_ids, m, dev, integer=True)
+            caller, "query_ids", query_ids, m, dev, integer=True)
         self.answer_ids = None if answer_ids is None else check_vector(
-            fn, "answer_ids", answer_ids, m + m * k, dev, integer=True)
+            caller, "answer_ids", answer_ids, m + m * k, dev, integer=True)
 
     def rows(self, start: int, stop: int) -> dict[str, Any]:
         """The inputs of pairs ``start .. stop - 1`` as keywords of a pair loss: ``q``, ``a``,
@@ -141,13 +141,13 @@ def stacked_plain_loss(inputs: PairInputs, n: int, temperature: float | Tensor,
     (m, n + n k) softmax with each anchor's positive at its place in its block. Each
     block's loss is the dense loss's (the same candidates, masks, normalisation per block),
     and the mean over the m anchors is the mean over the blocks."""
-    fn, m, k, g = inputs.fn, inputs.m, inputs.k, inputs.m // n
-    check_choice(fn, "normalization", normalization, NORMALIZATIONS)
+    caller, m, k, g = inputs.caller, inputs.m, inputs.k, inputs.m // n
+    check_choice(caller, "normalization", normalization, NORMALIZATIONS)
     weight = None
     if inputs.labels is not None:
-        weight = binary_labels(fn, inputs.labels, m, inputs.q.device, label_threshold)
+        weight = binary_labels(caller, inputs.labels, m, inputs.q.device, label_threshold)
     elif label_threshold is not None:
-        raise ValueError(f"{fn}: `label_threshold` given without `labels`")
+        raise ValueError(f"{caller}: `label_threshold` given without `labels`")
     d = inputs.q.shape[1]
     q = normalize(inputs.q.reshape(g, n, d), normalization)
     candidates = inputs.a.reshape(g, n, d)

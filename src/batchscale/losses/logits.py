@@ -165,7 +165,7 @@ class WeinceMixture:
     (see :mod:`batchscale.losses.weince_tail` for lam): scale = (1 - lam) / tau, mix = -lam."""
 
     config: WeinceConfig = field(default_factory=WeinceConfig)
-    anchor_pool: AnchorPool | None = None  # rho0 over anchors beyond this call's
+    gather_anchors: AnchorPool | None = None  # rho0 over every rank's anchors
 
     @property
     def tail(self) -> WeinceConfig:
@@ -174,7 +174,7 @@ class WeinceMixture:
     def row_state(self, sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None,
                   anchors: Tensor) -> WeinceLambda:
         return weince_lambda(sims, positive_index, candidate_mask, anchors, self.config,
-                             self.anchor_pool)
+                             self.gather_anchors)
 
     def coefficients(self, state: RowState, temperature: Tensor) -> Coefficients:
         assert state is not None
@@ -220,9 +220,9 @@ class WeinceMixture:
         return _block(self, sims, state, temperature)
 
 
-def anchor_pool_of(policy: LogitPolicy) -> AnchorPool | None:
-    """The policy's pool of every rank's anchors for batch statistics (WEINCE's rho0)."""
-    return policy.anchor_pool if isinstance(policy, WeinceMixture) else None
+def gather_anchors_of(policy: LogitPolicy) -> AnchorPool | None:
+    """The policy's all-gather of every rank's anchors for batch statistics (WEINCE's rho0)."""
+    return policy.gather_anchors if isinstance(policy, WeinceMixture) else None
 
 
 def weince_logits(sims: Tensor, lam: Tensor, temperature: float | Tensor, eps: float) -> Tensor:

@@ -31,20 +31,20 @@ def nt_xent(z_i: Tensor, z_j: Tensor, temperature: float | Tensor = 0.5, *,
             **weince_options: object) -> Tensor | tuple[Tensor, WeinceStats]:
     """NT-Xent over two views; returns a 0-dim tensor (and WEINCE's :class:`WeinceStats`
     with ``return_stats=True`` and ``method="weince"``)."""
-    fn = "nt_xent"
-    check_temperature(fn, temperature)
-    check_choice(fn, "method", method, ("infonce", "weince"))
-    check_embeddings(fn, "z_i", z_i)
-    check_embeddings(fn, "z_j", z_j)
-    check_same_layout(fn, "z_i", z_i, "z_j", z_j)
+    caller = "nt_xent"
+    check_temperature(caller, temperature)
+    check_choice(caller, "method", method, ("infonce", "weince"))
+    check_embeddings(caller, "z_i", z_i)
+    check_embeddings(caller, "z_j", z_j)
+    check_same_layout(caller, "z_i", z_i, "z_j", z_j)
     policy: LogitPolicy
     if method == "weince":
         if config is None:
-            config = WeinceConfig.from_kwargs(fn, **weince_options)
+            config = WeinceConfig.from_kwargs(caller, **weince_options)
         policy = WeinceMixture(config)
     else:
         if weince_options or config is not None:
-            raise ValueError(f"{fn}: WEINCE options given with method='infonce'")
+            raise ValueError(f"{caller}: WEINCE options given with method='infonce'")
         policy = ScaledCosine()
 
     n = z_i.shape[0]
@@ -56,6 +56,6 @@ def nt_xent(z_i: Tensor, z_j: Tensor, temperature: float | Tensor = 0.5, *,
     loss, state = direction_loss(sims, positive, not_self, None, policy, temperature, 2 * n)
     if return_stats:
         if state is None:
-            raise ValueError(f"{fn}: `return_stats` needs method='weince'")
+            raise ValueError(f"{caller}: `return_stats` needs method='weince'")
         return loss, WeinceStats.from_lambdas([state])
     return loss

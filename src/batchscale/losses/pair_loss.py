@@ -10,7 +10,7 @@ from torch import Tensor
 from ._checks import check_choice, check_temperature
 from .batch_softmax import DIRECTIONS, Directions, batch_softmax_loss, prepare_batch
 from .blocks import PairInputs, block_size, over_blocks, stacked_plain_loss
-from .logits import PLAIN_LOGITS, LogitPolicy, ScaledCosine, anchor_pool_of
+from .logits import PLAIN_LOGITS, LogitPolicy, ScaledCosine, gather_anchors_of
 from .similarity import Normalization
 from .tiled import DEFAULT_TILE, tiled_batch_softmax_loss
 from .weince_tail import WeinceLambda
@@ -25,7 +25,7 @@ AUTO_DENSE_ENTRIES = {"cpu": 2048 * 2048}
 AUTO_DENSE_OTHER = 4096 * 4096
 
 
-def resolve_tile(fn: str, tile_size: TileSize, rows: int, cols: int,
+def resolve_tile(caller: str, tile_size: TileSize, rows: int, cols: int,
                  device_type: str = "cpu") -> int | None:
     """The tile to use, or None for the dense path."""
     if tile_size is None:
@@ -34,12 +34,12 @@ def resolve_tile(fn: str, tile_size: TileSize, rows: int, cols: int,
         limit = AUTO_DENSE_ENTRIES.get(device_type, AUTO_DENSE_OTHER)
         return None if rows * cols <= limit else DEFAULT_TILE
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
-        raise ValueError(f"{fn}: `tile_size` must be a positive int, 'auto' or None, "
+        raise ValueError(f"{caller}: `tile_size` must be a positive int, 'auto' or None, "
                          f"got {tile_size!r}")
     return tile_size
 
 
-def pair_loss(fn: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
+def pair_loss(caller: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
               directions: Directions, normalization: Normalization,
               hard_negatives: Tensor | None, labels: object, label_threshold: float | None,
               query_ids: object, answer_ids: object, tile_size: TileSize = "auto",
@@ -47,40 +47,41 @@ def pair_loss(fn: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
               ) -> tuple[Tensor, list[WeinceLambda]]:
     """Validate, prepare and compute a batch-softmax pair loss; with ``softmax_batch`` N < m,
     the mean of the losses of its blocks of N pairs (:mod:`~batchscale.losses.blocks`)."""
-    check_temperature(fn, temperature)
-    check_choice(fn, "directions", directions, DIRECTIONS)
-    n = block_size(fn, softmax_batch, q.shape[0] if isinstance(q, Tensor) else 0)
+    check_temperature(caller, temperature)
+    check_choice(caller, "directions", directions, DIRECTIONS)
+    n = block_size(caller, softmax_batch, q.shape[0] if isinstance(q, Tensor) else 0)
     if n is not None:
-        if anchor_pool_of(policy) is not None:
-            raise ValueError(f"{fn}: `anchor_pool` and `softmax_batch` ({n}) together: a "
+        if gather_anchors_of(policy) is not None:
+            raise ValueError(f"{caller}: `anchor_pool` and `softmax_batch` ({n}) together: a "
                              "block's rho0 comes from the block's own anchors")
-        inputs = PairInputs(fn, q, a, hard_negatives=hard_negatives, labels=labels,
+        inputs = PairInputs(caller, q, a, hard_negatives=hard_negatives, labels=labels,
                             query_ids=query_ids, answer_ids=answer_ids)
         k = inputs.k
         if isinstance(policy, ScaledCosine) and resolve_tile(
-                fn, tile_size, n, n + n * k, inputs.q.device.type) is None:
+                caller, tile_size, n, n + n * k, inputs.q.device.type) is None:
             return stacked_plain_loss(inputs, n, temperature, directions, normalization,
                                       label_threshold), []
 
         def block(q: Tensor, a: Tensor, hard_negatives: Tensor | None = None,
                   labels: object = None, query_ids: object = None, answer_ids: object = None
                   ) -> tuple[Tensor, list[WeinceLambda]]:
-            return pair_loss(fn, q, a, temperature, directions=directions,
+            return pair_loss(caller, q, a, temperature, directions=directions,
                              normalization=normalization, hard_negatives=hard_negatives,
                              labels=labels, label_threshold=label_threshold,
                              query_ids=query_ids, answer_ids=answer_ids, tile_size=tile_size,
                              policy=policy)
 
         return over_blocks(inputs, n, block)
-    batch = prepare_batch(fn, q, a, normalization=normalization, hard_negatives=hard_negatives,
+    batch = prepare_batch(caller, q, a, normalization=normalization, hard_negatives=hard_negatives,
                           labels=labels, label_threshold=label_threshold, query_ids=query_ids,
                           answer_ids=answer_ids)
     n = batch.candidates.shape[0]
-    # With an anchor pool (rho0 over every rank's anchors) each path makes its own all-gathers,
-    # so the choice must not hang on this rank's row count, which the last batch of an epoch
-    # may make uneven across ranks: the candidates, gathered from every rank, decide alone.
-    pooled = anchor_pool_of(policy) is not None
-    tile = resolve_tile(fn, tile_size, n if pooled else batch.m, n, batch.q.device.type)
+    # With `anchor_pool` (an all-gather: rho0 over every rank's anchors) each path makes its
+    # own all-gathers, so the choice must not hang on this rank's row count, which the last
+    # batch of an epoch may make uneven across ranks: the candidates, gathered from every
+    # rank, decide alone.
+    across_ranks = gather_anchors_of(policy) is not None
+    tile = resolve_tile(caller, tile_size, n if across_ranks else batch.m, n, batch.q.device.type)
     if tile is None:
         return batch_softmax_loss(batch, temperature, directions, policy)
     return tiled_batch_softmax_loss(batch, temperature, directions, policy, tile)

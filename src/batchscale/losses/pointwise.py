@@ -15,13 +15,13 @@ from ._checks import check_embeddings, check_same_layout, check_vector
 from .similarity import cosine_diagonal
 
 
-def _pair_scores(fn: str, q: Tensor, a: Tensor, scores: object, *, unit: bool) -> Tensor:
-    check_embeddings(fn, "q", q, min_rows=1)
-    check_embeddings(fn, "a", a, min_rows=1)
-    check_same_layout(fn, "q", q, "a", a)
-    y = check_vector(fn, "scores", scores, q.shape[0], q.device).to(q.dtype)
+def _pair_scores(caller: str, q: Tensor, a: Tensor, scores: object, *, unit: bool) -> Tensor:
+    check_embeddings(caller, "q", q, min_rows=1)
+    check_embeddings(caller, "a", a, min_rows=1)
+    check_same_layout(caller, "q", q, "a", a)
+    y = check_vector(caller, "scores", scores, q.shape[0], q.device).to(q.dtype)
     if unit and bool(((y < 0) | (y > 1)).any()):
-        raise ValueError(f"{fn}: `scores` must be scaled to [0, 1], got values "
+        raise ValueError(f"{caller}: `scores` must be scaled to [0, 1], got values "
                          f"{y[(y < 0) | (y > 1)][:3].tolist()}")
     return y
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .batch_softmax import candidate_mask
 from .candidates import keep_negatives_
-from .logits import Coefficients, LogitPolicy, Shortfall, anchor_pool_of, mixed_logits
+from .logits import Coefficients, LogitPolicy, Shortfall, gather_anchors_of, mixed_logits
 from .tile_plan import (
     STRIP_ENTRIES,
     DirectionState,
@@ -157,7 +157,7 @@ def _row_lambdas(fits: _Fits, plan: TilePlan, tau: Tensor, positive_sims: Tensor
     policy, cfg = plan.policy, plan.policy.tail
     assert cfg is not None
     state = mix_lambda(fits.fit(), plan.is_anchor, cfg, positive_sims.dtype,
-                       anchor_pool=anchor_pool_of(policy))
+                       gather_anchors=gather_anchors_of(policy))
     coef = policy.coefficients(state, tau)
     return state, coef, _shift(policy, coef, torch.cat(fits.max_negative), positive_sims)
 
@@ -186,7 +186,7 @@ def weince_strip_constants(q: Tensor, candidates: Tensor, tau: Tensor, plan: Til
     everything = slice(0, n)
     if n * n <= WHOLE_MATRIX_ENTRIES:
         return _whole_matrix_constants(q, candidates, tau, plan, k, states)
-    rho0 = row_rho0(q, candidates, plan, k, cfg, anchor_pool_of(policy))
+    rho0 = row_rho0(q, candidates, plan, k, cfg, gather_anchors_of(policy))
 
     fits = _Fits()
 
@@ -246,7 +246,7 @@ def weince_forward(q: Tensor, candidates: Tensor, tau: Tensor, plan: TilePlan
     col_rho0 = None
     if col_max is not None and k_cols is not None:
         col_rho0 = reference_rho(rho_from_max(col_max, k_cols, cfg),
-                                 plan.is_anchor & (k_cols > 0), cfg, anchor_pool_of(policy))
+                                 plan.is_anchor & (k_cols > 0), cfg, gather_anchors_of(policy))
 
     # Sweep 2, column strips: sims_t[a, i] = s(q_i, candidate a). The tails need whole
     # strip rows; the logits are taken a tile of queries at a time, so that their passes

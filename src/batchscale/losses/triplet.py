@@ -21,14 +21,14 @@ from .similarity import cosine_diagonal
 def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 5.0,
                  distance: Literal["euclidean", "cosine"] = "euclidean") -> Tensor:
     """Mean hinge of d(anchor, positive) - d(anchor, negative) + margin."""
-    fn = "triplet_loss"
+    caller = "triplet_loss"
     for name, x in (("anchor", anchor), ("positive", positive), ("negative", negative)):
-        check_embeddings(fn, name, x, min_rows=1)
-    check_same_layout(fn, "anchor", anchor, "positive", positive)
-    check_same_layout(fn, "anchor", anchor, "negative", negative)
-    check_choice(fn, "distance", distance, ("euclidean", "cosine"))
+        check_embeddings(caller, name, x, min_rows=1)
+    check_same_layout(caller, "anchor", anchor, "positive", positive)
+    check_same_layout(caller, "anchor", anchor, "negative", negative)
+    check_choice(caller, "distance", distance, ("euclidean", "cosine"))
     if not margin >= 0:
-        raise ValueError(f"{fn}: `margin` must be >= 0, got {margin}")
+        raise ValueError(f"{caller}: `margin` must be >= 0, got {margin}")
     if distance == "euclidean":
         d_pos = torch.linalg.vector_norm(anchor - positive, dim=-1)
         d_neg = torch.linalg.vector_norm(anchor - negative, dim=-1)

@@ -21,12 +21,12 @@ from .similarity import normalize
 
 def vrns_penalty(q: Tensor, a: Tensor, n: int) -> Tensor:
     """Mean squared gap between each cross-view negative cosine and -1/(n - 1)."""
-    fn = "vrns_penalty"
-    check_embeddings(fn, "q", q)
-    check_embeddings(fn, "a", a)
-    check_same_layout(fn, "q", q, "a", a)
+    caller = "vrns_penalty"
+    check_embeddings(caller, "q", q)
+    check_embeddings(caller, "a", a)
+    check_same_layout(caller, "q", q, "a", a)
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"{fn}: `n` (training-set size) must be an integer >= 2, got {n!r}")
+        raise ValueError(f"{caller}: `n` (training-set size) must be an integer >= 2, got {n!r}")
     m = q.shape[0]
     sims = normalize(q, "l2") @ normalize(a, "l2").T
     off_diagonal = ~torch.eye(m, dtype=torch.bool, device=q.device)

@@ -157,18 +157,19 @@ def _max_negative_bounds(q: Tensor, candidates: Tensor, answer_ids: Tensor | Non
 
 
 def row_rho0(q: Tensor, candidates: Tensor, plan: TilePlan, k: Tensor, cfg: WeinceConfig,
-             anchor_pool: AnchorPool | None) -> Tensor:
+             gather_anchors: AnchorPool | None) -> Tensor:
     """rho0 of the queries, exactly as :func:`~batchscale.losses.weince_tail.reference_rho`
     would give it from every row's exact max negative (0-dim, float64)."""
-    pool = plan.is_anchor & (k > 0)
+    counted = plan.is_anchor & (k > 0)        # the anchors rho0 is taken over
 
-    def gather(x: Tensor) -> Tensor:
-        return x[pool] if anchor_pool is None else anchor_pool(x[pool])
+    def every_counted(x: Tensor) -> Tensor:
+        """The counted rows of ``x``, this rank's or (gathered) every rank's."""
+        return x[counted] if gather_anchors is None else gather_anchors(x[counted])
 
     lower, upper = _max_negative_bounds(q, candidates, plan.answer_ids, plan.tile)
     # rho falls as the max negative grows: its lower bound comes from the upper one
     rho_lo, rho_hi = rho_from_max(upper, k, cfg), rho_from_max(lower, k, cfg)
-    all_lo, all_hi = gather(rho_lo), gather(rho_hi)
+    all_lo, all_hi = every_counted(rho_lo), every_counted(rho_hi)
     count = all_lo.numel()
     if count == 0:
         return torch.ones((), device=q.device, dtype=torch.float64)
@@ -179,15 +180,16 @@ def row_rho0(q: Tensor, candidates: Tensor, plan: TilePlan, k: Tensor, cfg: Wein
     window_hi = torch.sort(all_hi).values[rank]
     below = int((all_hi < window_lo).sum())
 
-    def open_(lo: Tensor, hi: Tensor) -> Tensor:
+    def undecided(lo: Tensor, hi: Tensor) -> Tensor:
+        """Rows whose rho interval [lo, hi] meets the window: they may be rho0."""
         return ~(hi < window_lo) & ~(lo > window_hi)
 
     # rows whose bounds coincide (the exact sweep) are known already
-    refine = pool & open_(rho_lo, rho_hi) & (rho_lo != rho_hi)
+    refine = counted & undecided(rho_lo, rho_hi) & (rho_lo != rho_hi)
     exact = rho_lo.clone()
     index = refine.nonzero().squeeze(1)
     if index.numel():
         top = _max_negatives(q[index], candidates, index, plan.answer_ids, plan.tile)
         exact[index] = rho_from_max(top, k[index], cfg)
-    undecided = gather(exact)[open_(all_lo, all_hi)]
-    return torch.sort(undecided).values[rank - below]
+    rest = every_counted(exact)[undecided(all_lo, all_hi)]
+    return torch.sort(rest).values[rank - below]

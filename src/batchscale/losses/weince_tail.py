@@ -38,8 +38,10 @@ from torch import Tensor
 from .candidates import keep_negatives_, negative_counts
 
 WeinceFactors = Literal["both", "rho", "aic"]
-#: Maps the rho of this call's anchors to the rho of every anchor of the batch, for rho0
-#: when a call sees only some of the anchors (a rank's share under the local loss).
+#: The type of ``gather_anchors``, an all-gather across ranks: maps the rho of this call's
+#: anchors to the rho of every anchor of the batch, for rho0 when a call sees only some of
+#: the anchors (a rank's share under the local loss). The public keyword is ``anchor_pool``
+#: (:func:`~batchscale.losses.weince_loss`).
 AnchorPool = Callable[[Tensor], Tensor]
 
 
@@ -84,11 +86,12 @@ class WeinceConfig:
             raise bad("sse_floor", "> 0")
 
     @classmethod
-    def from_kwargs(cls, fn: str, **kwargs: object) -> WeinceConfig:
+    def from_kwargs(cls, caller: str, **kwargs: object) -> WeinceConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"{fn}: unknown WEINCE option(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(
+                f"{caller}: unknown WEINCE option(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
@@ -234,13 +237,13 @@ def rho_from_max(max_negative: Tensor, k: Tensor, cfg: WeinceConfig) -> Tensor:
     return torch.where(k > 0, torch.clamp(1.0 - top, min=cfg.eps), 1.0)
 
 
-def reference_rho(rho: Tensor, pool: Tensor, cfg: WeinceConfig,
-                  anchor_pool: AnchorPool | None = None) -> Tensor:
-    """rho0: the q-quantile of rho over the rows in ``pool`` (anchors with a negative), and
-    over every anchor of the batch with ``anchor_pool``."""
-    values = rho[pool]
-    if anchor_pool is not None:
-        values = anchor_pool(values)
+def reference_rho(rho: Tensor, counted: Tensor, cfg: WeinceConfig,
+                  gather_anchors: AnchorPool | None = None) -> Tensor:
+    """rho0: the q-quantile of rho over the rows where ``counted`` (bool: anchors with a
+    negative), and over every rank's anchors with ``gather_anchors``."""
+    values = rho[counted]
+    if gather_anchors is not None:
+        values = gather_anchors(values)
     ranked = torch.sort(values).values
     if ranked.numel() > 0:
         return ranked[round(cfg.quantile * (ranked.numel() - 1))]
@@ -248,12 +251,12 @@ def reference_rho(rho: Tensor, pool: Tensor, cfg: WeinceConfig,
 
 
 def mix_lambda(fit: TailFit, anchors: Tensor, cfg: WeinceConfig, dtype: torch.dtype,
-               rho0: Tensor | None = None, anchor_pool: AnchorPool | None = None
+               rho0: Tensor | None = None, gather_anchors: AnchorPool | None = None
                ) -> WeinceLambda:
     """lambda_i from the anchors' fits: rho0 is the q-quantile of rho over the anchors (or
     given, when the fits of a block of rows come before the others')."""
     if rho0 is None:
-        rho0 = reference_rho(fit.rho, anchors & fit.has_negative, cfg, anchor_pool)
+        rho0 = reference_rho(fit.rho, anchors & fit.has_negative, cfg, gather_anchors)
     lam_rho = torch.sigmoid(cfg.kappa_rho * (torch.log(rho0) - torch.log(fit.rho)))
     lam_aic = torch.sigmoid(cfg.kappa_aic * (fit.delta_aic - cfg.margin))
     if cfg.factors == "both":
@@ -269,11 +272,11 @@ def mix_lambda(fit: TailFit, anchors: Tensor, cfg: WeinceConfig, dtype: torch.dt
 
 
 def lambda_from_tail(top_negatives: Tensor, k: Tensor, anchors: Tensor,
-                     cfg: WeinceConfig, anchor_pool: AnchorPool | None = None) -> WeinceLambda:
+                     cfg: WeinceConfig, gather_anchors: AnchorPool | None = None) -> WeinceLambda:
     """lambda_i from each anchor's largest negative similarities (sorted descending), its tail
     size k_i and which rows are anchors. Rows with fewer than 3 fit points get lambda = 0."""
     return mix_lambda(fit_tail(top_negatives, k, cfg), anchors, cfg, top_negatives.dtype,
-                      anchor_pool=anchor_pool)
+                      gather_anchors=gather_anchors)
 
 
 # A strided sample of every _SAMPLE_STRIDE-th entry bounds each row's k-th largest value
@@ -313,7 +316,7 @@ def _threshold_top(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _executor(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchscale-topk")
 
 
@@ -336,7 +339,7 @@ def sorted_top_values(x: Tensor, k: int) -> Tensor:
     if len(chunks) == 1:
         top, exact = _threshold_top(array, k)
     else:
-        parts = list(_pool(len(chunks)).map(_threshold_top, chunks, [k] * len(chunks)))
+        parts = list(_executor(len(chunks)).map(_threshold_top, chunks, [k] * len(chunks)))
         top = np.concatenate([p[0] for p in parts])
         exact = np.concatenate([p[1] for p in parts])
     values = torch.from_numpy(top)
@@ -369,7 +372,7 @@ def top_negatives(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor |
 
 def weince_lambda(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor | None = None,
                   anchors: Tensor | None = None, cfg: WeinceConfig | None = None,
-                  anchor_pool: AnchorPool | None = None) -> WeinceLambda:
+                  gather_anchors: AnchorPool | None = None) -> WeinceLambda:
     """lambda_i for every row of a dense similarity matrix.
 
     ``sims`` (rows, cols) cosine similarities; ``positive_index`` (rows,) each row's positive;
@@ -385,4 +388,4 @@ def weince_lambda(sims: Tensor, positive_index: Tensor, candidate_mask: Tensor |
         k = tail_size(num_negatives, cfg)
         k_max = int(k.max()) if rows > 0 else 0
         top = top_negatives(sims.detach(), positive_index, candidate_mask, k_max)
-        return lambda_from_tail(top, k, anchors, cfg, anchor_pool)
+        return lambda_from_tail(top, k, anchors, cfg, gather_anchors)
