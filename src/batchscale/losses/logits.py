@@ -72,8 +72,8 @@ def mixed_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | None,
     elif bias.ndim == 2 and bias.shape[-1] != 1 and coef.scale.ndim == 2 and out is None:
         g = torch.addcmul(bias, sims, coef.scale)       # per-column constants: vectorised
     else:
-        # A per-row bias sends addcmul to torch's unvectorised CPU loop (~4x slower than
-        # this mul and add, measured), whether the scale is per row or a scalar.
+        # A per-row bias sends addcmul to torch's unvectorised CPU loop, whether the scale is
+        # per row or a scalar: a mul and an add are faster (benchmarks/README.md).
         g = torch.mul(sims, coef.scale, out=out).add_(bias)
     if coef.mix is None:
         return g
@@ -183,8 +183,8 @@ class WeinceMixture:
         return Coefficients(plain_weight / temperature, lam.neg(), plain_weight)
 
     def shortfall(self, sims: Tensor, slope: bool, out: Tensor | None = None) -> Shortfall:
-        # log(1 - min(s, 1 - eps)) as log1p(-min(...)): in place, with no rounded 1 - s
-        # (a third of the time of rsub, clamp and log, measured on CPU)
+        # log(1 - min(s, 1 - eps)) as log1p(-min(...)): in place, with no rounded 1 - s, and
+        # fewer passes than rsub, clamp and log (benchmarks/README.md)
         log = torch.neg(sims, out=out).clamp_min_(-(1.0 - self.config.eps)).log1p_()
         return Shortfall(log, self._inverse(sims) if slope else None)
 
@@ -195,8 +195,8 @@ class WeinceMixture:
         # below that both sides round the same 1 - s. So u == floor marks exactly the clamped
         # entries, where the log term has no gradient.
         u = torch.sub(sims.new_ones(()), sims, out=out).clamp_min_(floor)
-        # Clamped entries are rare (s within eps of 1: duplicates); a min is ~20x cheaper
-        # than a bool mask and its any().
+        # Clamped entries are rare (s within eps of 1: duplicates); a min is a single pass
+        # where a bool mask and its any() make two and a buffer (benchmarks/README.md).
         return u, (u <= floor) if bool(u.amin() <= floor) else None
 
     def _inverse(self, sims: Tensor) -> Tensor:
@@ -206,8 +206,8 @@ class WeinceMixture:
         return inverse if clamped is None else inverse.masked_fill_(clamped, 0.0)
 
     def slope(self, sims: Tensor, coef: Coefficients, out: Tensor | None = None) -> Tensor:
-        """scale - mix / u, in place over u (an addcdiv with per-anchor operands takes
-        torch's unvectorised loop: 2x slower, measured)."""
+        """scale - mix / u, in place over u (an addcdiv with per-anchor operands would take
+        torch's unvectorised loop; benchmarks/README.md)."""
         assert coef.mix is not None
         u, clamped = self._shortfall_u(sims, out)
         slope = torch.div(coef.mix.neg(), u, out=u)

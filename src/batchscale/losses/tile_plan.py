@@ -31,8 +31,8 @@ def diagonal(rows: slice, cols: slice, device: torch.device
 
 
 # A strip holds at most this many similarities (64 MB in float32): whole rows, and enough of
-# them that the strip's matmuls run near the speed of square tiles. At B = 32,768 the q->a
-# sweep took 17.6 s with 128-row strips, 16.2 s with 256, 15.9 s with 512, 15.7 s with 1,024.
+# them that the strip's matmuls run near the speed of square tiles (timings by strip height:
+# benchmarks/README.md).
 STRIP_ENTRIES = 1 << 24
 
 
@@ -48,9 +48,8 @@ _STRIP_MM_COLUMNS = 2048
 
 def strip_sims(anchors: Tensor, candidates: Tensor, buffer: Tensor) -> Tensor:
     """anchors @ candidates.T, written into the leading rows of a reused strip buffer a block
-    of columns at a time. One matmul into a fresh 32 MB strip ran ~50% slower than square
-    tiles on two threads (first-touch page faults, and MKL's split of a thin product);
-    this runs at tile speed (measured)."""
+    of columns at a time: a reused buffer avoids first-touch page faults, and blocks of
+    columns avoid MKL's slow split of one thin product (timings: benchmarks/README.md)."""
     out = buffer[: anchors.shape[0]]
     for cols in blocks(candidates.shape[0], _STRIP_MM_COLUMNS):
         torch.mm(anchors, candidates[cols].T, out=out[:, cols])
