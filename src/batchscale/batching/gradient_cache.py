@@ -16,12 +16,21 @@ Parameter gradients accumulate into ``.grad`` as usual. Parameters used only by 
 (e.g. a learnable temperature) get theirs in step 2. Across ranks, ``loss_fn`` may all-gather
 the embeddings (:func:`batchscale.batching.distributed.gathered_pair_loss`): step 2 then holds
 the only collectives, and every rank may have a different number of chunks.
+
+Steps 1 and 3 are a small core, after GradCache's: :func:`cached_encode` (or
+:func:`split_side` then :func:`encode_chunks`) encodes one side chunk by chunk without a graph,
+capturing the RNG state per chunk, and returns a :class:`CachedEncoding`, whose ``replay``
+re-encodes each chunk under its state and back-propagates its slice of dL/d(embeddings);
+:func:`replay_all` replays several sides so that only the very last chunk synchronises.
+:func:`cached_backward` runs the three steps; the sentence-transformers integration runs steps 1
+and 3 around the Trainer's own backward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -31,14 +40,22 @@ from .rng_state import RngState
 
 Encoder = Callable[[dict[str, Tensor]], Tensor]
 SideInputs = Inputs | Sequence[Inputs]
+NoSync = Callable[[], AbstractContextManager[object]]
 
 
-def _side_chunks(
-    name: str, side: SideInputs, chunk_size: int | None, max_tokens: int | None, sort: bool
+def split_side(
+    side: SideInputs,
+    *,
+    chunk_size: int | None = None,
+    max_tokens: int | None = None,
+    sort_by_length: bool = False,
+    name: str = "features",
 ) -> list[Chunk]:
     """One mapping is split by the rule; a sequence of mappings is taken as the chunks."""
     if isinstance(side, Mapping):
-        return split_inputs(side, chunk_size=chunk_size, max_tokens=max_tokens, sort_by_length=sort)
+        return split_inputs(
+            side, chunk_size=chunk_size, max_tokens=max_tokens, sort_by_length=sort_by_length
+        )
     if not isinstance(side, Sequence) or isinstance(side, str) or not side:
         raise ValueError(
             f"`{name}` must be a mapping of tensors or a non-empty sequence of them, "
@@ -52,19 +69,11 @@ def _side_chunks(
     return chunks
 
 
-def _encode(encode: Encoder, chunk: Chunk, name: str) -> Tensor:
+def _encode(encode: Encoder, chunk: Chunk) -> Tensor:
     # A fresh copy each pass: encoders may write into their inputs (sentence-transformers
     # stores its outputs in the features dict, some poolings edit the mask in place), and
     # the replay must see what the first pass saw. Token tensors are tiny next to activations.
-    inputs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in chunk.inputs.items()}
-    emb = encode(inputs)
-    if not isinstance(emb, Tensor) or emb.ndim != 2 or emb.shape[0] != len(chunk):
-        shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
-        raise ValueError(
-            f"the encoder of `{name}` must return a ({len(chunk)}, d) tensor for a chunk of "
-            f"{len(chunk)} examples, got {shape}"
-        )
-    return emb
+    return encode({k: v.clone() if isinstance(v, Tensor) else v for k, v in chunk.inputs.items()})
 
 
 def _in_batch_order(chunks: list[Chunk], embeddings: list[Tensor]) -> Tensor:
@@ -76,6 +85,86 @@ def _in_batch_order(chunks: list[Chunk], embeddings: list[Tensor]) -> Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class CachedEncoding:
+    """One side encoded chunk by chunk without a graph (step 1), ready to be replayed."""
+
+    encode: Encoder
+    chunks: list[Chunk]
+    states: list[RngState]  # the RNG state before each chunk's first pass
+    embeddings: Tensor  # (n, d) in the batch's order, no graph
+
+    def replay(self, grad: Tensor, *, no_sync: NoSync | None = None, last: bool = True) -> None:
+        """Step 3: re-encode each chunk with a graph under its saved RNG state (the same
+        dropout masks, so the same embeddings) and back-propagate its rows of ``grad``
+        (dL/d(embeddings), the batch's order) through it. Every re-encoding runs under
+        ``no_sync()`` when given, except the final one when ``last``."""
+        for step, (chunk, state) in enumerate(zip(self.chunks, self.states, strict=True)):
+            sync = last and step == len(self.chunks) - 1
+            with nullcontext() if no_sync is None or sync else no_sync(), state.replay():
+                emb = _encode(self.encode, chunk)
+                if not emb.requires_grad:  # a frozen encoder: nothing to train
+                    continue
+                torch.autograd.backward(emb, grad.index_select(0, chunk.index.to(grad.device)))
+
+
+def encode_chunks(encode: Encoder, chunks: list[Chunk]) -> CachedEncoding:
+    """Step 1 for chunks already split: ``encode`` each without a graph, capturing the RNG
+    state before it (what the replay needs to draw the same dropout masks)."""
+    states, embeddings = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(RngState.capture())
+            embeddings.append(_encode(encode, chunk))
+    return CachedEncoding(encode, chunks, states, _in_batch_order(chunks, embeddings))
+
+
+def cached_encode(
+    encode: Encoder,
+    features: SideInputs,
+    *,
+    chunk_size: int | None = None,
+    max_tokens: int | None = None,
+    sort_by_length: bool = False,
+    name: str = "features",
+) -> CachedEncoding:
+    """Step 1 for one side: :func:`split_side` then :func:`encode_chunks`."""
+    chunks = split_side(features, chunk_size=chunk_size, max_tokens=max_tokens,
+                        sort_by_length=sort_by_length, name=name)
+    return encode_chunks(encode, chunks)
+
+
+def replay_all(
+    encodings: Sequence[CachedEncoding],
+    grads: Sequence[Tensor | None],
+    *,
+    no_sync: NoSync | None = None,
+) -> None:
+    """Step 3 for several sides: each with a gradient is replayed (a side the loss did not use
+    has none and is not re-encoded); all re-encodings but the very last run under
+    ``no_sync()``, so that e.g. DistributedDataParallel reduces the gradients once."""
+    work = [(e, g) for e, g in zip(encodings, grads, strict=True) if g is not None and e.chunks]
+    for i, (encoding, grad) in enumerate(work):
+        encoding.replay(grad, no_sync=no_sync, last=i == len(work) - 1)
+
+
+def _checked(encode: Encoder, name: str) -> Encoder:
+    """``encode``, failing clearly unless it returns one (rows, d) embedding per row."""
+
+    def checked(inputs: dict[str, Tensor]) -> Tensor:
+        rows = batch_rows(inputs)
+        emb = encode(inputs)
+        if not isinstance(emb, Tensor) or emb.ndim != 2 or emb.shape[0] != rows:
+            shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+            raise ValueError(
+                f"the encoder of `{name}` must return a ({rows}, d) tensor for a chunk of "
+                f"{rows} examples, got {shape}"
+            )
+        return emb
+
+    return checked
+
+
 def cached_backward(
     encode: Encoder | Sequence[Encoder],
     sides: Sequence[SideInputs],
@@ -84,7 +173,7 @@ def cached_backward(
     chunk_size: int | None = None,
     max_tokens: int | None = None,
     sort_by_length: bool = False,
-    no_sync: Callable[[], AbstractContextManager[object]] | None = None,
+    no_sync: NoSync | None = None,
 ) -> Tensor:
     """Compute ``loss_fn(*embeddings)`` over the whole batch and accumulate its exact parameter
     gradients into ``.grad``, encoding one chunk at a time; returns the loss, detached.
@@ -119,22 +208,17 @@ def cached_backward(
         )
     names = [f"sides[{i}]" for i in range(len(sides))]
     chunks = [
-        _side_chunks(n, s, chunk_size, max_tokens, sort_by_length)
+        split_side(s, chunk_size=chunk_size, max_tokens=max_tokens,
+                   sort_by_length=sort_by_length, name=n)
         for n, s in zip(names, sides, strict=True)
     ]
 
-    # Step 1: embeddings without a graph; the RNG state before each chunk is what step 3 needs
-    # to draw the same dropout masks.
-    states: list[list[RngState]] = []
-    leaves: list[Tensor] = []
-    with torch.no_grad():
-        for enc, side_chunks, name in zip(encoders, chunks, names, strict=True):
-            side_states, side_embs = [], []
-            for chunk in side_chunks:
-                side_states.append(RngState.capture())
-                side_embs.append(_encode(enc, chunk, name))
-            states.append(side_states)
-            leaves.append(_in_batch_order(side_chunks, side_embs))
+    # Step 1: embeddings without a graph, the RNG state saved before each chunk.
+    encodings = [
+        encode_chunks(_checked(enc, name), side_chunks)
+        for enc, side_chunks, name in zip(encoders, chunks, names, strict=True)
+    ]
+    leaves = [e.embeddings for e in encodings]
     if not torch.is_grad_enabled():
         return loss_fn(*leaves).detach()
 
@@ -149,21 +233,6 @@ def cached_backward(
         raise ValueError("`loss_fn` returned a loss that does not depend on the embeddings")
     loss.backward()
 
-    # Step 3: replay each chunk with a graph and push its cached gradient in. A side the loss
-    # did not use has no gradient and is not re-encoded.
-    work = [
-        (enc, chunk, state, leaf.grad, name)
-        for enc, side_chunks, side_states, leaf, name in zip(
-            encoders, chunks, states, leaves, names, strict=True
-        )
-        if leaf.grad is not None
-        for chunk, state in zip(side_chunks, side_states, strict=True)
-    ]
-    for step, (enc, chunk, state, grad, name) in enumerate(work):
-        last = step == len(work) - 1
-        with nullcontext() if no_sync is None or last else no_sync(), state.replay():
-            emb = _encode(enc, chunk, name)
-            if not emb.requires_grad:  # a frozen tower: nothing to train
-                continue
-            torch.autograd.backward(emb, grad.index_select(0, chunk.index.to(grad.device)))
+    # Step 3: replay each chunk with a graph and push its cached gradient in.
+    replay_all(encodings, [leaf.grad for leaf in leaves], no_sync=no_sync)
     return loss.detach()

@@ -22,7 +22,6 @@ learnable temperature) get theirs from step 2, as in the plain path.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -31,8 +30,8 @@ from torch import Tensor, nn
 from torch.autograd.graph import register_multi_grad_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from batchscale.batching.chunking import Chunk, split_inputs
-from batchscale.batching.rng_state import RngState
+from batchscale.batching.chunking import split_inputs
+from batchscale.batching.gradient_cache import CachedEncoding, encode_chunks, replay_all
 
 Features = Mapping[str, Any]
 
@@ -59,14 +58,6 @@ def _device_type(columns: Sequence[Features]) -> str:
     return "cpu"
 
 
-def _encode_chunk(model: nn.Module, chunk: Chunk) -> Tensor:
-    # A fresh copy each pass: sentence-transformers modules write into the features dict
-    # (token_embeddings, and Pooling may edit the attention mask in place), and the replay must
-    # see what the first pass saw.
-    inputs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in chunk.inputs.items()}
-    return embed(model, inputs)
-
-
 def cached_embeddings(model: nn.Module, columns: Sequence[Features],
                       mini_batch_size: int) -> list[Tensor]:
     """Steps 1 and 3 of the module docstring: the columns' embeddings as leaf tensors (encoded
@@ -79,46 +70,26 @@ def cached_embeddings(model: nn.Module, columns: Sequence[Features],
     device_type = _device_type(columns)
     autocast = (device_type, torch.is_autocast_enabled(device_type),
                 torch.get_autocast_dtype(device_type))
-    states: list[list[RngState]] = []
-    leaves: list[Tensor] = []
-    with torch.no_grad():
-        for column in chunks:
-            states.append([])
-            embeddings = []
-            for chunk in column:
-                states[-1].append(RngState.capture())
-                embeddings.append(_encode_chunk(model, chunk))
-            # Chunks by count without sorting are consecutive rows: concatenation is the
-            # batch's order.
-            leaves.append(torch.cat(embeddings))
+    # The copy of the inputs per pass (sentence-transformers modules write into the features
+    # dict) is the core's.
+    encodings = [encode_chunks(partial(embed, model), column) for column in chunks]
+    leaves = [e.embeddings for e in encodings]
     if not torch.is_grad_enabled():  # evaluation: no backward will come
         return leaves
     leaves = [e.requires_grad_() for e in leaves]
     # One hook for all columns, called once per backward with every column's gradient (None
     # for a column the loss did not use), so the last re-encoding can be the one DDP syncs on.
-    register_multi_grad_hook(leaves, partial(_replay, model, chunks, states, autocast))
+    register_multi_grad_hook(leaves, partial(_replay, model, encodings, autocast))
     return leaves
 
 
-def _replay(model: nn.Module, chunks: list[list[Chunk]], states: list[list[RngState]],
+def _replay(model: nn.Module, encodings: list[CachedEncoding],
             autocast: tuple[str, bool, torch.dtype], grads: Sequence[Tensor | None]) -> None:
     """Step 3: re-encode each chunk under its saved RNG state and push dL/de into it."""
-    work = [
-        (chunk, state, grad)
-        for column, column_states, grad in zip(chunks, states, grads, strict=True)
-        if grad is not None
-        for chunk, state in zip(column, column_states, strict=True)
-    ]
     # Under DistributedDataParallel, reduce the gradients once, after the last chunk (an outer
     # no_sync, e.g. during gradient accumulation, still holds for that one).
     no_sync = model.no_sync if isinstance(model, DistributedDataParallel) else None
     device_type, enabled, dtype = autocast
     # The autograd engine runs hooks with grad mode off; the replay needs a graph.
     with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-        for step, (chunk, state, grad) in enumerate(work):
-            last = step == len(work) - 1
-            with nullcontext() if no_sync is None or last else no_sync(), state.replay():
-                emb = _encode_chunk(model, chunk)
-                if not emb.requires_grad:  # a frozen model: nothing to train
-                    continue
-                torch.autograd.backward(emb, grad.index_select(0, chunk.index.to(grad.device)))
+        replay_all(encodings, grads, no_sync=no_sync)
