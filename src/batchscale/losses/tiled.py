@@ -21,19 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import tile_plan
 from .batch_softmax import ContrastiveBatch, Directions
 from .logits import Coefficients, LogitPolicy, Shortfall, mixed_logits, slope_product_
 from .softmax import weighted_anchor_mean
-from .tile_plan import (
-    DEFAULT_TILE,
-    DirectionState,
-    MaybeDirection,
-    TilePlan,
-    blocks,
-    diagonal,
-    masked_,
-    tau_sum,
-)
+from .tile_plan import DEFAULT_TILE, DirectionState, MaybeDirection, TilePlan
 from .tiled_plain import plain_forward, shared_backward, shared_shift
 from .tiled_rows import rows_loss_with_gradient
 from .tiled_weince import weince_forward
@@ -52,7 +44,7 @@ def _grad_of_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | Non
     scaling rides on the bias of the logits instead of a pass of its own."""
     fold = bool((grad >= 0).all())
     bias = grad.log() - lse if fold else -lse
-    g = masked_(mixed_logits(sims, coef, shortfall, bias), mask).exp_()
+    g = tile_plan.masked_(mixed_logits(sims, coef, shortfall, bias), mask).exp_()
     if not fold:
         g.mul_(grad)
     if diag is not None and anchors is not None:
@@ -110,16 +102,16 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
         grad_q, grad_c = torch.zeros_like(q), torch.zeros_like(candidates)
         tau_term = q.new_zeros(())          # sum of dL/dg * tau_weight * s
 
-        for r in blocks(m, plan.tile):
-            for c in blocks(n, plan.tile):
+        for r in tile_plan.blocks(m, plan.tile):
+            for c in tile_plan.blocks(n, plan.tile):
                 sims = q[r] @ candidates[c].T
-                diag = diagonal(r, c, sims.device)
+                diag = tile_plan.diagonal(r, c, sims.device)
                 # log(1 - s) and 1 / (1 - s), once for both directions
                 shortfall = plan.policy.shortfall(sims, slope=True)
                 g, coef = _direction_grad(sims, shortfall, rows, r, 0, plan.row_mask(r, c),
                                           grad_rows, diag)
                 if need_tau:
-                    tau_term = tau_term + tau_sum(g, sims, coef, dim=1)
+                    tau_term = tau_term + tile_plan.tau_sum(g, sims, coef, dim=1)
                 grad_sims = slope_product_(g, coef, shortfall)
                 if c.start < m:             # L1's candidates: the first m (no hard negatives)
                     answers = slice(c.start, min(c.stop, m))
@@ -131,7 +123,7 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
                     g, coef = _direction_grad(sub, part, cols, answers, 1,
                                               plan.col_mask(answers, r), grad_cols, diag)
                     if need_tau:
-                        tau_term = tau_term + tau_sum(g, sub, coef, dim=0)
+                        tau_term = tau_term + tile_plan.tau_sum(g, sub, coef, dim=0)
                     slope_product_(g, coef, part, out=grad_sims[:, :size])
                 grad_q[r] += grad_sims @ candidates[c]
                 grad_c[c] += grad_sims.T @ q[r]
