@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -14,6 +14,20 @@ def _add_overrides(p: argparse.ArgumentParser, what: str) -> None:
     """``--set KEY=VALUE`` (repeatable), collected in ``overrides``."""
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help=f"override {what}")
+
+
+def _command(commands: argparse._SubParsersAction, name: str,
+             run: Callable[[argparse.Namespace], int], **texts: str) -> argparse.ArgumentParser:
+    """Subcommand ``name`` (``help``, ``description``), whose arguments go to ``run``."""
+    p = commands.add_parser(name, **texts)
+    p.set_defaults(run=run)
+    return p
+
+
+def _error(command: str, message: object) -> int:
+    """Report a failed ``batchscale COMMAND`` on stderr; its exit status."""
+    print(f"batchscale {command}: error: {message}", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +58,9 @@ def _setup_output(no_progress: bool) -> None:
 
 # -- eval --------------------------------------------------------------------------------
 def _add_eval(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "eval", help="evaluate an encoder on STS-B or a BEIR retrieval set",
+    p = _command(
+        commands, "eval", _run_eval,
+        help="evaluate an encoder on STS-B or a BEIR retrieval set",
         description="Evaluate an encoder: STS-B (Spearman / Pearson of cosine, x100) or BEIR "
                     "retrieval (nDCG@10, MAP@100, Recall@10/@100, MRR@10, x100).")
     p.add_argument("--model", default="default",
@@ -68,7 +83,6 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
                         "instructions (~1.8x faster; figures within 0.04 of float32), else "
                         "float32; float32: the exact published computation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(run=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -86,8 +100,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, max_length=args.max_length,
                           show_progress=not args.no_progress)
     except (DataError, EncoderLoadError, FileNotFoundError, ValueError) as e:
-        print(f"batchscale eval: error: {e}", file=sys.stderr)
-        return 1
+        return _error("eval", e)
     text = json.dumps(result, indent=2)
     if args.json == "-":
         print(text)
@@ -101,8 +114,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 # -- train -------------------------------------------------------------------------------
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "train", help="fine-tune an encoder from a YAML config",
+    p = _command(
+        commands, "train", _run_train,
+        help="fine-tune an encoder from a YAML config",
         description="Fine-tune an encoder with a contrastive loss, evaluating on dev every "
                     "eval.every_examples examples; the model selected on dev goes to "
                     "OUT/final and is evaluated once on test.")
@@ -116,7 +130,6 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others (at each "
                         "collective, and while rank 0 evaluates) before it fails")
-    p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -145,8 +158,7 @@ def _run_train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, EncoderLoadError, RunDirectoryError, TrainingDiverged,
             CollectiveError, FileNotFoundError, ValueError) as e:
         where = f" (rank {rank()})" if world_size() > 1 else ""
-        print(f"batchscale train{where}: error: {e}", file=sys.stderr)
-        return 1
+        return _error(f"train{where}", e)
     finally:
         shutdown_distributed()
     if info.is_main:
@@ -156,8 +168,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # -- sweep, merge, report ------------------------------------------------------------------
 def _add_sweep(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "sweep", help="run a grid of training runs into a results store",
+    p = _command(
+        commands, "sweep", _run_sweep,
+        help="run a grid of training runs into a results store",
         description="Run every cell of a sweep config (batch sizes x losses x seeds x lr "
                     "rules at a fixed budget) and record each finished run in an SQLite "
                     "store. Rerunning the command skips finished runs and restarts (or "
@@ -178,7 +191,6 @@ def _add_sweep(commands: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (default: torch's). 1 is much faster on a small "
                         "machine shared with other jobs")
     p.add_argument("--progress", action="store_true", help="progress bars per run")
-    p.set_defaults(run=_run_sweep)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
@@ -191,8 +203,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
     _setup_output(not args.progress)
     if args.threads is not None and args.threads < 1:
-        print("batchscale sweep: error: --threads must be >= 1", file=sys.stderr)
-        return 1
+        return _error("sweep", "--threads must be >= 1")
     try:
         sweep = load_sweep(args.config, args.overrides)
         shard = parse_shard(args.shard) if args.shard else None
@@ -206,8 +217,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
                             threads=args.threads)
     except (ConfigError, DataError, EncoderLoadError, RunDirectoryError, StoreError,
             TrainingDiverged, FileNotFoundError, ValueError) as e:
-        print(f"batchscale sweep: error: {e}", file=sys.stderr)
-        return 1
+        return _error("sweep", e)
     failed = f", {summary.failed} diverged (recorded; a rerun retries them)" \
         if summary.failed else ""
     untuned = f", {summary.not_tuned} not run (another lr won their setting on the first " \
@@ -218,41 +228,39 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_merge(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "merge", help="combine the stores of several shards",
+    p = _command(
+        commands, "merge", _run_merge,
+        help="combine the stores of several shards",
         description="Combine results stores of the same sweep (e.g. its shards) into OUT; "
                     "stores of different sweeps (another grid) are refused.")
     p.add_argument("out", type=Path, help="the merged store (created, or of the same sweep)")
     p.add_argument("inputs", type=Path, nargs="+", help="stores to merge")
-    p.set_defaults(run=_run_merge)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .study.store import StoreError, merge_stores
 
     if any(i.resolve() == args.out.resolve() for i in args.inputs):
-        print("batchscale merge: error: OUT is also an input", file=sys.stderr)
-        return 1
+        return _error("merge", "OUT is also an input")
     try:
         counts = merge_stores(args.out, list(args.inputs))
     except StoreError as e:
-        print(f"batchscale merge: error: {e}", file=sys.stderr)
-        return 1
+        return _error("merge", e)
     print(f"merged {counts['added']} runs into {args.out}"
           + (f" ({counts['skipped']} duplicates skipped)" if counts["skipped"] else ""))
     return 0
 
 
 def _add_report(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "report", help="write the study report (Markdown + self-contained HTML)",
+    p = _command(
+        commands, "report", _run_report,
+        help="write the study report (Markdown + self-contained HTML)",
         description="Curves, final quality with 95% CIs, convergence speed, throughput and "
                     "memory, the trend against log2(batch size) and paired differences, "
                     "from a results store. Prints the Markdown report's path last.")
     p.add_argument("store", type=Path, help="results store")
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default: STORE's stem + '-report' beside it)")
-    p.set_defaults(run=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -262,8 +270,7 @@ def _run_report(args: argparse.Namespace) -> int:
     try:
         md, page = write_report(args.store, args.out)
     except StoreError as e:
-        print(f"batchscale report: error: {e}", file=sys.stderr)
-        return 1
+        return _error("report", e)
     print(f"HTML report: {page}")
     print(md)
     return 0
