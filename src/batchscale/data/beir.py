@@ -10,33 +10,26 @@ sets load unchanged.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from ._reader import (
-    DataError,
-    LoadReport,
-    Records,
-    RowError,
-    Validator,
-    check_text,
-    decoded_lines,
-    json_object,
-    open_checked,
-)
+from . import _reader
+from ._reader import DataError  # re-exported
 from .records import Document, Pair
 
 Qrels = dict[str, dict[str, int]]
 _HEADER_FIRST = {"query-id", "query_id", "qid", "query"}
+T = TypeVar("T")
 
 
 def _id(obj: dict[str, object]) -> str:
     if "_id" not in obj:
-        raise RowError("missing column", "'_id'")
+        raise _reader.RowError("missing column", "'_id'")
     value = obj["_id"]
     if isinstance(value, bool) or not isinstance(value, str | int) or str(value) == "":
-        raise RowError("bad id", f"'_id' holds {value!r}")
+        raise _reader.RowError("bad id", f"'_id' holds {value!r}")
     return str(value)
 
 
@@ -45,8 +38,32 @@ def _optional_str(obj: dict[str, object], key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise RowError("non-string text", f"column {key!r} holds {type(value).__name__}")
+        raise _reader.RowError("non-string text", f"column {key!r} holds {type(value).__name__}")
     return value
+
+
+def _id_text_rows(path: Path, v: _reader.Validator, parse: Callable[[dict[str, object]], T],
+                  seen: set[str] | None = None) -> Iterator[tuple[str, T]]:
+    """The valid rows of a JSONL file of ``_id`` + ``text`` objects (corpus or queries), as
+    (id, ``parse(object)``); a bad row (``parse`` raising included, or an id seen before,
+    collected in ``seen``) goes to ``v``. Counts the rows read and kept."""
+    seen = set() if seen is None else seen
+    for lineno, line in _reader.decoded_lines(path, v):
+        v.report.rows_read += 1
+        try:
+            obj = _reader.json_object(line)
+            row_id = _id(obj)
+            if "text" not in obj:
+                raise _reader.RowError("missing column", "'text'")
+            value = parse(obj)
+            if row_id in seen:
+                raise _reader.RowError("duplicate id", repr(row_id))
+        except _reader.RowError as e:
+            v.bad(lineno, e)
+            continue
+        seen.add(row_id)
+        v.report.rows_kept += 1
+        yield row_id, value
 
 
 @dataclass(frozen=True)
@@ -72,9 +89,9 @@ class BeirDataset:
         self.queries_path = self.root / "queries.jsonl"
         self.skip_bad_rows = skip_bad_rows
         self.allow_empty_documents = allow_empty_documents
-        self.corpus_report: LoadReport | None = None
-        self.queries_report: LoadReport | None = None
-        self.qrels_reports: dict[str, LoadReport] = {}
+        self.corpus_report: _reader.LoadReport | None = None
+        self.queries_report: _reader.LoadReport | None = None
+        self.qrels_reports: dict[str, _reader.LoadReport] = {}
         self._queries: dict[str, str] | None = None
         self._corpus_ids: set[str] | None = None
 
@@ -88,29 +105,19 @@ class BeirDataset:
     # -- corpus -------------------------------------------------------------------------
     def iter_corpus(self) -> Iterator[Document]:
         """Stream the corpus, validating each line (ids unique, text present)."""
-        path = open_checked(self.corpus_path, "BEIR corpus")
-        v = Validator(path, self.skip_bad_rows)
+        path = _reader.open_checked(self.corpus_path, "BEIR corpus")
+        v = _reader.Validator(path, self.skip_bad_rows)
         seen: set[str] = set()
-        for lineno, line in decoded_lines(path, v):
-            v.report.rows_read += 1
-            try:
-                obj = json_object(line)
-                doc_id = _id(obj)
-                if "text" not in obj:
-                    raise RowError("missing column", "'text'")
-                title, text = _optional_str(obj, "title"), _optional_str(obj, "text")
-                if not (title.strip() or text.strip()) and not self.allow_empty_documents:
-                    raise RowError("empty text", "both 'title' and 'text' are empty")
-                if doc_id in seen:
-                    raise RowError("duplicate id", repr(doc_id))
-            except RowError as e:
-                v.bad(lineno, e)
-                continue
-            seen.add(doc_id)
-            v.report.rows_kept += 1
+        for doc_id, (title, text) in _id_text_rows(path, v, self._title_text, seen):
             yield Document(doc_id, title, text)
         self.corpus_report = v.finish()
         self._corpus_ids = seen
+
+    def _title_text(self, obj: dict[str, object]) -> tuple[str, str]:
+        title, text = _optional_str(obj, "title"), _optional_str(obj, "text")
+        if not (title.strip() or text.strip()) and not self.allow_empty_documents:
+            raise _reader.RowError("empty text", "both 'title' and 'text' are empty")
+        return title, text
 
     def corpus_ids(self) -> set[str]:
         """The ids of the valid documents (one streaming pass, then cached)."""
@@ -127,24 +134,9 @@ class BeirDataset:
     def queries(self) -> dict[str, str]:
         """All queries, id -> text (cached)."""
         if self._queries is None:
-            path = open_checked(self.queries_path, "BEIR queries file")
-            v = Validator(path, self.skip_bad_rows)
-            out: dict[str, str] = {}
-            for lineno, line in decoded_lines(path, v):
-                v.report.rows_read += 1
-                try:
-                    obj = json_object(line)
-                    qid = _id(obj)
-                    if "text" not in obj:
-                        raise RowError("missing column", "'text'")
-                    text = check_text(obj["text"], "text")
-                    if qid in out:
-                        raise RowError("duplicate id", repr(qid))
-                except RowError as e:
-                    v.bad(lineno, e)
-                    continue
-                out[qid] = text
-            v.report.rows_kept = len(out)
+            path = _reader.open_checked(self.queries_path, "BEIR queries file")
+            v = _reader.Validator(path, self.skip_bad_rows)
+            out = dict(_id_text_rows(path, v, lambda obj: _reader.check_text(obj["text"], "text")))
             self.queries_report = v.finish()
             self._queries = out
         return self._queries
@@ -153,13 +145,13 @@ class BeirDataset:
     def qrels(self, split: str = "test") -> Qrels:
         """query id -> {document id -> integer relevance}, every id checked against the
         queries and the corpus."""
-        path = open_checked(self.qrels_path(split), f"BEIR qrels file for split {split!r}")
+        path = _reader.open_checked(self.qrels_path(split), f"BEIR qrels file for split {split!r}")
         queries = self.queries()
         docs = self.corpus_ids()
-        v = Validator(path, self.skip_bad_rows)
+        v = _reader.Validator(path, self.skip_bad_rows)
         out: Qrels = {}
         first = True
-        for lineno, line in decoded_lines(path, v):
+        for lineno, line in _reader.decoded_lines(path, v):
             cols = line.split("\t")
             if first and cols[0].strip().lower() in _HEADER_FIRST:
                 first = False
@@ -168,24 +160,27 @@ class BeirDataset:
             v.report.rows_read += 1
             try:
                 if len(cols) < 3:
-                    raise RowError("missing column", f"{len(cols)} tab-separated fields, "
-                                   "expected 3 (query-id, corpus-id, score)")
+                    raise _reader.RowError("missing column", f"{len(cols)} tab-separated "
+                                           "fields, expected 3 (query-id, corpus-id, score)")
                 if len(cols) > 3:
-                    raise RowError("extra column", f"{len(cols)} tab-separated fields, expected 3")
+                    raise _reader.RowError("extra column",
+                                           f"{len(cols)} tab-separated fields, expected 3")
                 qid, did, raw = cols[0].strip(), cols[1].strip(), cols[2].strip()
                 try:
                     score = int(raw)
                 except ValueError:
-                    raise RowError("non-integer score", f"{raw!r}") from None
+                    raise _reader.RowError("non-integer score", f"{raw!r}") from None
                 if qid not in queries:
-                    raise RowError("unknown query", f"{qid!r} is not in {self.queries_path.name}")
+                    raise _reader.RowError("unknown query",
+                                           f"{qid!r} is not in {self.queries_path.name}")
                 if did not in docs:
-                    raise RowError("unknown document", f"{did!r} is not in {self.corpus_path.name}")
+                    raise _reader.RowError("unknown document",
+                                           f"{did!r} is not in {self.corpus_path.name}")
                 previous = out.get(qid, {}).get(did)
                 if previous is not None and previous != score:
-                    raise RowError("conflicting judgement",
+                    raise _reader.RowError("conflicting judgement",
                                    f"({qid!r}, {did!r}) judged {previous} earlier, {score} here")
-            except RowError as e:
+            except _reader.RowError as e:
                 v.bad(lineno, e)
                 continue
             out.setdefault(qid, {})[did] = score
@@ -219,7 +214,7 @@ class BeirDataset:
         return sub(f"{split}-kept", set(ids) - held), sub(f"{split}-holdout", held)
 
     def training_pairs(self, split: str | BeirSplit = "train", min_score: int = 1
-                       ) -> Records[Pair]:
+                       ) -> _reader.Records[Pair]:
         """(query, positive document) pairs from the judgements with score >= ``min_score``,
         the document as :attr:`Document.full_text`, in qrels order. ``split`` is a split
         name or a :class:`BeirSplit` (e.g. the kept part of :meth:`holdout`)."""
@@ -232,11 +227,11 @@ class BeirDataset:
         texts = {doc.id: doc.full_text for doc in self.iter_corpus() if doc.id in wanted}
         pairs = [Pair(queries[q], texts[d]) for q, judged in qrels.items()
                  for d, s in judged.items() if s >= min_score]
-        report = LoadReport(str(self.qrels_path(split)))
+        report = _reader.LoadReport(str(self.qrels_path(split)))
         if split in self.qrels_reports:
             report.merge(self.qrels_reports[split])
         report.rows_kept = len(pairs)
-        return Records(pairs, report)
+        return _reader.Records(pairs, report)
 
 
 def load_beir(root: str | Path, split: str = "test", *,

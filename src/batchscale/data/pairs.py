@@ -12,18 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
-from ._reader import (
-    DataError,
-    Records,
-    RowError,
-    Validator,
-    check_number,
-    check_text,
-    decoded_lines,
-    json_object,
-    open_checked,
-    utf8_lines,
-)
+from . import _reader
 from .records import Pair, Triplet
 
 Format = Literal["jsonl", "csv", "tsv"]
@@ -49,7 +38,7 @@ class _Table:
     line or a list of fields per CSV / TSV record; ``header`` and ``header_line`` are set
     once the header (CSV / TSV with ``has_header``) has been read."""
 
-    def __init__(self, path: Path, fmt: Format, v: Validator, has_header: bool) -> None:
+    def __init__(self, path: Path, fmt: Format, v: _reader.Validator, has_header: bool) -> None:
         self.path, self.fmt, self.v, self.has_header = path, fmt, v, has_header
         self.header: list[str] | None = None
         self.header_line = 0
@@ -59,11 +48,11 @@ class _Table:
 
     def _jsonl(self) -> Iterator[tuple[int, dict[str, object]]]:
         v = self.v
-        for lineno, line in decoded_lines(self.path, v):
+        for lineno, line in _reader.decoded_lines(self.path, v):
             v.report.rows_read += 1
             try:
-                obj = json_object(line)
-            except RowError as e:
+                obj = _reader.json_object(line)
+            except _reader.RowError as e:
                 v.bad(lineno, e)
                 continue
             yield lineno, obj
@@ -77,7 +66,7 @@ class _Table:
 
         def lines() -> Iterator[str]:
             nonlocal position
-            for lineno, text, valid in utf8_lines(self.path):
+            for lineno, text, valid in _reader.utf8_lines(self.path):
                 position = lineno
                 if not valid:
                     bad_lines.add(lineno)
@@ -95,7 +84,7 @@ class _Table:
                 return
             except csv.Error as e:
                 v.report.rows_read += 1
-                v.bad(start, RowError("malformed CSV", str(e)))
+                v.bad(start, _reader.RowError("malformed CSV", str(e)))
                 continue
             if not any(cell.strip() for cell in row):
                 v.report.blank_lines += 1
@@ -104,13 +93,13 @@ class _Table:
             bad_lines.difference_update(broken)
             if self.has_header and self.header is None:
                 if broken:  # no header, no columns: this cannot be skipped
-                    raise DataError(self.path, broken[0], "invalid UTF-8 in the header")
+                    raise _reader.DataError(self.path, broken[0], "invalid UTF-8 in the header")
                 self.header = [h.strip() for h in row]
                 self.header_line = start
                 continue
             v.report.rows_read += 1
             if broken:
-                v.bad(broken[0], RowError("invalid UTF-8", "the line is not valid UTF-8"))
+                v.bad(broken[0], _reader.RowError("invalid UTF-8", "the line is not valid UTF-8"))
                 continue
             yield start, row
 
@@ -124,7 +113,7 @@ class _Table:
             def get_obj(row: dict[str, object]) -> list[object]:
                 missing = [c for c in columns if c not in row]
                 if missing:
-                    raise RowError("missing column", ", ".join(map(repr, missing)))
+                    raise _reader.RowError("missing column", ", ".join(map(repr, missing)))
                 return [row[c] for c in columns]
 
             return get_obj
@@ -137,7 +126,7 @@ class _Table:
                 raise ValueError(f"{self.path}: column {c!r} is a name but the file is read "
                                  "without a header; give 0-based positions or has_header=True")
             elif c not in self.header:
-                raise DataError(self.path, self.header_line,
+                raise _reader.DataError(self.path, self.header_line,
                                 f"missing column: {c!r} is not in the header {self.header}")
             else:
                 index.append(self.header.index(c))
@@ -145,7 +134,7 @@ class _Table:
         def get_row(row: list[str]) -> list[object]:
             missing = [repr(c) for c, i in zip(columns, index, strict=True) if i >= len(row)]
             if missing:
-                raise RowError("missing column",
+                raise _reader.RowError("missing column",
                                f"{', '.join(missing)} (the row has {len(row)} fields)")
             return [row[i] for i in index]
 
@@ -153,9 +142,10 @@ class _Table:
 
 
 def _load(path: str | Path, fmt: Format | None, has_header: bool, skip_bad_rows: bool,
-          columns: Sequence[Column], make) -> Records:
-    file = open_checked(path)
-    table = _Table(file, infer_format(file, fmt), Validator(file, skip_bad_rows), has_header)
+          columns: Sequence[Column], make) -> _reader.Records:
+    file = _reader.open_checked(path)
+    table = _Table(file, infer_format(file, fmt), _reader.Validator(file, skip_bad_rows),
+                   has_header)
     v = table.v
     out = []
     get = None
@@ -164,17 +154,17 @@ def _load(path: str | Path, fmt: Format | None, has_header: bool, skip_bad_rows:
             get = table.getter(columns)
         try:
             out.append(make(get(row), columns))
-        except RowError as e:
+        except _reader.RowError as e:
             v.bad(lineno, e)
     v.report.rows_kept = len(out)
-    return Records(out, v.finish())
+    return _reader.Records(out, v.finish())
 
 
 def load_pairs(path: str | Path, *, columns: Sequence[Column] = ("sentence1", "sentence2"),
                score_column: Column | None = None,
                score_range: tuple[float, float] | None = None,
                label_column: Column | None = None, fmt: Format | None = None,
-               has_header: bool = True, skip_bad_rows: bool = False) -> Records[Pair]:
+               has_header: bool = True, skip_bad_rows: bool = False) -> _reader.Records[Pair]:
     """Pairs from a JSONL / CSV / TSV file.
 
     ``columns``: the two text columns. ``score_column``: an optional graded score; with
@@ -194,15 +184,16 @@ def load_pairs(path: str | Path, *, columns: Sequence[Column] = ("sentence1", "s
     extra = [c for c in (score_column, label_column) if c is not None]
 
     def make(values: list[object], cols: Sequence[Column]) -> Pair:
-        t1 = check_text(values[0], str(cols[0]))
-        t2 = check_text(values[1], str(cols[1]))
+        t1 = _reader.check_text(values[0], str(cols[0]))
+        t2 = _reader.check_text(values[1], str(cols[1]))
         if score_column is not None:
             if score_range is None:
-                return Pair(t1, t2, score=check_number(values[2], str(score_column)))
-            s = check_number(values[2], str(score_column), lo=lo, hi=hi)
+                return Pair(t1, t2, score=_reader.check_number(values[2], str(score_column)))
+            s = _reader.check_number(values[2], str(score_column), lo=lo, hi=hi)
             return Pair(t1, t2, score=s, label=(s - lo) / (hi - lo))
         if label_column is not None:
-            return Pair(t1, t2, label=check_number(values[2], str(label_column), what="label"))
+            label = _reader.check_number(values[2], str(label_column), what="label")
+            return Pair(t1, t2, label=label)
         return Pair(t1, t2)
 
     return _load(path, fmt, has_header, skip_bad_rows, [*columns, *extra], make)
@@ -211,12 +202,12 @@ def load_pairs(path: str | Path, *, columns: Sequence[Column] = ("sentence1", "s
 def load_triplets(path: str | Path, *,
                   columns: Sequence[Column] = ("anchor", "positive", "negative"),
                   fmt: Format | None = None, has_header: bool = True,
-                  skip_bad_rows: bool = False) -> Records[Triplet]:
+                  skip_bad_rows: bool = False) -> _reader.Records[Triplet]:
     """(anchor, positive, negative) triplets from a JSONL / CSV / TSV file."""
     if len(columns) != 3:
         raise ValueError(f"columns: three text columns, got {columns!r}")
 
     def make(values: list[object], cols: Sequence[Column]) -> Triplet:
-        return Triplet(*(check_text(x, str(c)) for x, c in zip(values, cols, strict=True)))
+        return Triplet(*(_reader.check_text(x, str(c)) for x, c in zip(values, cols, strict=True)))
 
     return _load(path, fmt, has_header, skip_bad_rows, columns, make)

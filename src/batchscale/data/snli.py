@@ -11,15 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._reader import (
-    DataError,
-    LoadReport,
-    Records,
-    RowError,
-    Validator,
-    open_checked,
-    utf8_lines,
-)
+from . import _reader
 from .records import Pair, Triplet
 
 SNLI_LABELS = ("entailment", "neutral", "contradiction")
@@ -27,20 +19,21 @@ SNLI_LABELS = ("entailment", "neutral", "contradiction")
 
 def _read_all(path: Path) -> list[str | None]:
     """The file's lines without their ends; None for a line that is not valid UTF-8."""
-    return [text.rstrip("\r\n") if valid else None for _, text, valid in utf8_lines(path)]
+    return [text.rstrip("\r\n") if valid else None for _, text, valid in _reader.utf8_lines(path)]
 
 
 def _aligned(root: Path, split: str, skip_bad_rows: bool
-             ) -> tuple[list[tuple[int, str, str, str]], LoadReport]:
+             ) -> tuple[list[tuple[int, str, str, str]], _reader.LoadReport]:
     """(line, premise, hypothesis, label) for each valid line triple, and the report."""
-    files = [open_checked(root / f"{name}.{split}", "SNLI file") for name in ("s1", "s2", "labels")]
-    report = LoadReport(str(root / f"{{s1,s2,labels}}.{split}"))
-    validators = [Validator(f, skip_bad_rows, report) for f in files]
+    files = [_reader.open_checked(root / f"{name}.{split}", "SNLI file")
+             for name in ("s1", "s2", "labels")]
+    report = _reader.LoadReport(str(root / f"{{s1,s2,labels}}.{split}"))
+    validators = [_reader.Validator(f, skip_bad_rows, report) for f in files]
     columns = [_read_all(f) for f in files]
     n = max(len(c) for c in columns)
     for f, c in zip(files, columns, strict=True):
         if len(c) < n:  # alignment is lost: never skippable
-            raise DataError(f, len(c) + 1, f"missing line: the file has {len(c)} lines, "
+            raise _reader.DataError(f, len(c) + 1, f"missing line: the file has {len(c)} lines, "
                             f"another of s1/s2/labels.{split} has {n}")
     rows = []
     for i, (premise, hypothesis, label) in enumerate(zip(*columns, strict=True)):
@@ -50,11 +43,12 @@ def _aligned(root: Path, split: str, skip_bad_rows: bool
             for k, (name, value) in enumerate(
                     (("premise", premise), ("hypothesis", hypothesis), ("label", label))):
                 if value is None:
-                    raise _InFile(k, RowError("invalid UTF-8", f"the {name} line"))
+                    raise _InFile(k, _reader.RowError("invalid UTF-8", f"the {name} line"))
                 if k < 2 and not value.strip():
-                    raise _InFile(k, RowError("empty text", name))
+                    raise _InFile(k, _reader.RowError("empty text", name))
             if label.strip() not in SNLI_LABELS:
-                raise _InFile(2, RowError("bad label", f"{label!r}, expected one of {SNLI_LABELS}"))
+                raise _InFile(2, _reader.RowError("bad label",
+                                                  f"{label!r}, expected one of {SNLI_LABELS}"))
         except _InFile as e:
             validators[e.file].bad(lineno, e.error)
             continue
@@ -64,21 +58,21 @@ def _aligned(root: Path, split: str, skip_bad_rows: bool
 
 
 class _InFile(Exception):
-    def __init__(self, file: int, error: RowError) -> None:
+    def __init__(self, file: int, error: _reader.RowError) -> None:
         self.file, self.error = file, error
 
 
 def load_snli_pairs(root: str | Path, split: str = "dev", *,
-                    skip_bad_rows: bool = False) -> Records[Pair]:
+                    skip_bad_rows: bool = False) -> _reader.Records[Pair]:
     """(premise, entailed hypothesis) pairs."""
     rows, report = _aligned(Path(root), split, skip_bad_rows)
     pairs = [Pair(p, h) for _, p, h, label in rows if label == "entailment"]
     report.rows_kept = len(rows)
-    return Records(pairs, report)
+    return _reader.Records(pairs, report)
 
 
 def load_snli_triplets(root: str | Path, split: str = "dev", *,
-                       skip_bad_rows: bool = False) -> Records[Triplet]:
+                       skip_bad_rows: bool = False) -> _reader.Records[Triplet]:
     """(premise, entailed, contradicted) triplets, premises in order of first appearance."""
     rows, report = _aligned(Path(root), split, skip_bad_rows)
     groups: dict[str, dict[str, list[str]]] = {}
@@ -87,4 +81,4 @@ def load_snli_triplets(root: str | Path, split: str = "dev", *,
     triplets = [Triplet(p, e, c) for p, g in groups.items()
                 for e in g["entailment"] for c in g["contradiction"]]
     report.rows_kept = len(rows)
-    return Records(triplets, report)
+    return _reader.Records(triplets, report)
