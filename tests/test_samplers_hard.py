@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from batchscale.batching import grouping
 from batchscale.batching.batch_stats import epoch_hardest_negative
-from batchscale.batching.grouping import (
-    centroid_chain,
-    cluster_groups,
-    kmeans,
-    knn_groups,
-    nearest_neighbours,
-    pack_groups,
-    teacher_batches,
-)
 from batchscale.batching.hard_batches import BSCShuffleSampler, TeacherHardBatchSampler
 from batchscale.batching.samplers import RandomBatchSampler
 from batchscale.batching.text_keys import text_keys
@@ -70,15 +62,16 @@ def replay_groups(groups: list[np.ndarray], x: np.ndarray, k: int, s: int) -> No
 
 def test_nearest_neighbours_match_brute_force() -> None:
     x = random_embeddings(300)
-    got = nearest_neighbours(x, 20)
+    got = grouping.nearest_neighbours(x, 20)
     assert got.shape == (300, 20)
     assert np.array_equal(got, brute_knn(x, 20))
-    assert np.array_equal(nearest_neighbours(x[:5], 50), brute_knn(x[:5], 4))  # k capped at N-1
+    # k capped at N-1
+    assert np.array_equal(grouping.nearest_neighbours(x[:5], 50), brute_knn(x[:5], 4))
 
 
 def test_approximate_neighbours_are_mostly_right() -> None:
     x, _ = blobs(20, 60)
-    got = nearest_neighbours(x, 10, exact=False)
+    got = grouping.nearest_neighbours(x, 10, exact=False)
     ref = brute_knn(x, 10)
     recall = np.mean([len(set(g) & set(r)) / 10 for g, r in zip(got, ref, strict=True)])
     assert recall > 0.8
@@ -89,7 +82,7 @@ def test_approximate_neighbours_are_mostly_right() -> None:
 def test_knn_groups_match_brute_force_greedy(k: int, s: int) -> None:
     x = random_embeddings(300, seed=1)
     order = np.random.default_rng(3).permutation(300)
-    groups = knn_groups(nearest_neighbours(x, k), s, order)
+    groups = grouping.knn_groups(grouping.nearest_neighbours(x, k), s, order)
     assert all(len(g) <= s for g in groups)
     replay_groups(groups, x, k, s)
     # The openers are visited in the given order.
@@ -101,7 +94,7 @@ def test_knn_groups_match_brute_force_greedy(k: int, s: int) -> None:
 def test_knn_groups_with_missing_neighbours_still_partition() -> None:
     """Approximate search pads a row with -1: the opener must not join its own group twice."""
     neighbours = np.array([[-1, 1], [0, -1], [0, 1]])
-    groups = knn_groups(neighbours, 3, np.arange(3))
+    groups = grouping.knn_groups(neighbours, 3, np.arange(3))
     assert [g.tolist() for g in groups] == [[0, 1], [2]]
 
 
@@ -114,9 +107,9 @@ def test_knn_groups_with_keys_take_no_copies() -> None:
              + 1e-3 * rng.standard_normal((180, 16)))
     keys = np.stack([np.repeat(np.arange(60), 3), 1000 + rng.integers(0, 150, 180)], axis=1)
     s = 4
-    nb = nearest_neighbours(x, 30)
+    nb = grouping.nearest_neighbours(x, 30)
     order = rng.permutation(180)
-    groups = knn_groups(nb, s, order, keys)
+    groups = grouping.knn_groups(nb, s, order, keys)
     used: set[int] = set()
     for group in groups:
         opener = int(group[0])
@@ -129,7 +122,7 @@ def test_knn_groups_with_keys_take_no_copies() -> None:
         used.update(expected)
     assert used == set(range(180))
     assert all(len(np.unique(keys[g])) == keys[g].size for g in groups)
-    plain = knn_groups(nb, s, order)
+    plain = grouping.knn_groups(nb, s, order)
     assert sum(len(np.unique(keys[g, 0])) < len(g) for g in plain) > len(plain) / 2
 
 
@@ -165,17 +158,17 @@ def test_bsc_small_groups_come_first() -> None:
 
 def test_kmeans_labels_are_nearest_centroids() -> None:
     x, _ = blobs(10, 40, seed=5)
-    labels, centroids = kmeans(x, 10, seed=0)
+    labels, centroids = grouping.kmeans(x, 10, seed=0)
     assert centroids.shape == (10, 16)
     assert np.array_equal(labels, np.argmax(x @ centroids.T, axis=1))
-    again, _ = kmeans(x, 10, seed=0)
+    again, _ = grouping.kmeans(x, 10, seed=0)
     assert np.array_equal(labels, again)
 
 
 def test_cluster_groups_split_each_cluster_at_size() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 7, 200)
-    groups = cluster_groups(labels, 6, np.random.default_rng(1))
+    groups = grouping.cluster_groups(labels, 6, np.random.default_rng(1))
     assert sorted(np.concatenate(groups).tolist()) == list(range(200))
     for g in groups:
         assert len(set(labels[g].tolist())) == 1
@@ -197,7 +190,7 @@ def test_kmeans_variant_sampler() -> None:
     assert labels is not None and len(np.unique(labels)) > 1
     for g in sampler.groups:
         assert len(g) <= 8 and len(set(labels[g].tolist())) == 1
-    assert np.array_equal(np.concatenate(batches), pack_groups(sampler.groups))
+    assert np.array_equal(np.concatenate(batches), grouping.pack_groups(sampler.groups))
 
 
 # -- hardness, determinism, resume ----------------------------------------------------------
@@ -252,7 +245,7 @@ def test_teacher_batches_fill_from_single_clusters() -> None:
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(6), [70, 10, 33, 64, 5, 18])
     chain = np.array([2, 0, 5, 1, 4, 3])
-    batches = teacher_batches(labels, chain, 32, rng)
+    batches = grouping.teacher_batches(labels, chain, 32, rng)
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(labels)))
     pure = sum(len(set(labels[b].tolist())) == 1 and len(b) == 32 for b in batches)
     assert pure >= 70 // 32 + 33 // 32 + 64 // 32
@@ -267,9 +260,9 @@ def test_teacher_batches_fill_from_single_clusters() -> None:
 
 def test_centroid_chain_is_a_permutation() -> None:
     c = random_embeddings(50, seed=10)
-    chain = centroid_chain(c, seed=0)
+    chain = grouping.centroid_chain(c, seed=0)
     assert sorted(chain.tolist()) == list(range(50))
-    assert np.array_equal(chain, centroid_chain(c, seed=0))
+    assert np.array_equal(chain, grouping.centroid_chain(c, seed=0))
 
 
 def roundtrip(state: dict) -> dict:
