@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -99,6 +100,35 @@ def corrupt_copy(src: Path, dst: Path, line: int, edit) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(b"\n".join(lines))
     return dst
+
+
+DROP = object()  # for the edits below: remove instead of replace
+
+
+def field_edit(i: int, value, sep: bytes = b"\t"):
+    """A ``corrupt_copy`` edit: field ``i`` of a ``sep``-separated line set to ``value``
+    (``DROP``: the fields from ``i`` on removed)."""
+    def edit(line: bytes) -> bytes:
+        cols = line.split(sep)
+        if value is DROP:
+            cols = cols[:i]
+        else:
+            cols[i] = value
+        return sep.join(cols)
+    return edit
+
+
+def json_edit(key: str, value):
+    """A ``corrupt_copy`` edit: key ``key`` of a JSON-object line set to ``value`` (``DROP``:
+    removed)."""
+    def edit(line: bytes) -> bytes:
+        obj = json.loads(line)
+        if value is DROP:
+            del obj[key]
+        else:
+            obj[key] = value
+        return json.dumps(obj).encode()
+    return edit
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from batchscale.data import BeirDataset, DataError, Document, Pair, load_beir
+from conftest import DROP, field_edit, json_edit
 
 
 def test_scifact(shared_data) -> None:
@@ -75,44 +76,25 @@ def test_corpus_is_streamed(tmp_path) -> None:
         list(docs)
 
 
-def _json_edit(key, value=None, drop=False):
-    def edit(line: bytes) -> bytes:
-        obj = json.loads(line)
-        if drop:
-            del obj[key]
-        else:
-            obj[key] = value
-        return json.dumps(obj).encode()
-    return edit
-
-
-def _tsv_edit(i, value):
-    def edit(line: bytes) -> bytes:
-        cols = line.split(b"\t")
-        cols[i] = value
-        return b"\t".join(cols)
-    return edit
-
-
 CORRUPTIONS = {  # name -> (file, line, edit, reason)
-    "corpus missing _id": ("corpus.jsonl", 3, _json_edit("_id", drop=True), "missing column"),
-    "corpus missing text": ("corpus.jsonl", 3, _json_edit("text", drop=True), "missing column"),
+    "corpus missing _id": ("corpus.jsonl", 3, json_edit("_id", DROP), "missing column"),
+    "corpus missing text": ("corpus.jsonl", 3, json_edit("text", DROP), "missing column"),
     "corpus empty text": ("corpus.jsonl", 3, lambda line: json.dumps(
         {"_id": json.loads(line)["_id"], "title": " ", "text": ""}).encode(), "empty text"),
     "corpus invalid UTF-8": ("corpus.jsonl", 3, lambda line: line.replace(b"a", b"\xff", 1),
                              "invalid UTF-8"),
     "corpus duplicate id": ("corpus.jsonl", 3, lambda line: json.dumps(
         {"_id": "4983", "title": "t", "text": "x"}).encode(), "duplicate id"),
-    "queries empty text": ("queries.jsonl", 3, _json_edit("text", ""), "empty text"),
+    "queries empty text": ("queries.jsonl", 3, json_edit("text", ""), "empty text"),
     "queries invalid JSON": ("queries.jsonl", 3, lambda line: line[:-1], "invalid JSON"),
     "qrels missing column": ("qrels/test.tsv", 3, lambda line: line.rsplit(b"\t", 1)[0],
                              "missing column"),
-    "qrels non-numeric score": ("qrels/test.tsv", 3, _tsv_edit(2, b"high"),
+    "qrels non-numeric score": ("qrels/test.tsv", 3, field_edit(2, b"high"),
                                 "non-integer score"),
-    "qrels NaN score": ("qrels/test.tsv", 3, _tsv_edit(2, b"nan"), "non-integer score"),
-    "qrels unknown document": ("qrels/test.tsv", 3, _tsv_edit(1, b"99999999999"),
+    "qrels NaN score": ("qrels/test.tsv", 3, field_edit(2, b"nan"), "non-integer score"),
+    "qrels unknown document": ("qrels/test.tsv", 3, field_edit(1, b"99999999999"),
                                "unknown document"),
-    "qrels unknown query": ("qrels/test.tsv", 3, _tsv_edit(0, b"q-none"), "unknown query"),
+    "qrels unknown query": ("qrels/test.tsv", 3, field_edit(0, b"q-none"), "unknown query"),
     "qrels invalid UTF-8": ("qrels/test.tsv", 3, lambda line: line + b"\xc0", "invalid UTF-8"),
 }
 

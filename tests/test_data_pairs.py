@@ -7,6 +7,7 @@ import json
 import pytest
 
 from batchscale.data import DataError, Pair, Triplet, load_pairs, load_triplets
+from conftest import DROP, field_edit, json_edit
 
 ROWS = [("A man plays guitar.", "Someone plays an instrument.", 4.2),
         ("A dog runs.", "A cat sleeps.", 0.4),
@@ -62,42 +63,19 @@ def test_triplets(tmp_path, fmt) -> None:
     assert load_triplets(path) == [Triplet(*r) for r in rows]
 
 
-def _jsonl_edit(key, value):
-    def edit(line: bytes) -> bytes:
-        obj = json.loads(line)
-        if value is _DROP:
-            del obj[key]
-        else:
-            obj[key] = value
-        return json.dumps(obj).encode()
-    return edit
-
-
-def _field_edit(i, value, sep):
-    def edit(line: bytes) -> bytes:
-        cols = line.split(sep)
-        if value is _DROP:
-            cols = cols[:i]
-        else:
-            cols[i] = value
-        return sep.join(cols)
-    return edit
-
-
-_DROP = object()
 CASES = {  # name -> (reason, {fmt: edit})
-    "missing column": ("missing column", {"jsonl": _jsonl_edit("score", _DROP),
-                                          "csv": _field_edit(2, _DROP, b","),
-                                          "tsv": _field_edit(2, _DROP, b"\t")}),
-    "non-numeric score": ("non-numeric score", {"jsonl": _jsonl_edit("score", "x"),
-                                                "csv": _field_edit(2, b"x", b","),
-                                                "tsv": _field_edit(2, b"x", b"\t")}),
+    "missing column": ("missing column", {"jsonl": json_edit("score", DROP),
+                                          "csv": field_edit(2, DROP, b","),
+                                          "tsv": field_edit(2, DROP, b"\t")}),
+    "non-numeric score": ("non-numeric score", {"jsonl": json_edit("score", "x"),
+                                                "csv": field_edit(2, b"x", b","),
+                                                "tsv": field_edit(2, b"x", b"\t")}),
     "NaN": ("non-finite score", {"jsonl": lambda line: line.replace(b"4.2", b"NaN"),
-                                 "csv": _field_edit(2, b"nan", b","),
-                                 "tsv": _field_edit(2, b"NaN", b"\t")}),
-    "empty text": ("empty text", {"jsonl": _jsonl_edit("s2", " "),
-                                  "csv": _field_edit(1, b'""', b","),
-                                  "tsv": _field_edit(1, b"", b"\t")}),
+                                 "csv": field_edit(2, b"nan", b","),
+                                 "tsv": field_edit(2, b"NaN", b"\t")}),
+    "empty text": ("empty text", {"jsonl": json_edit("s2", " "),
+                                  "csv": field_edit(1, b'""', b","),
+                                  "tsv": field_edit(1, b"", b"\t")}),
     "invalid UTF-8": ("invalid UTF-8", {f: (lambda line: line.replace(b"man", b"m\xc3n"))
                                         for f in ("jsonl", "csv", "tsv")}),
 }

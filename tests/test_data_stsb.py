@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from batchscale.data import DataError, load_stsb
+from conftest import DROP, field_edit
 
 
 @pytest.mark.parametrize(("split", "rows"), [("train", 5749), ("dev", 1500), ("test", 1379)])
@@ -37,20 +38,12 @@ def test_quotes_are_text(tmp_path) -> None:
     assert (p.text1, p.text2) == ('"Quoted" start', 'and an "inner" one')
 
 
-def _cols(i, value):
-    def edit(line: bytes) -> bytes:
-        cols = line.split(b"\t")
-        cols[i] = value
-        return b"\t".join(cols)
-    return edit
-
-
 CORRUPTIONS = {
-    "missing column": (lambda line: b"\t".join(line.split(b"\t")[:6]), "missing column"),
-    "non-numeric score": (_cols(4, b"high"), "non-numeric score"),
-    "NaN score": (_cols(4, b"nan"), "non-finite score"),
-    "score out of range": (_cols(4, b"5.5"), "score out of range"),
-    "empty text": (_cols(6, b"  "), "empty text"),
+    "missing column": (field_edit(6, DROP), "missing column"),
+    "non-numeric score": (field_edit(4, b"high"), "non-numeric score"),
+    "NaN score": (field_edit(4, b"nan"), "non-finite score"),
+    "score out of range": (field_edit(4, b"5.5"), "score out of range"),
+    "empty text": (field_edit(6, b"  "), "empty text"),
     "invalid UTF-8": (lambda line: line.replace(b"a", b"\xff\xfe", 1), "invalid UTF-8"),
 }
 
