@@ -30,6 +30,14 @@ def write(tmp_path, fmt: str, rows=ROWS, names=("s1", "s2", "score")):
     return path
 
 
+def rejected_then_skipped(path, error: str, **options):
+    """``load_pairs(path, **options)`` fails with ``path:error``; returns what it keeps with
+    ``skip_bad_rows``."""
+    with pytest.raises(DataError, match=rf"^{path}:{error}"):
+        load_pairs(path, **options)
+    return load_pairs(path, skip_bad_rows=True, **options)
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv"])
 def test_pairs_with_scores(tmp_path, fmt) -> None:
     path = write(tmp_path, fmt)
@@ -50,9 +58,7 @@ def test_label_column_and_positions(tmp_path) -> None:
 def test_csv_quoted_newline_keeps_line_numbers(tmp_path) -> None:
     path = tmp_path / "p.csv"
     path.write_text('a,b\n"first\nspans two lines",x\n"ok",\n', encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{path}:4: empty text: column 'b'"):
-        load_pairs(path, columns=("a", "b"))
-    good = load_pairs(path, columns=("a", "b"), skip_bad_rows=True)
+    good = rejected_then_skipped(path, "4: empty text: column 'b'", columns=("a", "b"))
     assert good == [Pair("first\nspans two lines", "x")]
 
 
@@ -88,9 +94,8 @@ def test_corrupted_copy_is_rejected(tmp_path, corrupt, fmt, name) -> None:
     good = write(tmp_path, fmt)
     line = 1 if fmt == "jsonl" else 2  # the first data row
     bad = corrupt(good, tmp_path / "bad" / good.name, line, edits[fmt])
-    with pytest.raises(DataError, match=rf"^{bad}:{line}: {reason}"):
-        load_pairs(bad, columns=("s1", "s2"), score_column="score")
-    kept = load_pairs(bad, columns=("s1", "s2"), score_column="score", skip_bad_rows=True)
+    kept = rejected_then_skipped(bad, f"{line}: {reason}", columns=("s1", "s2"),
+                                 score_column="score")
     assert len(kept) == 2 and dict(kept.report.skipped) == {reason: 1}
 
 
@@ -103,9 +108,7 @@ def test_header_without_the_column(tmp_path) -> None:
 def test_invalid_json_and_arguments(tmp_path) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text('{"s1": "a", "s2": "b"}\n{"s1": "a", \n["x"]\n', encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{path}:2: invalid JSON"):
-        load_pairs(path, columns=("s1", "s2"))
-    kept = load_pairs(path, columns=("s1", "s2"), skip_bad_rows=True)
+    kept = rejected_then_skipped(path, "2: invalid JSON", columns=("s1", "s2"))
     assert len(kept) == 1 and kept.report.skipped["invalid JSON"] == 2
     with pytest.raises(ValueError, match="format must be"):
         load_pairs(path, fmt="parquet")  # type: ignore[arg-type]
