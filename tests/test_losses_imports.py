@@ -45,18 +45,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return {t for t in targets if t in modules and t != name}
 
 
-# Import edges of a cycle outside the loss package, left to its owners (a deferred import
-# inside ``compute``): ignored here so that the test guards against new cycles. Delete an
-# entry once its cycle is gone.
-KNOWN_EDGES = {("batchscale.study.analysis", "batchscale.study.answer")}
-
-
 def import_graph() -> dict[str, set[str]]:
     modules = _modules()
-    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
-    for source, target in KNOWN_EDGES:
-        graph[source].discard(target)
-    return graph
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -35,18 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import stats
+from .answer import answer
 from .critical import critical_batch, doubling_gain, steps_to_target
-from .stats import (
-    Interval,
-    PairedDifference,
-    Spread,
-    holm,
-    median_range,
-    paired_difference,
-    seed_trend,
-    t_interval,
-    trend_difference,
-)
 from .tuning import choose
 
 #: Fractions of the way from the start score to the best tuned score: the default targets.
@@ -143,6 +134,16 @@ class Runs:
         return sorted((r for r in self.tuned if Arm.of(r) == arm and r["batch_size"] == b
                        and r["softmax_batch"] == n), key=lambda r: r["seed"])
 
+    def whole_batch_cells(self) -> list[tuple[Arm, int, list[dict[str, Any]]]]:
+        """(arm, B, its tuned runs) of every whole-batch (N = B) setting that has runs."""
+        return [(arm, b, group) for arm in self.arms for b in self.batches
+                if (group := self.cell(arm, b))]
+
+    def block_cells(self) -> list[tuple[Arm, int, int]]:
+        """(arm, B, N) of every tuned setting, whole batch (N = B) included, in table order."""
+        return [(arm, b, n) for arm in self.arms for b in self.batches
+                for n in self.blocks(arm, b)]
+
     def blocks(self, arm: Arm, b: int) -> list[int]:
         return sorted({int(r["softmax_batch"]) for r in self.tuned
                        if Arm.of(r) == arm and r["batch_size"] == b})
@@ -153,16 +154,16 @@ def t_mean(values: Any) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def iv(i: Interval | None) -> dict[str, Any] | None:
+def iv(i: stats.Interval | None) -> dict[str, Any] | None:
     return None if i is None else {"mean": i.mean, "lo": i.lo, "hi": i.hi, "n": i.n}
 
 
-def pd(d: PairedDifference | None) -> dict[str, Any] | None:
+def pd(d: stats.PairedDifference | None) -> dict[str, Any] | None:
     return None if d is None else {"mean": d.mean, "lo": d.lo, "hi": d.hi, "n": d.n,
                                    "p_t": d.p_t, "p_exact": d.p_exact}
 
 
-def spread(s: Spread | None) -> dict[str, Any] | None:
+def spread(s: stats.Spread | None) -> dict[str, Any] | None:
     return None if s is None else {"median": s.median, "lo": s.lo, "hi": s.hi, "n": s.n}
 
 
@@ -173,11 +174,11 @@ def by_seed(runs: list[dict[str, Any]], key: str | Callable[[dict[str, Any]], An
 
 
 def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str
-           ) -> PairedDifference | None:
+           ) -> stats.PairedDifference | None:
     """a minus b over the seeds both have."""
     va, vb = by_seed(a, key), by_seed(b, key)
     seeds = sorted(set(va) & set(vb))
-    return paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
+    return stats.paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def design(runs: Runs, meta: dict[str, str], sweep: dict[str, Any]) -> dict[str,
             "lr_scaling": grid.get("lr_scaling"), "base_lr": base.get("optim", {}).get("lr"),
             "reference_batch_size": base.get("optim", {}).get("reference_batch_size"),
             "temperature": base.get("loss", {}).get("temperature"),
-            "epochs_seen": spread(median_range([r.get("epochs") for r in runs.all])),
+            "epochs_seen": spread(stats.median_range([r.get("epochs") for r in runs.all])),
             "flagged": flagged, "package_version": meta.get("package_version")}
 
 
@@ -219,7 +220,7 @@ def lr_section(runs: Runs) -> list[dict[str, Any]]:
             runs.arms.index(kv[0][0]), kv[0][1], -kv[0][2])):
         out.append({"loss": runs.label(arm), "batch_size": b, "softmax_batch": n,
                     "chosen": runs.chosen.get((arm, b, n)),
-                    "multipliers": [{"multiplier": m, "dev": iv(t_interval(v))}
+                    "multipliers": [{"multiplier": m, "dev": iv(stats.t_interval(v))}
                                     for m, v in sorted(by_mult.items())]})
     return out
 
@@ -227,32 +228,28 @@ def lr_section(runs: Runs) -> list[dict[str, Any]]:
 def quality_rows(runs: Runs, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per arm and batch size (whole-batch softmax, tuned lr): quality, speed, cost."""
     rows = []
-    for arm in runs.arms:
-        for b in runs.batches:
-            group = runs.cell(arm, b)
-            if not group:
-                continue
-            row: dict[str, Any] = {
-                "loss": runs.label(arm), "batch_size": b, "seeds": len(group),
-                "lr_multiplier": group[0]["lr_multiplier"],
-                "dev": iv(t_interval([r["best_dev"] for r in group])),
-                "test": iv(t_interval([r["test"] for r in group])),
-                "steps": spread(median_range([r["steps"] for r in group])),
-                "examples": spread(median_range([r["examples"] for r in group])),
-                "throughput": iv(t_interval([r["throughput"] for r in group])),
-                "peak_memory_mb": iv(t_interval([r["peak_memory_mb"] for r in group])),
-                "memory_kind": group[0]["memory_kind"],
-                "train_seconds": iv(t_interval([r["train_seconds"] for r in group])),
-                "to_target": []}
-            for t in targets:
-                hits = [reach(r, t["value"]) for r in group]
-                got = [h for h in hits if h is not None]
-                row["to_target"].append({
-                    "target": t["name"], "reached": len(got),
-                    "steps": spread(median_range([h["steps"] for h in got])),
-                    "examples": spread(median_range([h["examples"] for h in got])),
-                    "seconds": spread(median_range([h["seconds"] for h in got]))})
-            rows.append(row)
+    for arm, b, group in runs.whole_batch_cells():
+        row: dict[str, Any] = {
+            "loss": runs.label(arm), "batch_size": b, "seeds": len(group),
+            "lr_multiplier": group[0]["lr_multiplier"],
+            "dev": iv(stats.t_interval([r["best_dev"] for r in group])),
+            "test": iv(stats.t_interval([r["test"] for r in group])),
+            "steps": spread(stats.median_range([r["steps"] for r in group])),
+            "examples": spread(stats.median_range([r["examples"] for r in group])),
+            "throughput": iv(stats.t_interval([r["throughput"] for r in group])),
+            "peak_memory_mb": iv(stats.t_interval([r["peak_memory_mb"] for r in group])),
+            "memory_kind": group[0]["memory_kind"],
+            "train_seconds": iv(stats.t_interval([r["train_seconds"] for r in group])),
+            "to_target": []}
+        for t in targets:
+            hits = [reach(r, t["value"]) for r in group]
+            got = [h for h in hits if h is not None]
+            row["to_target"].append({
+                "target": t["name"], "reached": len(got),
+                "steps": spread(stats.median_range([h["steps"] for h in got])),
+                "examples": spread(stats.median_range([h["examples"] for h in got])),
+                "seconds": spread(stats.median_range([h["seconds"] for h in got]))})
+        rows.append(row)
     return rows
 
 
@@ -309,8 +306,8 @@ def best_section(runs: Runs) -> list[dict[str, Any]]:
         top = runs.cell(arm, best)
         entry: dict[str, Any] = {
             "loss": runs.label(arm), "batch_size": best,
-            "dev": iv(t_interval([r["best_dev"] for r in top])),
-            "test": iv(t_interval([r["test"] for r in top])), "extremes": []}
+            "dev": iv(stats.t_interval([r["best_dev"] for r in top])),
+            "test": iv(stats.t_interval([r["test"] for r in top])), "extremes": []}
         for b in sorted({have[0], have[-1]} - {best}):
             entry["extremes"].append({
                 "batch_size": b,
@@ -323,39 +320,31 @@ def best_section(runs: Runs) -> list[dict[str, Any]]:
 def blocks_section(runs: Runs) -> list[dict[str, Any]]:
     """Quality on the (B, N) grid: every softmax block size run at each batch size."""
     out = []
-    for arm in runs.arms:
-        for b in runs.batches:
-            for n in runs.blocks(arm, b):
-                group = runs.cell(arm, b, n)
-                out.append({"loss": runs.label(arm), "batch_size": b, "softmax_batch": n,
-                            "seeds": len(group), "lr_multiplier": group[0]["lr_multiplier"],
-                            "dev": iv(t_interval([r["best_dev"] for r in group])),
-                            "test": iv(t_interval([r["test"] for r in group]))})
+    for arm, b, n in runs.block_cells():
+        group = runs.cell(arm, b, n)
+        out.append({"loss": runs.label(arm), "batch_size": b, "softmax_batch": n,
+                    "seeds": len(group), "lr_multiplier": group[0]["lr_multiplier"],
+                    "dev": iv(stats.t_interval([r["best_dev"] for r in group])),
+                    "test": iv(stats.t_interval([r["test"] for r in group]))})
     return out
 
 
 def negatives_section(runs: Runs) -> list[dict[str, Any]]:
     """The batch-size effect B_small -> B_large split at (B_large, N = B_small)."""
     out = []
-    for arm in runs.arms:
-        for large in runs.batches:
-            for small in runs.blocks(arm, large):
-                if small == large or not runs.cell(arm, small):
-                    continue
-                a, mid, z = runs.cell(arm, small), runs.cell(arm, large, small), \
-                    runs.cell(arm, large)
-                entry: dict[str, Any] = {"loss": runs.label(arm), "b_small": small,
-                                         "b_large": large}
-                for split, key in (("dev", "best_dev"), ("test", "test")):
-                    total = paired(z, a, key)
-                    optimisation = paired(mid, a, key)
-                    negatives = paired(z, mid, key)
-                    share = None
-                    if total is not None and negatives is not None and total.mean != 0:
-                        share = negatives.mean / total.mean
-                    entry[split] = {"total": pd(total), "optimisation": pd(optimisation),
-                                    "negatives": pd(negatives), "negatives_share": share}
-                out.append(entry)
+    for arm, large, small in runs.block_cells():
+        if small == large or not runs.cell(arm, small):
+            continue
+        a, mid, z = runs.cell(arm, small), runs.cell(arm, large, small), runs.cell(arm, large)
+        entry: dict[str, Any] = {"loss": runs.label(arm), "b_small": small, "b_large": large}
+        for split, key in (("dev", "best_dev"), ("test", "test")):
+            total, negatives = paired(z, a, key), paired(z, mid, key)
+            share = None
+            if total is not None and negatives is not None and total.mean != 0:
+                share = negatives.mean / total.mean
+            entry[split] = {"total": pd(total), "optimisation": pd(paired(mid, a, key)),
+                            "negatives": pd(negatives), "negatives_share": share}
+        out.append(entry)
     return out
 
 
@@ -369,7 +358,7 @@ def trends_section(runs: Runs) -> tuple[list[dict[str, Any]], list[dict[str, Any
     for arm in runs.arms:
         entry: dict[str, Any] = {"loss": runs.label(arm)}
         for split, key in (("dev", "best_dev"), ("test", "test")):
-            t = seed_trend(points(arm, key))
+            t = stats.seed_trend(points(arm, key))
             entry[split] = None if t is None else {"slope": pd(t.slope),
                                                    "curvature": pd(t.curvature)}
         trends.append(entry)
@@ -377,10 +366,10 @@ def trends_section(runs: Runs) -> tuple[list[dict[str, Any]], list[dict[str, Any
     for a, b in comparisons(runs):
         entry = {"comparison": f"{runs.label(a)} − {runs.label(b)}"}
         for split, key in (("dev", "best_dev"), ("test", "test")):
-            entry[split] = pd(trend_difference(points(a, key), points(b, key)))
+            entry[split] = pd(stats.trend_difference(points(a, key), points(b, key)))
         inter.append(entry)
     for split in ("dev", "test"):
-        adjusted = holm([(e[split] or {}).get("p_t") for e in inter])
+        adjusted = stats.holm([(e[split] or {}).get("p_t") for e in inter])
         for e, p in zip(inter, adjusted, strict=True):
             e[f"{split}_p_holm"] = p
     return trends, inter
@@ -419,7 +408,7 @@ def differences_section(runs: Runs) -> list[dict[str, Any]]:
                         "dev": pd(paired(ga, gb, "best_dev")),
                         "test": pd(paired(ga, gb, "test"))})
     for split in ("dev", "test"):
-        adjusted = holm([(d[split] or {}).get("p_t") for d in out])
+        adjusted = stats.holm([(d[split] or {}).get("p_t") for d in out])
         for d, p in zip(out, adjusted, strict=True):
             d[f"{split}_p_holm"] = p
     return out
@@ -444,16 +433,16 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                         at_target.append(h["noise"])
                 got = [h for h in hits.values() if h is not None]
                 if hits:
+                    counts = {k: spread(stats.median_range([h[k] for h in got]))
+                              for k in ("steps", "examples")}
                     per_batch.append({"batch_size": b, "reached": len(got), "runs": len(hits),
-                                      "steps": spread(median_range([h["steps"] for h in got])),
-                                      "examples": spread(median_range(
-                                          [h["examples"] for h in got]))})
+                                      **counts})
             fit = critical_batch(per_seed, min_batch_sizes=MIN_BATCH_SIZES)
             pooled = fit.pooled if len({p["batch_size"] for p in per_batch
                                         if p["reached"]}) >= MIN_BATCH_SIZES else None
             entry: dict[str, Any] = {
                 "loss": runs.label(arm), "target": t["name"], "value": t["value"],
-                "per_batch": per_batch, "n": fit.n,
+                "per_batch": per_batch, "n": fit.n, "min_batch_sizes": MIN_BATCH_SIZES,
                 "s_min": iv(fit.s_min), "e_min": iv(fit.e_min), "b_crit": iv(fit.b_crit),
                 "pooled": None if pooled is None else {
                     "s_min": pooled.s_min, "e_min": pooled.e_min, "b_crit": pooled.b_crit},
@@ -476,26 +465,22 @@ def mechanisms_section(runs: Runs) -> tuple[list[dict[str, Any]], list[dict[str,
     """The probe set's quantities at each run's last point (mean over seeds), and their
     curves against examples (means over seeds, points all seeds share)."""
     rows, curves = [], []
-    for arm in runs.arms:
-        for b in runs.batches:
-            group = runs.cell(arm, b)
-            if not group:
-                continue
-            last = [r["curve"][-1].get("metrics", {}) for r in group if r["curve"]]
-            row: dict[str, Any] = {"loss": runs.label(arm), "batch_size": b}
+    for arm, b, group in runs.whole_batch_cells():
+        last = [r["curve"][-1].get("metrics", {}) for r in group if r["curve"]]
+        row: dict[str, Any] = {"loss": runs.label(arm), "batch_size": b}
+        for name, stored in MECHANISMS.items():
+            row[name] = iv(stats.t_interval([m[stored] for m in last if stored in m]))
+        row["b_simple"] = b_simple(last)
+        rows.append(row)
+        points = []
+        for i in range(min(len(r["curve"]) for r in group)):
+            ms = [r["curve"][i].get("metrics", {}) for r in group]
+            point = {"examples": group[0]["curve"][i]["examples"]}
             for name, stored in MECHANISMS.items():
-                row[name] = iv(t_interval([m[stored] for m in last if stored in m]))
-            row["b_simple"] = b_simple(last)
-            rows.append(row)
-            points = []
-            for i in range(min(len(r["curve"]) for r in group)):
-                ms = [r["curve"][i].get("metrics", {}) for r in group]
-                point = {"examples": group[0]["curve"][i]["examples"]}
-                for name, stored in MECHANISMS.items():
-                    point[name] = t_mean(m.get(stored) for m in ms)
-                point["b_simple"] = (b_simple(ms) or {}).get("value")
-                points.append(point)
-            curves.append({"loss": runs.label(arm), "batch_size": b, "points": points})
+                point[name] = t_mean(m.get(stored) for m in ms)
+            point["b_simple"] = (b_simple(ms) or {}).get("value")
+            points.append(point)
+        curves.append({"loss": runs.label(arm), "batch_size": b, "points": points})
     return rows, curves
 
 
@@ -503,22 +488,18 @@ def curves_section(runs: Runs) -> list[dict[str, Any]]:
     """Dev score against examples, steps and seconds (tuned, whole batch): the mean over
     seeds at the points all seeds share, with the min-max band."""
     out = []
-    for arm in runs.arms:
-        for b in runs.batches:
-            group = runs.cell(arm, b)
-            if not group:
+    for arm, b, group in runs.whole_batch_cells():
+        points = []
+        for i in range(min(len(r["curve"]) for r in group)):
+            devs = [r["curve"][i]["dev"] for r in group if r["curve"][i]["dev"] is not None]
+            if not devs:  # a NaN score (a collapsed encoder) in every seed
                 continue
-            points = []
-            for i in range(min(len(r["curve"]) for r in group)):
-                devs = [r["curve"][i]["dev"] for r in group if r["curve"][i]["dev"] is not None]
-                if not devs:  # a NaN score (a collapsed encoder) in every seed
-                    continue
-                secs = [r["curve"][i]["seconds"] for r in group]
-                points.append({"examples": group[0]["curve"][i]["examples"],
-                               "steps": group[0]["curve"][i]["steps"],
-                               "seconds": sum(secs) / len(secs),
-                               "dev": sum(devs) / len(devs), "lo": min(devs), "hi": max(devs)})
-            out.append({"loss": runs.label(arm), "batch_size": b, "points": points})
+            secs = [r["curve"][i]["seconds"] for r in group]
+            points.append({"examples": group[0]["curve"][i]["examples"],
+                           "steps": group[0]["curve"][i]["steps"],
+                           "seconds": sum(secs) / len(secs),
+                           "dev": sum(devs) / len(devs), "lo": min(devs), "hi": max(devs)})
+        out.append({"loss": runs.label(arm), "batch_size": b, "points": points})
     return out
 
 
@@ -534,8 +515,6 @@ def failures_section(runs: Runs, failures: list[dict[str, Any]]) -> list[dict[st
 # -- all of it ------------------------------------------------------------------------------
 def compute(meta: dict[str, str], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Every number of the report (see the module docstring for the definitions)."""
-    from .answer import answer
-
     sweep = json.loads(meta["sweep_config"])
     failures = json.loads(meta.get("_failures", "[]"))
     grouped = Runs(sweep, runs, failures)

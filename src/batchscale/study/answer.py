@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .analysis import MIN_BATCH_SIZES
 from .formatting import fmt, fmt_iv, fmt_pd, fmt_spread, percent
 
 
@@ -63,8 +62,9 @@ def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
         if c["b_crit"] is None:
             reached = ", ".join(f"B={p['batch_size']}: {p['reached']}/{p['runs']}"
                                 for p in c["per_batch"])
-            out.append({"text": f"{head}: no seed reached it at {MIN_BATCH_SIZES} batch sizes, "
-                                f"so B_crit is not fitted (runs reaching it: {reached}).",
+            need = c["min_batch_sizes"]
+            out.append({"text": f"{head}: no seed reached it at {need} batch sizes, so B_crit "
+                                f"is not fitted (runs reaching it: {reached}).",
                         "link": "critical"})
             continue
         lo, hi = c["measured"]

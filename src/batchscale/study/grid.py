@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ..training.config import ConfigError, RunConfig, load_config
 
@@ -46,6 +54,16 @@ LrRule = Literal["none", "linear", "sqrt"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: The list axes of a grid: how a message names each, and the values it allows.
+_AXES: dict[str, tuple[str, Any, str]] = {
+    "batch_sizes": ("batch sizes", lambda x: x >= 2, ">= 2"),
+    "seeds": ("seeds", lambda x: x >= 0, ">= 0"),
+    "lr_multipliers": ("lr multipliers", lambda x: x > 0, "> 0"),
+    "softmax_batches": ("softmax batch sizes", lambda x: x >= 2, ">= 2"),
+    "vrns_weights": ("VRNS weights", lambda x: x >= 0, ">= 0"),
+}
 
 
 class Grid(_Strict):
@@ -63,41 +81,14 @@ class Grid(_Strict):
     #: divides, N < B; the whole batch (N = B) is always a cell.
     softmax_batches: list[int] | None = None
 
-    @field_validator("lr_multipliers")
+    @field_validator(*_AXES)
     @classmethod
-    def _multipliers(cls, v: list[float]) -> list[float]:
-        if any(m <= 0 for m in v) or len(set(v)) != len(v):
-            raise ValueError(f"lr multipliers must be distinct and > 0, got {v}")
-        return v
-
-    @field_validator("softmax_batches")
-    @classmethod
-    def _blocks(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(n < 2 for n in v) or len(set(v)) != len(v)):
-            raise ValueError(f"softmax batch sizes must be distinct and >= 2, got {v}")
-        return v
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _batches(cls, v: list[int]) -> list[int]:
-        if any(b < 2 for b in v):
-            raise ValueError(f"every batch size must be >= 2, got {v}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"batch sizes repeat: {v}")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
-        if any(s < 0 for s in v) or len(set(v)) != len(v):
-            raise ValueError(f"seeds must be distinct and >= 0, got {v}")
-        return v
-
-    @field_validator("vrns_weights")
-    @classmethod
-    def _vrns(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and (not v or any(w < 0 for w in v) or len(set(v)) != len(v)):
-            raise ValueError(f"VRNS weights must be a non-empty list of distinct values >= 0, "
+    def _axis(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        if v is None:
+            return v
+        what, ok, rule = _AXES[info.field_name]
+        if not v or not all(ok(x) for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"{what} must be a non-empty list of distinct values {rule}, "
                              f"got {v}")
         return v
 
