@@ -46,9 +46,9 @@ def keep_large_allocations_in_heap() -> bool:
     """Serve large allocations from the heap instead of fresh ``mmap`` pages (glibc only).
 
     A static encoder's dense embedding gradient (30k x 384 floats, 47 MB) is allocated anew
-    at every step; from ``mmap`` every one of its pages faults on first touch, which made a
-    batch-16 step ~5x slower on a 2-core machine. With ``M_MMAP_MAX = 0`` the memory is
-    reused. Returns whether the setting took effect.
+    at every step; from ``mmap`` every one of its pages faults on first touch (measured in
+    benchmarks/README.md). With ``M_MMAP_MAX = 0`` the memory is reused. Returns whether the
+    setting took effect.
     """
     import ctypes
     import ctypes.util
@@ -217,9 +217,8 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
     """Run the cells of ``sweep`` (of one shard) not yet finished in the store.
 
     ``threads``: torch's intra-op threads for the whole sweep (None: torch's default). On a
-    small machine shared with other jobs, 1 avoids OpenMP's oversubscription: a batch-16
-    step of the static encoder took 66 ms with 1 thread and 340-380 ms with 2 on 2 busy
-    cores.
+    small machine shared with other jobs, 1 avoids OpenMP's oversubscription (measured in
+    benchmarks/README.md).
     """
     if threads is not None:
         torch.set_num_threads(threads)
