@@ -108,3 +108,10 @@ def test_duplicate_stats_edge_cases() -> None:
         duplicate_stats([[0, 3]], keys)
     with pytest.raises(ValueError, match="queries"):
         hardest_negatives(np.zeros(3), np.zeros(3))
+
+
+def test_the_batching_package_exports_what_it_lists():
+    import batchscale.batching as batching
+
+    missing = [name for name in batching.__all__ if not hasattr(batching, name)]
+    assert missing == []

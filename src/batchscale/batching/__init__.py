@@ -12,9 +12,11 @@ Batch composition: :class:`RandomBatchSampler`, :class:`NoDuplicatesBatchSampler
 """
 
 from .batch_stats import (
+    DuplicateStats,
     duplicate_rate,
     duplicate_stats,
     epoch_hardest_negative,
+    hardest_negatives,
     mean_hardest_negative,
 )
 from .distributed import (
