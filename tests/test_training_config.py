@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from batchscale.cli import main
-from batchscale.training import ConfigError, load_config
+from batchscale.training import ConfigError, config_from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -113,3 +113,11 @@ def test_presets_validate(preset):
 
 def test_presets_exist():
     assert (CONFIGS / "stsb-best.yaml").is_file()
+
+
+def test_every_terms_softmax_block_must_divide_the_batch():
+    with pytest.raises(ConfigError, match=r"loss\.plus\.0\.softmax_batch \(3\) must divide "
+                                          r"train\.batch_size \(8\)"):
+        config_from_dict({"train": {"batch_size": 8},
+                          "loss": {"name": "infonce", "softmax_batch": 4,
+                                   "plus": [{"name": "bsc", "softmax_batch": 3}]}})

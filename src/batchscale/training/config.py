@@ -168,8 +168,9 @@ class HardBatchConfig(_Strict):
 class TrainConfig(_Strict):
     batch_size: int = Field(default=32, ge=2)
     epochs: float = Field(default=1.0, gt=0.0)
-    #: Stop after exactly this many examples instead (overrides epochs); batches run on
-    #: across epoch boundaries, so every step takes a full batch.
+    #: Stop after exactly this many examples instead (overrides epochs); under a budget the
+    #: short last batch of an epoch is filled from the rest of it, so every step takes a
+    #: whole batch.
     max_examples: int | None = Field(default=None, ge=1)
     #: Stop after exactly this many optimiser steps instead (overrides epochs).
     max_steps: int | None = Field(default=None, ge=1)
@@ -262,10 +263,12 @@ class RunConfig(_Strict):
             raise ValueError(f"train.hard_batches.group_size ({t.hard_batches.group_size}) must "
                              f"divide train.batch_size ({t.batch_size}): whole groups fill a "
                              "batch")
-        n = self.loss.softmax_batch
-        if n is not None and t.batch_size % n:
-            raise ValueError(f"loss.softmax_batch ({n}) must divide train.batch_size "
-                             f"({t.batch_size}): the batch splits into equal softmax blocks")
+        for i, term in enumerate(self.loss.terms()):
+            n = term.softmax_batch
+            if n is not None and t.batch_size % n:
+                raise ValueError(f"{term_key(i, 'softmax_batch')} ({n}) must divide "
+                                 f"train.batch_size ({t.batch_size}): the batch splits into "
+                                 "equal softmax blocks")
         ns = self.eval.noise_scale
         if ns is not None and t.batch_size % ns.chunks:
             raise ValueError(f"eval.noise_scale.chunks ({ns.chunks}) must divide "

@@ -144,11 +144,8 @@ def check_world_size(config: RunConfig, num_examples: int, world: int) -> None:
         raise ValueError(f"the last batch of each epoch has {rest} example(s) for {world} "
                          "ranks, so a rank would get none; set train.drop_last: true or "
                          "change train.batch_size")
-    for i, term in enumerate(config.loss.terms()):
+    for i, term in enumerate(config.loss.terms()):  # (that N divides B: the config's check)
         n = term.softmax_batch
-        if n is not None and t.batch_size % n:
-            raise ValueError(f"{term_key(i, 'softmax_batch')} ({n}) must divide "
-                             f"train.batch_size ({t.batch_size})")
         if n is not None and rest % n and not t.drop_last and not budgeted(config):
             raise ValueError(f"{term_key(i, 'softmax_batch')} ({n}): the last batch of each "
                              f"epoch has {rest} pairs, which softmax blocks of {n} do not "
