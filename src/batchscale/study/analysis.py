@@ -38,7 +38,7 @@ from typing import Any
 from . import stats
 from .answer import answer
 from .critical import critical_batch, doubling_gain, steps_to_target
-from .tuning import choose
+from .tuning import choose, scores_by_setting
 
 #: Fractions of the way from the start score to the best tuned score: the default targets.
 TARGET_FRACTIONS = (0.5, 0.8, 0.9)
@@ -94,6 +94,9 @@ class Runs:
         self.chosen = self._choose(grid, runs, failures)
         self.tuned = [r for r in runs if self.chosen.get(self.setting(r)) ==
                       float(r["lr_multiplier"])]
+        self._cells: dict[tuple[Arm, int, int], list[dict[str, Any]]] = defaultdict(list)
+        for r in sorted(self.tuned, key=lambda r: r["seed"]):
+            self._cells[self.setting(r)].append(r)
 
     @staticmethod
     def setting(r: dict[str, Any]) -> tuple[Arm, int, int]:
@@ -101,23 +104,20 @@ class Runs:
 
     def _choose(self, grid: dict[str, Any], runs: list[dict[str, Any]],
                 failures: list[dict[str, Any]]) -> dict[tuple[Arm, int, int], float]:
-        scores: dict[tuple[Arm, int, int], dict[float, dict[int, float | None]]] = \
-            defaultdict(lambda: defaultdict(dict))
-        for f in failures:
-            scores[self.setting(f)][float(f["lr_multiplier"])][int(f["seed"])] = None
-        for r in runs:
-            scores[self.setting(r)][float(r["lr_multiplier"])][int(r["seed"])] = r["best_dev"]
+        # a diverged run scores None; a finished run of the same cell replaces it
+        dev = {f["cell_id"]: None for f in failures} | {r["cell_id"]: r["best_dev"]
+                                                         for r in runs}
         mode = grid.get("lr_tuning", "all_seeds")
         first = (grid.get("seeds") or [0])[0]
         out = {}
-        for setting, by_mult in scores.items():
-            done = {m: s for m, s in by_mult.items() if s}
-            m = choose(done, mode, first)
+        for (loss, w, rule, b, n), by_mult in scores_by_setting([*failures, *runs],
+                                                                dev).items():
+            m = choose(by_mult, mode, first)
             if m is None:  # a partial store: the best mean over whatever seeds finished
-                m = choose({k: {0: t_mean(v.values())} for k, v in done.items()},
+                m = choose({k: {0: t_mean(v.values())} for k, v in by_mult.items()},
                            "all_seeds", 0)
             if m is not None:
-                out[setting] = m
+                out[(Arm(loss, w, rule), b, n)] = m
         return out
 
     def label(self, arm: Arm) -> str:
@@ -130,9 +130,7 @@ class Runs:
 
     def cell(self, arm: Arm, b: int, n: int | None = None) -> list[dict[str, Any]]:
         """The tuned runs of (arm, B, N) (N None: the whole batch), by seed."""
-        n = b if n is None else n
-        return sorted((r for r in self.tuned if Arm.of(r) == arm and r["batch_size"] == b
-                       and r["softmax_batch"] == n), key=lambda r: r["seed"])
+        return self._cells.get((arm, b, b if n is None else n), [])
 
     def whole_batch_cells(self) -> list[tuple[Arm, int, list[dict[str, Any]]]]:
         """(arm, B, its tuned runs) of every whole-batch (N = B) setting that has runs."""
@@ -145,8 +143,7 @@ class Runs:
                 for n in self.blocks(arm, b)]
 
     def blocks(self, arm: Arm, b: int) -> list[int]:
-        return sorted({int(r["softmax_batch"]) for r in self.tuned
-                       if Arm.of(r) == arm and r["batch_size"] == b})
+        return sorted(n for a, bb, n in self._cells if a == arm and bb == b)
 
 
 def t_mean(values: Any) -> float | None:

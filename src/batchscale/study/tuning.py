@@ -47,14 +47,25 @@ def _score(x: float | None) -> float:
     return -math.inf if x is None or not math.isfinite(x) else float(x)
 
 
-def tuned(cells: Iterable[Mapping[str, Any]], dev: Mapping[str, float | None],
-          mode: str, first_seed: int) -> dict[Setting, float | None]:
-    """Every setting's chosen multiplier. ``cells``: the grid's cell rows; ``dev``: cell id ->
-    dev score of its finished (or diverged: None) run."""
-    scores: dict[Setting, dict[float, dict[int, float | None]]] = {}
+Scores = dict[Setting, dict[float, dict[int, float | None]]]
+
+
+def scores_by_setting(cells: Iterable[Mapping[str, Any]],
+                      dev: Mapping[str, float | None]) -> Scores:
+    """setting -> multiplier -> seed -> dev score. ``cells``: cell or run rows; ``dev``: cell
+    id -> dev score of its finished (or diverged: None) run; a cell without one adds its
+    multiplier with no seeds."""
+    scores: Scores = {}
     for c in cells:
         by_mult = scores.setdefault(setting_of(c), {})
         by_seed = by_mult.setdefault(float(c["lr_multiplier"]), {})
         if c["cell_id"] in dev:
             by_seed[int(c["seed"])] = dev[c["cell_id"]]
-    return {s: choose(by_mult, mode, first_seed) for s, by_mult in scores.items()}
+    return scores
+
+
+def tuned(cells: Iterable[Mapping[str, Any]], dev: Mapping[str, float | None],
+          mode: str, first_seed: int) -> dict[Setting, float | None]:
+    """Every setting's chosen multiplier (arguments as :func:`scores_by_setting`)."""
+    return {s: choose(by_mult, mode, first_seed)
+            for s, by_mult in scores_by_setting(cells, dev).items()}
