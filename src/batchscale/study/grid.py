@@ -301,6 +301,8 @@ def expand(config: SweepConfig, base: RunConfig, source: str) -> list[Cell]:
         if g.vrns_weights is not None and "vrns_weight" in fields:
             raise ConfigError(f"{source}: grid.losses.{name}.vrns_weight: set VRNS weights in "
                               "grid.vrns_weights or in the variants, not both")
+    if raw["eval"]["schedule"] == "log":  # every cell evaluates at the same example counts
+        raw["eval"]["align_points"] = sorted(g.batch_sizes)
     factors = itertools.product(
         g.seeds, g.losses.items(), g.vrns_weights if g.vrns_weights is not None else [None],
         g.lr_scaling, g.lr_multipliers, g.batch_sizes)
@@ -311,8 +313,6 @@ def expand(config: SweepConfig, base: RunConfig, source: str) -> list[Cell]:
                 loss["softmax_batch"] = n
             if w is not None:
                 loss["vrns_weight"] = w
-            if raw["eval"]["schedule"] == "log":  # every cell evaluates at the same counts
-                raw["eval"]["align_points"] = sorted(g.batch_sizes)
             run = _merge(raw, {"loss": loss,
                                "optim": {"lr_scaling": rule, "lr": raw["optim"]["lr"] * mult},
                                "train": {"batch_size": b, "seed": seed, "max_examples": None,

@@ -210,7 +210,6 @@ class Store:
         for point in curve:
             db.execute(f"INSERT INTO curve (run_id, {ccols}) VALUES (:run_id, {cmarks})",
                        {"run_id": run_id, **{c: point.get(c) for c in _CURVE_COLUMNS}})
-        for point in curve:
             for name, value in point.get("metrics", {}).items():
                 db.execute("INSERT INTO point_metrics (run_id, point, name, value) "
                            "VALUES (?, ?, ?, ?)", (run_id, point["point"], name, float(value)))

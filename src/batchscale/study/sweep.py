@@ -240,9 +240,10 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
         failed = not_tuned = 0
         gate = _LrGate(sweep, store)
         for k, cell in enumerate(todo, 1):
-            if not gate.runs(cell):
+            skip = gate.skip(cell)
+            if skip is not None:
                 not_tuned += 1
-                log(f"[{k}/{len(todo)}] {cell.label()}: skipped ({gate.why(cell)})")
+                log(f"[{k}/{len(todo)}] {cell.label()}: skipped ({skip})")
                 continue
             t0 = time.perf_counter()
             try:
@@ -284,16 +285,16 @@ class _LrGate:
         same = [c for c in self.cells if setting_of(c) == setting]
         return tuned(same, dev, "first_seed", self.first).get(setting)
 
-    def runs(self, cell: Cell) -> bool:
+    def skip(self, cell: Cell) -> str | None:
+        """Why ``cell`` is not run now, or None when it runs."""
         if not self.active or cell.seed == self.first:
-            return True
-        return self._choice(cell) == cell.lr_multiplier
-
-    def why(self, cell: Cell) -> str:
+            return None
         choice = self._choice(cell)
         if choice is None:
             return "its lr is not chosen yet: the first seed's cells of this setting are unfinished"
-        return f"seed {self.first} chose lr x{choice:g} for this setting"
+        if choice != cell.lr_multiplier:
+            return f"seed {self.first} chose lr x{choice:g} for this setting"
+        return None
 
 
 def _cell_row(c: Cell) -> dict[str, Any]:
