@@ -48,8 +48,10 @@ def trend(data: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{fmt_pd(slope)} (mean of per-seed slopes; "
                 f"{_direction(slope, 'it rises', 'it falls')})")
         if curv is not None:
-            shape = _direction(curv, "the gain per doubling grows with B",
-                               "the gain per doubling shrinks with B")
+            # the slope's own sign is stated above: say how the change per doubling moves,
+            # not whether a "gain" (which may be a loss) grows
+            shape = _direction(curv, "the change per doubling rises as B grows",
+                               "the change per doubling falls as B grows")
             text += f"; curvature {fmt_pd(curv, 3)} ({shape})"
         out.append({"text": text + ".", "link": "trend"})
     return out
