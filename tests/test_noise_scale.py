@@ -235,12 +235,16 @@ def test_chunk_gradients_replay_the_dropout_masks(tiny_st_dir) -> None:
     params = [p for p in encoder.parameters() if p.requires_grad]
     torch.manual_seed(11)
     probe = probe_gradients(encoder, objective, sides, labels, chunks=3)
-    torch.manual_seed(11)  # the probe's first pass: chunk-major, side-minor
+    torch.manual_seed(11)  # the probe's first pass, as the gradient cache's: side by side
     feats = [encoder.tokenize(s) for s in sides]
     embs = [[], []]
-    for c in range(3):
-        for side in range(2):
-            embs[side].append(encoder({k: v[4 * c:4 * c + 4] for k, v in feats[side].items()}))
+    for side in range(2):
+        for c in range(3):
+            chunk = {k: v[4 * c:4 * c + 4] for k, v in feats[side].items()}
+            # without the padding columns no row of the chunk uses (right padding), as the
+            # chunks are encoded: the dropout masks are drawn for that width
+            width = int(chunk["attention_mask"].sum(dim=1).max())
+            embs[side].append(encoder({k: v[:, :width] for k, v in chunk.items()}))
     loss = objective([torch.cat(e) for e in embs], labels)
     want = torch.autograd.grad(loss, params, allow_unused=True)
     for got, w in zip(probe.big, want, strict=True):

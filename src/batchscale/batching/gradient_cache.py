@@ -94,15 +94,21 @@ class CachedEncoding:
     states: list[RngState]  # the RNG state before each chunk's first pass
     embeddings: Tensor  # (n, d) in the batch's order, no graph
 
+    def replayed(self, i: int) -> Tensor:
+        """Chunk ``i`` re-encoded with a graph under its saved RNG state (the same dropout
+        masks, so the same embeddings as the first pass); its rows are ``chunks[i].index``."""
+        with self.states[i].replay():
+            return _encode(self.encode, self.chunks[i])
+
     def replay(self, grad: Tensor, *, no_sync: NoSync | None = None, last: bool = True) -> None:
         """Step 3: re-encode each chunk with a graph under its saved RNG state (the same
         dropout masks, so the same embeddings) and back-propagate its rows of ``grad``
         (dL/d(embeddings), the batch's order) through it. Every re-encoding runs under
         ``no_sync()`` when given, except the final one when ``last``."""
-        for step, (chunk, state) in enumerate(zip(self.chunks, self.states, strict=True)):
+        for step, chunk in enumerate(self.chunks):
             sync = last and step == len(self.chunks) - 1
-            with nullcontext() if no_sync is None or sync else no_sync(), state.replay():
-                emb = _encode(self.encode, chunk)
+            with nullcontext() if no_sync is None or sync else no_sync():
+                emb = self.replayed(step)
                 if not emb.requires_grad:  # a frozen encoder: nothing to train
                     continue
                 torch.autograd.backward(emb, grad.index_select(0, chunk.index.to(grad.device)))
@@ -148,7 +154,7 @@ def replay_all(
         encoding.replay(grad, no_sync=no_sync, last=i == len(work) - 1)
 
 
-def _checked(encode: Encoder, name: str) -> Encoder:
+def checked_encoder(encode: Encoder, name: str) -> Encoder:
     """``encode``, failing clearly unless it returns one (rows, d) embedding per row."""
 
     def checked(inputs: dict[str, Tensor]) -> Tensor:
@@ -215,7 +221,7 @@ def cached_backward(
 
     # Step 1: embeddings without a graph, the RNG state saved before each chunk.
     encodings = [
-        encode_chunks(_checked(enc, name), side_chunks)
+        encode_chunks(checked_encoder(enc, name), side_chunks)
         for enc, side_chunks, name in zip(encoders, chunks, names, strict=True)
     ]
     leaves = [e.embeddings for e in encodings]

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batching.distributed import is_distributed
-from ..batching.rng_state import RngState
+from ..batching.gradient_cache import checked_encoder, encode_chunks, split_side
 from .examples import TrainingSet
 
 __all__ = [
@@ -183,18 +183,15 @@ def probe_indices(num_examples: int, batch_size: int, batches: int,
     return [rng.choice(num_examples, size=batch_size, replace=False) for _ in range(batches)]
 
 
-def _rows(features: dict[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
-    # A fresh copy: encoders may write into their inputs (see the gradient cache).
-    return {k: v[start:stop].clone() for k, v in features.items() if isinstance(v, Tensor)}
+def _as_loss_dtype(encoder: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
+    """``encoder``'s embeddings as the trainer's float() gives them to the loss: float32 at
+    least (float64 stays float64)."""
 
+    def encode(features: dict[str, Tensor]) -> Tensor:
+        emb = encoder(features)
+        return emb if emb.dtype in (torch.float32, torch.float64) else emb.float()
 
-def _encode(encoder: nn.Module, features: dict[str, Tensor], rows: int) -> Tensor:
-    emb = encoder(features)
-    if not isinstance(emb, Tensor) or emb.ndim != 2 or emb.shape[0] != rows:
-        shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
-        raise ValueError(f"the encoder must return ({rows}, d) embeddings, got {shape}")
-    # As the trainer's float(): the loss in float32 at least (float64 stays float64).
-    return emb if emb.dtype in (torch.float32, torch.float64) else emb.float()
+    return encode
 
 
 def _sq_norm(grads: Sequence[Tensor | None]) -> float:
@@ -224,17 +221,14 @@ def probe_gradients(encoder: nn.Module, objective, sides: Sequence[Sequence[str]
     if labels is not None:
         labels = labels.to(encoder.device)
 
-    # 1. Embeddings without a graph, chunk by chunk, the RNG state saved before each (chunk,
-    #    side) so that the replay draws the same dropout masks.
-    states: list[list[RngState]] = [[] for _ in features]
-    with torch.no_grad():
-        embs: list[list[Tensor]] = [[] for _ in features]
-        for c in range(chunks):
-            for side, f in enumerate(features):
-                states[side].append(RngState.capture())
-                embs[side].append(_encode(encoder, _rows(f, c * b, (c + 1) * b), b))
-    leaves = [torch.cat(e).requires_grad_() for e in embs]
-    del embs
+    # 1. Embeddings without a graph, equal chunks of consecutive pairs, the RNG state saved
+    #    before each so that the replay draws the same dropout masks (the gradient cache's
+    #    first step).
+    encode = _as_loss_dtype(encoder)
+    encodings = [encode_chunks(checked_encoder(encode, f"sides[{i}]"),
+                               split_side(f, chunk_size=b, name=f"sides[{i}]"))
+                 for i, f in enumerate(features)]
+    leaves = [e.embeddings.requires_grad_() for e in encodings]
 
     # 2. The loss of the whole batch and dL/de, once. Gradients stop at the embeddings (and
     #    never reach the objective's own parameters).
@@ -250,14 +244,15 @@ def probe_gradients(encoder: nn.Module, objective, sides: Sequence[Sequence[str]
     big: list[Tensor] = [torch.zeros_like(p) for p in params]
     for c in range(chunks):
         outputs, grad_outputs = [], []
-        for side, f in enumerate(features):
+        for side, encoding in enumerate(encodings):
             if d_emb[side] is None:  # a side the loss does not use carries no gradient
                 continue
-            with states[side][c].replay(), torch.enable_grad():
-                emb = _encode(encoder, _rows(f, c * b, (c + 1) * b), b)
+            with torch.enable_grad():
+                emb = encoding.replayed(c)
             if emb.requires_grad:  # else a frozen tower: nothing to pull back
                 outputs.append(emb)
-                grad_outputs.append(d_emb[side][c * b:(c + 1) * b].to(emb.dtype))
+                rows = encoding.chunks[c].index.to(d_emb[side].device)
+                grad_outputs.append(d_emb[side].index_select(0, rows).to(emb.dtype))
         if not outputs:
             raise ValueError("the loss does not depend on the encoder's parameters")
         grads = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs,
