@@ -4,7 +4,8 @@ Every loader reads its file line by line (bytes, decoded as strict UTF-8 per lin
 row into a record or a :class:`RowError`, and hands bad rows to a :class:`Validator`, which
 either raises :class:`DataError` (``path:line: reason``) or, with ``skip_bad_rows=True``,
 counts the row in a :class:`LoadReport` and logs a warning at the end. Nothing is dropped
-silently: blank lines, the only rows skipped without an error, are counted too.
+silently: blank lines, the only rows skipped without an error, are counted too. Columnar
+files (Parquet, ``datasets`` directories) have rows, not lines: ``path: row N: reason``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 log = logging.getLogger("batchscale.data")
 
@@ -31,13 +32,23 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents in CSV / TSV
 
 
 class DataError(ValueError):
-    """A bad row: the message is ``path:line: reason``."""
+    """A bad row: the message is ``path:line: reason``, or ``path: row N: reason`` for a
+    columnar file (``unit="row"``; ``line`` is then the 1-based row), or ``path: reason``
+    for a fault of the whole file (``line=None``, e.g. a column its schema lacks)."""
 
-    def __init__(self, path: str | Path, line: int, reason: str) -> None:
+    def __init__(self, path: str | Path, line: int | None, reason: str, *,
+                 unit: Literal["line", "row"] = "line") -> None:
         self.path = str(path)
         self.line = line
         self.reason = reason
-        super().__init__(f"{self.path}:{line}: {reason}")
+        self.unit = unit
+        if line is None:
+            where = self.path
+        elif unit == "row":
+            where = f"{self.path}: row {line}"
+        else:
+            where = f"{self.path}:{line}"
+        super().__init__(f"{where}: {reason}")
 
 
 class RowError(Exception):
@@ -100,13 +111,15 @@ class Validator:
     """Raises on a bad row, or counts it when ``skip_bad_rows`` is set."""
 
     def __init__(self, path: str | Path, skip_bad_rows: bool,
-                 report: LoadReport | None = None) -> None:
+                 report: LoadReport | None = None, *,
+                 unit: Literal["line", "row"] = "line") -> None:
         self.path = str(path)
         self.skip_bad_rows = skip_bad_rows
         self.report = report if report is not None else LoadReport(self.path)
+        self.unit = unit  # what ``bad``'s number counts: file lines or table rows
 
     def bad(self, line: int, error: RowError) -> None:
-        exc = DataError(self.path, line, error.message)
+        exc = DataError(self.path, line, error.message, unit=self.unit)
         if not self.skip_bad_rows:
             raise exc
         self.report.record(exc, error.kind)
@@ -170,6 +183,8 @@ def json_object(line: str) -> dict[str, object]:
 
 def check_text(value: object, column: str) -> str:
     """A non-empty string (whitespace alone counts as empty)."""
+    if value is None:  # JSON null; in Parquet / Arrow also a row written without the column
+        raise RowError("missing value", f"column {column!r} is null")
     if not isinstance(value, str):
         raise RowError("non-string text", f"column {column!r} holds {type(value).__name__}")
     if not value.strip():
@@ -197,3 +212,16 @@ def check_number(value: object, column: str, what: str = "score",
         raise RowError(f"{what} out of range",
                        f"column {column!r} holds {x:g}, not in [{lo}, {hi}]")
     return x
+
+
+def check_group(value: object, column: str) -> str:
+    """A group name: a non-empty string, or an integer (kept as its decimal string, so that
+    a file of numeric ids groups as one of string ids)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
+        raise RowError("bad group", f"column {column!r} holds {shown}; need a string or int")
+    if not value.strip():
+        raise RowError("bad group", f"column {column!r} is empty")
+    return value
