@@ -1,213 +1,203 @@
-"""Generic pair and triplet files: JSONL, CSV, TSV.
+"""Generic pair and triplet files: JSONL, CSV, TSV, Parquet and ``datasets`` directories.
 
-Columns are named (a JSONL key, or a CSV/TSV header field) or given by 0-based position
-(CSV/TSV, with or without a header). CSV follows the usual quoting rules (a quoted field
-may span lines; its row is numbered by its first line); TSV has no quoting.
+Columns are named (a JSONL key, a CSV/TSV header field, a Parquet / Arrow column) or given by
+0-based position (CSV/TSV, with or without a header; Parquet / Arrow). By default
+(``columns=None``) the file's names decide: sentence-transformers' ``anchor`` / ``positive``
+(and ``negative`` for triplets), else ``sentence1`` / ``sentence2``. A ``group`` column, read
+when present, names the unit whose texts paraphrase each other (:attr:`Pair.group`).
+:func:`load_training_file` loads pairs or triplets, as the file's columns say. How the
+format is told and how each format is read: :mod:`._tables`.
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from . import _reader
+from ._tables import Column, Format, Table, infer_format, open_table
 from .records import Pair, Triplet
 
-Format = Literal["jsonl", "csv", "tsv"]
-Column = str | int
-_SUFFIXES: dict[str, Format] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
-                                ".tsv": "tsv", ".txt": "tsv"}
+__all__ = ["GROUP_COLUMN", "PAIR_COLUMNS", "TRIPLET_COLUMNS", "Column", "Format", "Kind",
+           "detect_kind", "infer_format", "load_pairs", "load_training_file", "load_triplets"]
+
+Kind = Literal["pairs", "triplets"]
+R = TypeVar("R")
+
+#: The text columns a pair file may name, in order of preference: sentence-transformers'
+#: names, then the names this loader defaulted to before.
+PAIR_COLUMNS: tuple[tuple[str, str], ...] = (("anchor", "positive"), ("sentence1", "sentence2"))
+TRIPLET_COLUMNS = ("anchor", "positive", "negative")
+#: The group column read when present (``group_column=None``).
+GROUP_COLUMN = "group"
 
 
-def infer_format(path: Path, fmt: Format | None) -> Format:
-    if fmt is not None:
-        if fmt not in ("jsonl", "csv", "tsv"):
-            raise ValueError(f"format must be 'jsonl', 'csv' or 'tsv', got {fmt!r}")
-        return fmt
-    try:
-        return _SUFFIXES[path.suffix.lower()]
-    except KeyError:
-        raise ValueError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
-                         "pass fmt='jsonl' | 'csv' | 'tsv'") from None
+def _file_names(table: Table) -> list[str]:
+    names = table.names()
+    if names is None:
+        raise ValueError(f"{table.path}: columns=None takes the names from the header; the "
+                         "file is read without one (has_header=False): give 0-based positions")
+    return names
 
 
-class _Table:
-    """Rows of a JSONL / CSV / TSV file: ``rows()`` yields (line, row), a dict per JSONL
-    line or a list of fields per CSV / TSV record; ``header`` and ``header_line`` are set
-    once the header (CSV / TSV with ``has_header``) has been read."""
-
-    def __init__(self, path: Path, fmt: Format, v: _reader.Validator, has_header: bool) -> None:
-        self.path, self.fmt, self.v, self.has_header = path, fmt, v, has_header
-        self.header: list[str] | None = None
-        self.header_line = 0
-
-    def rows(self) -> Iterator[tuple[int, dict[str, object] | list[str]]]:
-        return self._jsonl() if self.fmt == "jsonl" else self._delimited()
-
-    def _jsonl(self) -> Iterator[tuple[int, dict[str, object]]]:
-        v = self.v
-        for lineno, line in _reader.decoded_lines(self.path, v):
-            v.report.rows_read += 1
-            try:
-                obj = _reader.json_object(line)
-            except _reader.RowError as e:
-                v.bad(lineno, e)
-                continue
-            yield lineno, obj
-
-    def _delimited(self) -> Iterator[tuple[int, list[str]]]:
-        # The csv module reads decoded lines; remember where each record starts and which
-        # lines were not valid UTF-8 (a quoted field may span several lines).
-        v = self.v
-        position = 0
-        bad_lines: set[int] = set()
-
-        def lines() -> Iterator[str]:
-            nonlocal position
-            for lineno, text, valid in _reader.utf8_lines(self.path):
-                position = lineno
-                if not valid:
-                    bad_lines.add(lineno)
-                yield text
-
-        if self.fmt == "csv":
-            reader = csv.reader(lines(), strict=True)
-        else:
-            reader = csv.reader(lines(), delimiter="\t", quoting=csv.QUOTE_NONE)
-        while True:
-            start = position + 1
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                v.report.rows_read += 1
-                v.bad(start, _reader.RowError("malformed CSV", str(e)))
-                continue
-            if not any(cell.strip() for cell in row):
-                v.report.blank_lines += 1
-                continue
-            broken = sorted(n for n in bad_lines if start <= n <= position)
-            bad_lines.difference_update(broken)
-            if self.has_header and self.header is None:
-                if broken:  # no header, no columns: this cannot be skipped
-                    raise _reader.DataError(self.path, broken[0], "invalid UTF-8 in the header")
-                self.header = [h.strip() for h in row]
-                self.header_line = start
-                continue
-            v.report.rows_read += 1
-            if broken:
-                v.bad(broken[0], _reader.RowError("invalid UTF-8", "the line is not valid UTF-8"))
-                continue
-            yield start, row
-
-    def getter(self, columns: Sequence[Column]):
-        """A function row -> the values of ``columns``, raising RowError('missing column')."""
-        if self.fmt == "jsonl":
-            for c in columns:
-                if not isinstance(c, str):
-                    raise ValueError(f"{self.path}: JSONL columns are keys (str), got {c!r}")
-
-            def get_obj(row: dict[str, object]) -> list[object]:
-                missing = [c for c in columns if c not in row]
-                if missing:
-                    raise _reader.RowError("missing column", ", ".join(map(repr, missing)))
-                return [row[c] for c in columns]
-
-            return get_obj
-
-        index: list[int] = []
-        for c in columns:
-            if isinstance(c, int):
-                index.append(c)
-            elif self.header is None:
-                raise ValueError(f"{self.path}: column {c!r} is a name but the file is read "
-                                 "without a header; give 0-based positions or has_header=True")
-            elif c not in self.header:
-                raise _reader.DataError(self.path, self.header_line,
-                                f"missing column: {c!r} is not in the header {self.header}")
-            else:
-                index.append(self.header.index(c))
-
-        def get_row(row: list[str]) -> list[object]:
-            missing = [repr(c) for c, i in zip(columns, index, strict=True) if i >= len(row)]
-            if missing:
-                raise _reader.RowError("missing column",
-                               f"{', '.join(missing)} (the row has {len(row)} fields)")
-            return [row[i] for i in index]
-
-        return get_row
+def _pair_columns(table: Table, names: list[str]) -> tuple[str, str]:
+    """The first of :data:`PAIR_COLUMNS` the file has (a file with no rows: the first)."""
+    if not names:
+        return PAIR_COLUMNS[0]
+    for pair in PAIR_COLUMNS:
+        if all(c in names for c in pair):
+            return pair
+    known = " or ".join(f"{a!r}/{b!r}" for a, b in PAIR_COLUMNS)
+    raise _reader.DataError(table.path, None,
+                            f"no text columns: the file has columns {names}; a pair file names "
+                            f"its texts {known} (sentence-transformers' names first, with "
+                            f"{TRIPLET_COLUMNS[2]!r} for triplets), or pass columns=")
 
 
-def _load(path: str | Path, fmt: Format | None, has_header: bool, skip_bad_rows: bool,
-          columns: Sequence[Column], make) -> _reader.Records:
-    file = _reader.open_checked(path)
-    table = _Table(file, infer_format(file, fmt), _reader.Validator(file, skip_bad_rows),
-                   has_header)
+def _group(table: Table, group_column: Column | None, groups: bool) -> Column | None:
+    """The group column to read: none with ``groups=False``; ``group_column`` if given (the
+    file must have it); else :data:`GROUP_COLUMN` when the file has it."""
+    if not groups:
+        if group_column is not None:
+            raise ValueError("group_column is ignored with groups=False; give one of them")
+        return None
+    if group_column is not None:
+        return group_column
+    names = table.names()
+    return GROUP_COLUMN if names and GROUP_COLUMN in names else None
+
+
+def _read(table: Table, columns: Sequence[Column], make: Callable[[list[object]], R]
+          ) -> _reader.Records[R]:
+    """``make(values of columns)`` for every row; a RowError is a bad row."""
     v = table.v
-    out = []
+    out: list[R] = []
     get = None
-    for lineno, row in table.rows():
-        if get is None:
+    for number, row in table.rows(columns):
+        if get is None:  # after the first row: a CSV / TSV header is read by then
             get = table.getter(columns)
         try:
-            out.append(make(get(row), columns))
+            out.append(make(get(row)))
         except _reader.RowError as e:
-            v.bad(lineno, e)
+            v.bad(number, e)
     v.report.rows_kept = len(out)
     return _reader.Records(out, v.finish())
 
 
-def load_pairs(path: str | Path, *, columns: Sequence[Column] = ("sentence1", "sentence2"),
-               score_column: Column | None = None,
-               score_range: tuple[float, float] | None = None,
-               label_column: Column | None = None, fmt: Format | None = None,
-               has_header: bool = True, skip_bad_rows: bool = False) -> _reader.Records[Pair]:
-    """Pairs from a JSONL / CSV / TSV file.
-
-    ``columns``: the two text columns. ``score_column``: an optional graded score; with
-    ``score_range=(lo, hi)`` it must lie in the range and ``Pair.label`` is it scaled to
-    [0, 1]. ``label_column``: an optional numeric label, stored in ``Pair.label`` as is.
-    """
-    if len(columns) != 2:
+def _check_pair_options(columns: Sequence[Column] | None, score_column: Column | None,
+                        score_range: tuple[float, float] | None,
+                        label_column: Column | None) -> tuple[float, float] | None:
+    """The arguments' consistency; returns ``score_range`` as floats."""
+    if columns is not None and len(columns) != 2:
         raise ValueError(f"columns: two text columns, got {columns!r}")
     if score_column is not None and label_column is not None:
         raise ValueError("give score_column or label_column, not both")
-    if score_range is not None:
-        if score_column is None:
-            raise ValueError("score_range needs score_column")
-        lo, hi = map(float, score_range)
-        if not hi > lo:
-            raise ValueError(f"score_range: need lo < hi, got {score_range!r}")
-    extra = [c for c in (score_column, label_column) if c is not None]
+    if score_range is None:
+        return None
+    if score_column is None:
+        raise ValueError("score_range needs score_column")
+    lo, hi = map(float, score_range)
+    if not hi > lo:
+        raise ValueError(f"score_range: need lo < hi, got {score_range!r}")
+    return lo, hi
 
-    def make(values: list[object], cols: Sequence[Column]) -> Pair:
-        t1 = _reader.check_text(values[0], str(cols[0]))
-        t2 = _reader.check_text(values[1], str(cols[1]))
+
+def _pairs(table: Table, columns: Sequence[Column] | None, score_column: Column | None,
+           score_range: tuple[float, float] | None, label_column: Column | None,
+           group_column: Column | None, groups: bool) -> _reader.Records[Pair]:
+    texts = list(columns) if columns is not None else _pair_columns(table, _file_names(table))
+    group = _group(table, group_column, groups)
+    extra = [c for c in (score_column, label_column, group) if c is not None]
+    c1, c2 = str(texts[0]), str(texts[1])
+
+    def make(values: list[object]) -> Pair:
+        t1, t2 = _reader.check_text(values[0], c1), _reader.check_text(values[1], c2)
+        g = _reader.check_group(values[-1], str(group)) if group is not None else None
         if score_column is not None:
             if score_range is None:
-                return Pair(t1, t2, score=_reader.check_number(values[2], str(score_column)))
+                score = _reader.check_number(values[2], str(score_column))
+                return Pair(t1, t2, score=score, group=g)
+            lo, hi = score_range
             s = _reader.check_number(values[2], str(score_column), lo=lo, hi=hi)
-            return Pair(t1, t2, score=s, label=(s - lo) / (hi - lo))
+            return Pair(t1, t2, score=s, label=(s - lo) / (hi - lo), group=g)
         if label_column is not None:
             label = _reader.check_number(values[2], str(label_column), what="label")
-            return Pair(t1, t2, label=label)
-        return Pair(t1, t2)
+            return Pair(t1, t2, label=label, group=g)
+        return Pair(t1, t2, group=g)
 
-    return _load(path, fmt, has_header, skip_bad_rows, [*columns, *extra], make)
+    return _read(table, [*texts, *extra], make)
 
 
-def load_triplets(path: str | Path, *,
-                  columns: Sequence[Column] = ("anchor", "positive", "negative"),
-                  fmt: Format | None = None, has_header: bool = True,
-                  skip_bad_rows: bool = False) -> _reader.Records[Triplet]:
-    """(anchor, positive, negative) triplets from a JSONL / CSV / TSV file."""
+def _triplets(table: Table, columns: Sequence[Column], group_column: Column | None,
+              groups: bool) -> _reader.Records[Triplet]:
+    group = _group(table, group_column, groups)
+    names = [str(c) for c in columns]
+
+    def make(values: list[object]) -> Triplet:
+        texts = [_reader.check_text(x, c) for x, c in zip(values[:3], names, strict=True)]
+        g = _reader.check_group(values[3], str(group)) if group is not None else None
+        return Triplet(*texts, group=g)
+
+    return _read(table, [*columns, *([group] if group is not None else [])], make)
+
+
+def load_pairs(path: str | Path, *, columns: Sequence[Column] | None = None,
+               score_column: Column | None = None,
+               score_range: tuple[float, float] | None = None,
+               label_column: Column | None = None, group_column: Column | None = None,
+               groups: bool = True, fmt: Format | None = None, split: str | None = None,
+               has_header: bool = True, skip_bad_rows: bool = False) -> _reader.Records[Pair]:
+    """Pairs from a JSONL / CSV / TSV / Parquet file or a ``datasets`` directory.
+
+    ``columns``: the two text columns; None: ``anchor``/``positive`` if the file has them,
+    else ``sentence1``/``sentence2``, else an error naming the file's columns.
+    ``score_column``: an optional graded score; with ``score_range=(lo, hi)`` it must lie in
+    the range and ``Pair.label`` is it scaled to [0, 1]. ``label_column``: an optional
+    numeric label, stored in ``Pair.label`` as is. ``group_column``: the column of
+    ``Pair.group`` (a string, or an int kept as its string), which the file must have; None:
+    ``group`` when the file has it; ``groups=False`` reads no group. ``split``: the split of
+    a directory that ``DatasetDict.save_to_disk`` wrote. ``has_header``: CSV / TSV only.
+    """
+    lo_hi = _check_pair_options(columns, score_column, score_range, label_column)
+    table = open_table(path, fmt, split=split, has_header=has_header,
+                       skip_bad_rows=skip_bad_rows)
+    return _pairs(table, columns, score_column, lo_hi, label_column, group_column, groups)
+
+
+def load_triplets(path: str | Path, *, columns: Sequence[Column] = TRIPLET_COLUMNS,
+                  group_column: Column | None = None, groups: bool = True,
+                  fmt: Format | None = None, split: str | None = None,
+                  has_header: bool = True, skip_bad_rows: bool = False
+                  ) -> _reader.Records[Triplet]:
+    """(anchor, positive, negative) triplets from a file as :func:`load_pairs` reads;
+    ``group_column`` / ``groups`` as there."""
     if len(columns) != 3:
         raise ValueError(f"columns: three text columns, got {columns!r}")
+    table = open_table(path, fmt, split=split, has_header=has_header,
+                       skip_bad_rows=skip_bad_rows)
+    return _triplets(table, columns, group_column, groups)
 
-    def make(values: list[object], cols: Sequence[Column]) -> Triplet:
-        return Triplet(*(_reader.check_text(x, str(c)) for x, c in zip(values, cols, strict=True)))
 
-    return _load(path, fmt, has_header, skip_bad_rows, columns, make)
+def _kind(table: Table) -> Kind:
+    return "triplets" if TRIPLET_COLUMNS[2] in _file_names(table) else "pairs"
+
+
+def detect_kind(path: str | Path, *, fmt: Format | None = None,
+                split: str | None = None) -> Kind:
+    """``"triplets"`` if the file has a ``negative`` column, else ``"pairs"`` (CSV / TSV: by
+    the header)."""
+    return _kind(open_table(path, fmt, split=split))
+
+
+def load_training_file(path: str | Path, *, group_column: Column | None = None,
+                       groups: bool = True, fmt: Format | None = None,
+                       split: str | None = None, skip_bad_rows: bool = False
+                       ) -> _reader.Records[Pair] | _reader.Records[Triplet]:
+    """Triplets (``anchor``, ``positive``, ``negative``) if the file has a ``negative``
+    column (:func:`detect_kind`), else pairs with the default columns of :func:`load_pairs`;
+    groups as there. No configuration: the file's column names decide."""
+    table = open_table(path, fmt, split=split, skip_bad_rows=skip_bad_rows)
+    if _kind(table) == "triplets":
+        return _triplets(table, TRIPLET_COLUMNS, group_column, groups)
+    return _pairs(table, None, None, None, None, group_column, groups)
