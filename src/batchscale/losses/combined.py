@@ -25,16 +25,20 @@ BSC_LABEL_THRESHOLD = 0.6
 def bsc_mse_loss(q: Tensor, a: Tensor, scores: Tensor, temperature: float | Tensor = 0.05, *,
                  mu: float = 0.1, label_threshold: float = BSC_LABEL_THRESHOLD,
                  directions: Directions = "both", normalization: Normalization = "l2",
-                 hard_negatives: Tensor | None = None, tile_size: TileSize = "auto",
+                 hard_negatives: Tensor | None = None, query_ids: Tensor | None = None,
+                 answer_ids: Tensor | None = None, tile_size: TileSize = "auto",
                  softmax_batch: int | None = None) -> Tensor:
     """``mu * bsc_loss(labels=scores > label_threshold) + (1 - mu) * cosine_mse_loss``.
 
-    ``scores`` (m,) are gold similarities scaled to [0, 1]. ``softmax_batch`` splits the BSC
-    part into blocks (:func:`~batchscale.losses.bsc_loss`); the MSE, a mean over pairs, is
-    the mean of the blocks' MSEs already."""
+    ``scores`` (m,) are gold similarities scaled to [0, 1]. ``query_ids`` / ``answer_ids``
+    are the false-negative ids of :func:`~batchscale.losses.bsc_loss` (text ids or group
+    ids), for the BSC part only: the MSE sees each pair's own cosine, no negatives.
+    ``softmax_batch`` splits the BSC part into blocks; the MSE, a mean over pairs, is the
+    mean of the blocks' MSEs already."""
     mu = check_unit_interval("bsc_mse_loss", "mu", mu)
     contrastive = bsc_loss(q, a, temperature, directions=directions,
                            normalization=normalization, hard_negatives=hard_negatives,
-                           labels=scores, label_threshold=label_threshold, tile_size=tile_size,
+                           labels=scores, label_threshold=label_threshold, query_ids=query_ids,
+                           answer_ids=answer_ids, tile_size=tile_size,
                            softmax_batch=softmax_batch)
     return mu * contrastive + (1.0 - mu) * cosine_mse_loss(q, a, scores)
