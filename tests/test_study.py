@@ -424,8 +424,9 @@ def test_training_on_stsb_plus_snli(shared_data):
     from batchscale.study.run import load_training_data
     from batchscale.training import config_from_dict
 
-    config = config_from_dict({"data": {"train": ["stsb", "snli"], "data_dir": str(shared_data)}})
-    data, held = load_training_data(config)
+    config = config_from_dict({"data": {"train": ["stsb", "snli"], "data_dir": str(shared_data),
+                                        "decontaminate": False}})
+    data, held, _ = load_training_data(config)
     stsb = list(load_stsb(shared_data / "stsbenchmark", "train"))
     snli = [p for s in ("dev", "test") for p in load_snli_pairs(shared_data / "snli", s)]
     assert held is None and len(data) == len(stsb) + len(snli)

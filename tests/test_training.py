@@ -185,7 +185,7 @@ def test_selection_is_the_best_dev_point_and_final_reproduces_it(tiny_st_dir, sc
                                           for i, d in enumerate(dev)]
     saved = json.loads((result.final_dir / "batchscale.json").read_text())
     assert saved["examples"] == best["examples"]
-    _, held = load_training_data(config)
+    _, held, _ = load_training_data(config)
     final = SentenceEncoder.load(result.final_dir, device="cpu")
     assert evaluate_sts(final, held, show_progress=False)["spearman"] == pytest.approx(
         best["dev"]["spearman"], abs=1e-9)

@@ -19,15 +19,15 @@ from typing import Any
 import torch
 
 from ..batching.distributed import is_distributed
-from ..data import BeirDataset, Pair, load_pairs, load_snli_pairs, load_stsb, load_triplets
+from ..data import BeirDataset, load_stsb
 from ..encoders import SentenceEncoder
 from ..encoders.encoder import resolve_dtype
 from ..evaluation import evaluate_retrieval, evaluate_sts, pair_geometry, run_task, task_path
-from ..evaluation.tasks import default_data_dir
 from ..training import Objective, RunConfig, Trainer, TrainingSet
 from ..training.checkpoint import atomic_write_text
 from ..training.noise_scale import measure_noise_scale
 from ..training.trainer import FitResult
+from .training_data import load_training_data
 
 #: Training pairs whose embeddings give the geometry diagnostics at each evaluation point.
 GEOMETRY_PAIRS = 256
@@ -45,99 +45,6 @@ class RunResult:
 
 def _data_dir(config: RunConfig) -> Path | None:
     return config.data.data_dir
-
-
-def load_training_data(config: RunConfig) -> tuple[TrainingSet, Any]:
-    """The training set and, with ``data.dev_holdout``, the held-out dev part (an STS pair
-    list or a BEIR split)."""
-    d = config.data
-    if isinstance(d.train, list):
-        return _combined_pairs(config, d.train)
-    train = d.train
-    if train == "stsb" or train == "scifact" or train.startswith("beir:"):
-        kind, path = task_path(train, _data_dir(config))
-        if kind == "sts":
-            records = list(load_stsb(path, "train"))
-            return _holdout_pairs(records, d.dev_holdout, config.train.seed)
-        ds = BeirDataset(path)
-        if d.dev_holdout > 0:
-            kept, held = ds.holdout("train", d.dev_holdout, seed=config.train.seed)
-            return TrainingSet.from_records(ds.training_pairs(kept)), (ds, held)
-        return TrainingSet.from_records(ds.training_pairs("train")), None
-    if _is_snli(train):
-        return _holdout_pairs(_snli_pairs(config, train), d.dev_holdout, config.train.seed)
-    path = Path(train)
-    if d.kind == "triplets":
-        cols = d.columns or ["anchor", "positive", "negative"]
-        return TrainingSet.from_records(load_triplets(path, columns=cols)), None
-    cols = d.columns or ["sentence1", "sentence2"]
-    records = list(load_pairs(path, columns=cols, score_column=d.score_column,
-                              score_range=d.score_range))
-    return _holdout_pairs(records, d.dev_holdout, config.train.seed)
-
-
-#: SNLI splits that ``snli`` trains on (the shared copy has no train split).
-SNLI_TRAIN_SPLITS = ("dev", "test")
-
-
-def _is_snli(source: str) -> bool:
-    return source == "snli" or source.startswith("snli:")
-
-
-def _snli_pairs(config: RunConfig, source: str) -> list[Pair]:
-    """(premise, entailed hypothesis) pairs with label 1.0 (a positive pair), so that they
-    can join graded pairs under label-aware masking. ``snli``: dev + test; ``snli:SPLIT``."""
-    base = _data_dir(config) or default_data_dir()
-    splits = SNLI_TRAIN_SPLITS if source == "snli" else (source[len("snli:"):],)
-    return [Pair(p.text1, p.text2, label=1.0) for split in splits
-            for p in load_snli_pairs(base / "snli", split)]
-
-
-def _combined_pairs(config: RunConfig, sources: list[str]) -> tuple[TrainingSet, Any]:
-    """Pair sources concatenated in order; every pair labelled or none (else label-aware
-    masking would silently turn off)."""
-    d = config.data
-    if d.kind != "pairs":
-        raise ValueError("data.train: a list of sources takes pairs (data.kind: pairs)")
-    records: list[Pair] = []
-    labelled: dict[str, bool] = {}
-    for source in sources:
-        if source in ("stsb", "scifact") or source.startswith("beir:"):
-            kind, path = task_path(source, _data_dir(config))
-            if kind == "sts":
-                part = list(load_stsb(path, "train"))
-            elif d.dev_holdout > 0:
-                raise ValueError(f"data.train: {source} in a list of sources cannot have "
-                                 "data.dev_holdout (hold out from a single retrieval source)")
-            else:
-                part = list(BeirDataset(path).training_pairs("train"))
-        elif _is_snli(source):
-            part = _snli_pairs(config, source)
-        else:
-            cols = d.columns or ["sentence1", "sentence2"]
-            part = list(load_pairs(Path(source), columns=cols, score_column=d.score_column,
-                                   score_range=d.score_range))
-        records += part
-        labelled[source] = all(p.label is not None for p in part)
-    if len(set(labelled.values())) > 1:
-        raise ValueError("data.train: some sources have a label on every pair "
-                         f"({', '.join(k for k, v in labelled.items() if v)}) and some do not "
-                         f"({', '.join(k for k, v in labelled.items() if not v)}); combine "
-                         "sources of one kind")
-    return _holdout_pairs(records, d.dev_holdout, config.train.seed)
-
-
-def _holdout_pairs(records: list[Pair], fraction: float, seed: int
-                   ) -> tuple[TrainingSet, list[Pair] | None]:
-    if fraction <= 0:
-        return TrainingSet.from_records(records), None
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    cut = max(1, round(fraction * len(records)))
-    held = sorted(order[:cut])
-    kept = sorted(order[cut:])
-    return (TrainingSet.from_records([records[i] for i in kept]),
-            [records[i] for i in held])
 
 
 def make_evaluator(config: RunConfig, data: TrainingSet, holdout: Any, *,
@@ -215,7 +122,7 @@ def train_run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     write ``OUT/summary.json``."""
     out = Path(out_dir)
     seed_everything(config.train.seed, config.train.deterministic)
-    data, holdout = load_training_data(config)
+    data, holdout, report = load_training_data(config)
     encoder = build_encoder(config)
     objective = Objective(config.loss, num_examples=len(data),
                           cross_ranks=config.train.distributed_loss).to(encoder.device)
@@ -243,6 +150,7 @@ def train_run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
         "examples": fit.examples,
         "train_seconds": fit.train_seconds,
         "pairs_per_second": fit.pairs_per_second,
+        "data": report.as_dict(),
         "test": test,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -262,6 +170,11 @@ def summary_table(result: RunResult) -> str:
                     f"{float(r['dev'][metric]):>12.2f}{mark}")
     rows.append(f"selected (*): {s['best_examples']} examples, dev {metric} "
                 f"{s['best_dev']:.2f} -> {s['final']}")
+    data = s.get("data")
+    if data:
+        rows.append(f"training data: {data['pairs']} pairs, {data['contaminated']} dropped as "
+                    "sharing a text with dev / test" if data["decontaminated"] else
+                    f"training data: {data['pairs']} pairs (not decontaminated)")
     rows.append(f"throughput: {s['pairs_per_second']:.1f} pairs/s over "
                 f"{s['train_seconds']:.0f} s of training")
     test = s.get("test")

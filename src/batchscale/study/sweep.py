@@ -129,6 +129,19 @@ def _numbers(d: dict[str, Any] | None) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def data_metrics(report: dict[str, Any] | None) -> dict[str, float]:
+    """The training data's counts as store metrics (split ``data``): ``pairs``,
+    ``contaminated`` and, per source, ``pairs/SOURCE`` and ``contaminated/SOURCE``."""
+    if not report:
+        return {}
+    out = {"pairs": float(report["pairs"]), "contaminated": float(report["contaminated"])}
+    for s in report["sources"]:
+        out[f"pairs/{s['source']}"] = out.get(f"pairs/{s['source']}", 0.0) + s["pairs"]
+        out[f"contaminated/{s['source']}"] = (out.get(f"contaminated/{s['source']}", 0.0)
+                                              + s["contaminated"])
+    return out
+
+
 def _finite_or_none(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
@@ -192,6 +205,7 @@ def run_cell(store: Store, cell: Cell, work: Path, *, show_progress: bool = Fals
     }
     metrics = {"dev": _numbers(best["dev"] if best else None), "test": _numbers(test)}
     metrics["test"].pop("seconds", None)
+    metrics["data"] = data_metrics(result.summary.get("data"))
     run_id = store.add_run(run, curve, metrics)
     if not keep_runs:
         shutil.rmtree(run_dir, ignore_errors=True)

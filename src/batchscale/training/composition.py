@@ -40,6 +40,7 @@ from ..batching import (
 )
 from ..batching.batch_stats import hardest_negatives
 from ..batching.distributed import broadcast_tensor, gather_rows
+from ..batching.false_negatives import unit_ids
 from ..batching.samplers import EpochBatchSampler, flatten_plan, split_plan
 from ..encoders import SentenceEncoder
 from .config import RunConfig
@@ -78,16 +79,22 @@ class BatchComposition:
         self.is_main = rank == 0
         self.distributed = world_size > 1
         self.keys = text_keys(data.columns)
+        # One id per example and column; a candidate with its anchor's id is masked.
+        self.units = (None if t.false_negatives == "none"
+                      else torch.from_numpy(unit_ids(data.columns, data.groups,
+                                                     t.false_negatives)).to(encoder.device))
+        rule_keys = self.keys if t.duplicates == "text" else unit_ids(
+            data.columns, data.groups, "group")
         # Under a budget of examples or steps every step takes a whole batch, so each cell
         # of a study sees its budget exactly.
         fill_last = budgeted(config) and not t.drop_last
         shard: dict[str, Any] = dict(drop_last=t.drop_last, fill_last=fill_last, seed=t.seed,
                                      rank=rank, world_size=world_size)
-        grouping_keys = self.keys if h.no_duplicates else None
+        grouping_keys = rule_keys if h.no_duplicates else None
         self.cache: EmbeddingCache | None = None
         if t.sampler == "no_duplicates":
             self.sampler: EpochBatchSampler = NoDuplicatesBatchSampler(
-                self.keys, t.batch_size, **shard)
+                rule_keys, t.batch_size, **shard)
         elif t.sampler in ("bsc_knn", "bsc_kmeans"):
             self.sampler = BSCShuffleSampler(
                 len(data), t.batch_size, group_size=h.group_size,
@@ -164,6 +171,14 @@ class BatchComposition:
         return shared
 
     # -- during the epoch -----------------------------------------------------------------
+    def false_negative_ids(self, indices: list[int]) -> tuple[Tensor, Tensor] | None:
+        """(query ids (m,), answer ids (m + m * k,): the answers', then the hard negatives')
+        of a batch, as the losses take them; None when ``train.false_negatives: none``."""
+        if self.units is None:
+            return None
+        rows = self.units[torch.as_tensor(indices, dtype=torch.long, device=self.units.device)]
+        return rows[:, 0], rows[:, 1:].T.reshape(-1)
+
     @torch.no_grad()
     def observe(self, embeddings: list[Tensor]) -> None:
         """The current step's embeddings (this rank's share): cache and hardness statistic."""

@@ -30,11 +30,25 @@ class ModelConfig(_Strict):
     max_seq_length: int | None = Field(default=None, ge=1)
 
 
+class SourceConfig(_Strict):
+    """A training source with its share: ``weight`` w takes round(w x n) of its n pairs (a
+    fixed-seed sample below 1; whole copies plus a sample above), then ``max_pairs`` caps."""
+
+    source: str
+    weight: float = Field(default=1.0, gt=0.0)
+    max_pairs: int | None = Field(default=None, ge=1)
+
+
 class DataConfig(_Strict):
     #: ``stsb``, ``scifact``, ``beir:PATH`` (train judgements), ``snli`` (entailment pairs of
-    #: SNLI dev + test, label 1) or a JSONL / CSV / TSV file; or a list of pair sources,
-    #: concatenated in order (e.g. ``[stsb, snli]``).
-    train: str | list[str] = "stsb"
+    #: SNLI dev + test, label 1), ``pairs:NAME`` (``DATA/pairs/NAME.jsonl``, label 1),
+    #: ``mix`` (STS-B, SNLI and every pair set), or a file (JSONL / CSV / TSV / Parquet /
+    #: a ``datasets`` directory); or a list of pair sources, concatenated in order (e.g.
+    #: ``[stsb, snli]``), each a name or ``{source, weight, max_pairs}``.
+    train: str | list[str | SourceConfig] = "stsb"
+    #: Drop training pairs with a text equal (case and whitespace folded) to a text of the
+    #: dev or test set the run scores on (STS: both sentences; retrieval: the queries).
+    decontaminate: bool = True
     #: For files: ``pairs`` (two text columns, optional score) or ``triplets``.
     kind: Literal["pairs", "triplets"] = "pairs"
     columns: list[str] | None = None
@@ -47,8 +61,10 @@ class DataConfig(_Strict):
 
     @field_validator("train")
     @classmethod
-    def _sources(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and (not v or not all(s.strip() for s in v)):
+    def _sources(cls, v: str | list[str | SourceConfig]) -> str | list[str | SourceConfig]:
+        names = [s if isinstance(s, str) else s.source for s in (v if isinstance(v, list)
+                                                                  else [v])]
+        if not names or not all(n.strip() for n in names):
             raise ValueError("a list of training sources must be non-empty, without empty names")
         return v
 
@@ -131,6 +147,10 @@ class OptimConfig(_Strict):
     warmup: float = Field(default=0.1, ge=0.0, le=1.0)
     #: Gradient-norm clipping (null: none).
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    #: Static encoder only: sparse embedding gradients (the rows of the batch's tokens) and
+    #: lazy AdamW, which updates and decays only those rows (batchscale.training.sparse);
+    #: false: dense gradients and AdamW over the whole table. One process (not torchrun).
+    sparse: bool = False
 
 
 class GradientCacheConfig(_Strict):
@@ -187,6 +207,14 @@ class TrainConfig(_Strict):
     #: Under torchrun: ``local`` (OpenCLIP's local loss: each rank scores its own anchors
     #: against every rank's candidates) or ``global`` (every rank computes the whole loss).
     distributed_loss: Literal["local", "global"] = "local"
+    #: Pairs that are never each other's negatives (:mod:`batchscale.batching.false_negatives`):
+    #: ``group`` (one group, or a shared text, transitively), ``text`` (a shared text),
+    #: ``none``.
+    false_negatives: Literal["group", "text", "none"] = "group"
+    #: What the no-duplicates rule keeps out of a batch (``sampler: no_duplicates`` and the
+    #: hard-batch samplers' cut): a second copy of a ``text`` (sentence-transformers' rule)
+    #: or a second pair of one ``group`` (as ``false_negatives: group`` joins them).
+    duplicates: Literal["text", "group"] = "text"
     bf16: bool = False
     seed: int = Field(default=0, ge=0)
     deterministic: bool = False

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..batching.distributed import is_distributed
+from ..batching.distributed import gather_rows, is_distributed
 from ..batching.distributed_loss import (
     gather_batch,
     local_block_loss,
@@ -55,6 +55,22 @@ from .config import LossConfig
 #: only its own anchors.
 SOFTMAX_LOSSES = frozenset({"bsc", "infonce", "weince", "bsc_mse"})
 CrossRanks = Literal["local", "global"]
+#: (query ids (m,), answer ids (m + m * k,)): a candidate with its anchor's id is masked.
+FalseNegativeIds = tuple[Tensor | None, Tensor | None]
+
+
+def gather_ids(ids: FalseNegativeIds | None, m: int) -> FalseNegativeIds | None:
+    """The global batch's ids from every rank's share, in the gathered layout (all ranks'
+    answers, then all ranks' hard negatives); as given on one process."""
+    if ids is None or not is_distributed():
+        return ids
+    query_ids, answer_ids = ids
+    if answer_ids is not None:
+        parts = [gather_rows(answer_ids[:m])]
+        if answer_ids.shape[0] > m:
+            parts.append(gather_rows(answer_ids[m:]))
+        answer_ids = torch.cat(parts)
+    return None if query_ids is None else gather_rows(query_ids), answer_ids
 
 
 class Objective(nn.Module):
@@ -94,11 +110,13 @@ class Objective(nn.Module):
         if self.temperature_module is not None:
             self.temperature_module.clamp_()
 
-    def forward(self, embeddings: Sequence[Tensor], labels: Tensor | None) -> Tensor:
+    def forward(self, embeddings: Sequence[Tensor], labels: Tensor | None,
+                ids: FalseNegativeIds | None = None) -> Tensor:
         """The loss of the batch: on one process, of ``embeddings`` (queries, answers[,
         hard negatives]); under torchrun, of the global batch whose share this rank holds
         (see the module docstring; with the local loss the value is this rank's part, and
-        its mean over the ranks is the global loss)."""
+        its mean over the ranks is the global loss). ``ids``: the false-negative ids
+        (query ids (m,), answer ids (m + m * k,)) the batch-softmax terms mask by."""
         c = self.config
         if self.needs_labels and labels is None:
             raise ValueError(f"loss {', '.join(c.scored_terms)} needs a graded label on "
@@ -112,17 +130,25 @@ class Objective(nn.Module):
                 gathered.extend([*sides, all_labels])
             return gathered[:-1], gathered[-1]  # type: ignore[return-value]
 
+        all_ids: list[FalseNegativeIds | None] = []
+
+        def whole_ids() -> FalseNegativeIds | None:
+            if not all_ids:
+                all_ids.append(gather_ids(ids, embeddings[0].shape[0]))
+            return all_ids[0]
+
         tau = self.temperature()
         loss: Tensor | float = 0.0
         for i, term in enumerate(c.terms()):
             weight = 1.0 if i == 0 else term.weight  # type: ignore[attr-defined]
             t_tau = tau if i == 0 else term.temperature
             if local and term.name in SOFTMAX_LOSSES:
-                value = self._local_term(term, embeddings, labels, t_tau)
+                value = self._local_term(term, embeddings, labels, t_tau, ids)
             else:
                 (q, a, *rest), batch_labels = whole()
                 value = self._term(term, q, a, rest[0] if rest else None, batch_labels, t_tau,
-                                   softmax_batch=term.softmax_batch)
+                                   softmax_batch=term.softmax_batch,
+                                   ids=whole_ids() if term.name in SOFTMAX_LOSSES else None)
             loss = loss + weight * value
         if c.vrns_weight > 0:
             (q, a, *_), _ = whole()
@@ -132,40 +158,56 @@ class Objective(nn.Module):
         return loss
 
     def _local_term(self, c: LossConfig, embeddings: Sequence[Tensor], labels: Tensor | None,
-                    tau: float | Tensor) -> Tensor:
+                    tau: float | Tensor, ids: FalseNegativeIds | None) -> Tensor:
         """A batch-softmax term as OpenCLIP's local loss: this rank's anchors, every rank's
         candidates; each direction is the term's rows direction with these anchors."""
         q, a, *rest = embeddings
         negatives = rest[0] if rest else None
+        query_ids, answer_ids = ids if ids is not None else (None, None)
         if c.softmax_batch is not None:
             shares = rank_shares(q.shape[0], q.device)
             if c.softmax_batch != sum(shares):
 
                 def blocks(q: Tensor, a: Tensor, *, softmax_batch: int,
                            hard_negatives: Tensor | None = None,
-                           labels: Tensor | None = None) -> Tensor:
+                           labels: Tensor | None = None, query_ids: Tensor | None = None,
+                           answer_ids: Tensor | None = None) -> Tensor:
+                    block_ids = None if answer_ids is None else (query_ids, answer_ids)
                     return self._term(c, q, a, hard_negatives, labels, tau,
-                                      softmax_batch=softmax_batch)
+                                      softmax_batch=softmax_batch, ids=block_ids)
 
                 return local_block_loss(blocks, q, a, softmax_batch=c.softmax_batch,
-                                        hard_negatives=negatives, labels=labels, shares=shares)
+                                        hard_negatives=negatives, labels=labels,
+                                        query_ids=query_ids, answer_ids=answer_ids,
+                                        shares=shares)
 
         def rows(anchors: Tensor, positives: Tensor, *, hard_negatives: Tensor | None,
                  answer_ids: Tensor | None, anchor_pool) -> Tensor:
+            # One direction (q->a on these anchors): the candidates' ids make its mask.
+            row_ids = None if answer_ids is None else (None, answer_ids)
             return self._term(c, anchors, positives, hard_negatives, labels, tau,
-                              directions="q->a", anchor_pool=anchor_pool)
+                              directions="q->a", anchor_pool=anchor_pool, ids=row_ids)
 
         directions = "q->a" if c.name == "infonce" else c.directions
-        return local_pair_loss(rows, q, a, directions=directions, hard_negatives=negatives)
+        return local_pair_loss(rows, q, a, directions=directions, hard_negatives=negatives,
+                               query_ids=query_ids, answer_ids=answer_ids)
 
     def _term(self, c: LossConfig, q: Tensor, a: Tensor, negatives: Tensor | None,
               labels: Tensor | None, tau: float | Tensor, *, directions: str | None = None,
-              anchor_pool=None, softmax_batch: int | None = None) -> Tensor:
-        """One term on a batch (its batch-softmax loss in blocks of ``softmax_batch`` pairs)."""
+              anchor_pool=None, softmax_batch: int | None = None,
+              ids: FalseNegativeIds | None = None) -> Tensor:
+        """One term on a batch (its batch-softmax loss in blocks of ``softmax_batch`` pairs,
+        masking false negatives by ``ids``)."""
         blocks = dict(softmax_batch=softmax_batch) if c.name in SOFTMAX_LOSSES else {}
-        masking = dict(labels=labels, label_threshold=c.label_threshold) \
+        masking: dict[str, object] = dict(labels=labels, label_threshold=c.label_threshold) \
             if c.label_threshold is not None and labels is not None else {}
         directions = directions or c.directions
+        if ids is not None:
+            query_ids, answer_ids = ids
+            if query_ids is not None and c.name != "infonce":  # InfoNCE has no a->q mask
+                masking["query_ids"] = query_ids
+            if answer_ids is not None:
+                masking["answer_ids"] = answer_ids
         if c.name == "bsc":
             return bsc_loss(q, a, tau, directions=directions, normalization=c.normalization,
                             hard_negatives=negatives, tile_size=c.tile_size, **blocks,
@@ -185,9 +227,11 @@ class Objective(nn.Module):
         if c.name == "bsc_mse":
             threshold = c.label_threshold if c.label_threshold is not None \
                 else BSC_LABEL_THRESHOLD
+            fn_ids = {k: v for k, v in masking.items() if k.endswith("_ids")}
             return bsc_mse_loss(q, a, labels, tau, mu=c.mu, label_threshold=threshold,
                                 directions=directions, normalization=c.normalization,
-                                hard_negatives=negatives, tile_size=c.tile_size, **blocks)
+                                hard_negatives=negatives, tile_size=c.tile_size, **blocks,
+                                **fn_ids)
         if c.name == "cosine_mse":
             return cosine_mse_loss(q, a, labels)
         if c.name == "cosent":
