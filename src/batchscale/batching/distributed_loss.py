@@ -134,6 +134,9 @@ def gathered_pair_loss(
         hard_negatives: (m * k, d) or (m, k, d) this rank's extra answers.
         labels, query_ids: (m,) this rank's per-pair values.
         answer_ids: (m + m * k,) ids of this rank's answers, then of its hard negatives.
+            The ids are false-negative ids (text or group ids, see
+            :func:`~batchscale.losses.bsc_loss`), global across ranks: a group split over
+            ranks is masked in full, as on one process.
         loss_kwargs: passed as they are (temperature, directions, config, ...).
 
     Returns the global loss, the same value on every rank.
@@ -186,7 +189,10 @@ def local_pair_loss(
     this rank's answers against all queries. Each is one call of ``row_loss`` with this
     rank's pairs as anchors and positives and the other ranks' rows as extra candidates, so
     the similarity work per rank is m_r x B instead of B x B. The per-anchor losses are the
-    global loss's (the same candidates, masks and labels); batch-level statistics (WEINCE's
+    global loss's (the same candidates, masks and labels; ``query_ids`` / ``answer_ids``,
+    text or group ids as for :func:`~batchscale.losses.bsc_loss`, are gathered with the
+    candidates, so a group spanning ranks is masked as on one process; the positive stays
+    candidate i: this rank's rows come first); batch-level statistics (WEINCE's
     rho0) see every rank's anchors through ``anchor_pool``, an all-gather. The result is
     scaled by W m_r / B, so that the mean over ranks is the global loss and, with the
     gradients averaged across ranks, the gradients are the global loss's (see

@@ -9,7 +9,12 @@ With s_ij = sim(q_i, a_j) and logits g = policy(s) (s / tau unless WEINCE):
 ``q->a`` alone is InfoNCE / multiple-negatives ranking. Hard negatives are extra answer
 columns (candidates of L0 only). Label-aware masking (BSC eq. 5) sets y_i = 0 for negative
 pairs: they are never anchors but stay candidates, and the divisor stays m. Ids remove false
-negatives: a candidate with the same text id as the anchor's positive is not a negative.
+negatives: a candidate with the same id as the anchor's positive is not a negative. The ids
+are false-negative ids, one per text: text ids (the same text twice) or group ids (texts
+that are never each other's negatives: one group, one id; a pair's query and answer share
+it). Anchor i's softmax is then its positive and the candidates outside its group; when
+every candidate is in its group, its positive alone (l_i = 0, no gradient). Anchors keep
+their weight and the divisor stays m.
 """
 
 from __future__ import annotations
@@ -43,8 +48,8 @@ class ContrastiveBatch:
     q: Tensor                    # (m, d)
     candidates: Tensor           # (m + h, d)
     anchor_weight: Tensor | None  # (m,) y_i in {0, 1}, None = all anchors
-    answer_ids: Tensor | None    # (m + h,) text ids of the candidates (L0's masks)
-    query_ids: Tensor | None     # (m,) text ids of the queries (L1's masks)
+    answer_ids: Tensor | None    # (m + h,) false-negative ids of the candidates (L0's masks)
+    query_ids: Tensor | None     # (m,) false-negative ids of the queries (L1's masks)
 
     @property
     def m(self) -> int:
@@ -107,8 +112,10 @@ def prepare_batch(caller: str, q: Tensor, a: Tensor, *, normalization: Normaliza
 def candidate_mask(ids: Tensor | None, anchors: slice, candidates: slice) -> Tensor | None:
     """Which candidates (a block of columns) count for which anchors (a block of rows).
 
-    Anchor i's positive is candidate i. A candidate is dropped when it carries the same text
-    id as the anchor's positive but is not the positive itself (a false negative)."""
+    Anchor i's positive is candidate i. A candidate is dropped when it carries the same id
+    (text or group) as the anchor's positive but is not the positive itself (a false
+    negative); the ids are those of the softmax's own candidates, so a block or a rank's
+    share masks only the members of a group that it holds."""
     if ids is None:
         return None
     dev = ids.device

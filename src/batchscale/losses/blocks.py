@@ -17,8 +17,10 @@ plain loss. The per-pair inputs follow their pairs into the blocks:
   (1/m) sum_i y_i l_i over the whole batch, as without blocks;
 * hard negatives: k per pair, ``(m * k, d)`` pair-major (pair i's are rows i k .. i k + k - 1)
   or ``(m, k, d)``; a block gets the N k of its pairs;
-* query_ids, answer_ids: the false-negative masks act within a block (``answer_ids`` is the
-  answers' ids then the hard negatives', in the same pair-major order).
+* query_ids, answer_ids (text or group ids): the false-negative masks act within a block:
+  a group that crosses a block boundary is masked for its members inside the block (the
+  other blocks' texts are not candidates anyway). ``answer_ids`` is the answers' ids then
+  the hard negatives', in the same pair-major order.
 
 Plain logits (BSC, InfoNCE) on the dense path take every block at once
 (:func:`stacked_plain_loss`: one batched matmul, the blocks' rows stacked into one softmax

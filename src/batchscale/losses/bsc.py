@@ -38,8 +38,12 @@ def bsc_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
         hard_negatives: (m * k, d) or (m, k, d) extra answer columns, candidates of L0.
         labels: (m,) 0/1, or scores in [0, 1] with ``label_threshold``: pairs with
             y_i = 0 are not anchors but stay candidates; the mean still divides by m.
-        query_ids, answer_ids: text ids ((m,) and (m + m * k,)); a candidate with the same
-            id as the anchor's positive is not counted as a negative.
+        query_ids, answer_ids: false-negative ids ((m,) and (m + m * k,), the answers' then
+            the hard negatives'): text ids, or group ids (one id per group of texts that are
+            never each other's negatives, the same for a pair's query and answer; a hard
+            negative's is its group's or its own). A candidate with the same id as the
+            anchor's positive, other than the positive, is not a negative; an anchor whose
+            candidates are all in its group has its positive alone (l_i = 0).
         tile_size: ``"auto"`` (dense while the matrix is small), an int (tiled, memory-linear,
             tiles of that many rows / columns) or None (dense).
         softmax_batch: N dividing m: the mean of the losses of the m / N blocks of N
@@ -61,7 +65,8 @@ def infonce_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
                  answer_ids: Tensor | None = None, tile_size: TileSize = "auto",
                  softmax_batch: int | None = None) -> Tensor:
     """InfoNCE / multiple-negatives ranking: BSC's L0 alone (each query against all answers,
-    or against the answers of its block of ``softmax_batch`` pairs)."""
+    or against the answers of its block of ``softmax_batch`` pairs). ``answer_ids``: the
+    false-negative ids (text or group ids) of :func:`bsc_loss`."""
     loss, _ = pair_loss("infonce_loss", q, a, temperature, directions="q->a",
                         normalization=normalization, hard_negatives=hard_negatives,
                         labels=labels, label_threshold=label_threshold, query_ids=None,

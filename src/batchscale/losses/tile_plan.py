@@ -58,7 +58,10 @@ def strip_sims(anchors: Tensor, candidates: Tensor, buffer: Tensor) -> Tensor:
 
 def negatives_per_anchor(ids: Tensor | None, anchors: int, candidates: int,
                          device: torch.device) -> Tensor:
-    """K_i: candidates of anchor i minus its positive (and candidates sharing its id)."""
+    """K_i: candidates of anchor i minus its positive and the candidates sharing its id (text
+    or group; the positive's is ``ids[i]``), as :func:`~batchscale.losses.candidates.
+    negative_counts` counts the dense mask; 0 when its whole batch is its group. Sizes
+    WEINCE's tail, never a divisor."""
     if ids is None:
         return torch.full((anchors,), candidates - 1, dtype=torch.long, device=device)
     _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)

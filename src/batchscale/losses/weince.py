@@ -43,6 +43,13 @@ def weince_loss(q: Tensor, a: Tensor, temperature: float | Tensor = 0.05, *,
     ``softmax_batch`` N: the mean over blocks of N consecutive pairs, each its own WEINCE
     batch (its own rho0 quantile, tails from its own negatives); the stats cover every
     block's anchors. Not with ``anchor_pool``.
+
+    ``query_ids`` / ``answer_ids`` (text or group ids) remove an anchor's false negatives
+    from its softmax and from its tail alike: the tail size k_i comes from its own K_i
+    negatives. An anchor with K_i = 0 (its whole batch in its group) has no rho and stays
+    out of rho0, and lambda_i = 0: its softmax is its positive alone, l_i = 0. With
+    K_i <= 3 (fewer than 3 fit points) lambda_i = 0 (plain InfoNCE logits) but its rho
+    counts in rho0. The stats count the anchors with a fit only.
     """
     if config is None:
         config = WeinceConfig.from_kwargs("weince_loss", **weince_options)

@@ -51,7 +51,7 @@ def _norms(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _mask_negatives_(sims: Tensor, rows: Tensor, answer_ids: Tensor | None) -> Tensor:
     """Keep each row's negatives: its positive (column = row index) and the candidates that
-    share its positive's text id go to -inf.
+    share its positive's false-negative id (text or group) go to -inf.
 
     The rows are an index tensor (the refinement recomputes scattered rows), so the false
     negatives come from the ids here rather than from ``candidate_mask``, which takes slices;

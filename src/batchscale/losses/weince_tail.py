@@ -17,7 +17,11 @@ the gradient (computed under ``no_grad``), the product of
   compares least-squares fits of the anchor's top-k negative shortfalls to a Weibull
   (finite endpoint) and a Gumbel tail.
 
-lambda_i = 0 gives InfoNCE exactly. The functions below are split so that a tiled path
+lambda_i = 0 gives InfoNCE exactly. An anchor's negatives are its candidates outside its
+positive's false-negative id (text or group id), so their count K_i varies by anchor, and
+with it k_i. An anchor with K_i = 0 has no rho (set to 1) and is left out of rho0; one with
+fewer than 3 fit points (K_i <= 3) gets lambda_i = 0, its rho still counted in rho0 (the
+spec leaves both cases open). The functions below are split so that a tiled path
 which gathers each anchor's tail with a streaming top-k can reuse :func:`lambda_from_tail`
 and :func:`batchscale.losses.logits.weince_logits` unchanged.
 """
