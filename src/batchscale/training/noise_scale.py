@@ -194,6 +194,13 @@ def _as_loss_dtype(encoder: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
     return encode
 
 
+def _features(encoder: nn.Module, texts: Sequence[str]) -> dict[str, Tensor]:
+    """The encoder's training inputs (a static encoder's cached token ids) where it has
+    them, else its ``tokenize``."""
+    make = getattr(encoder, "training_features", None) or encoder.tokenize
+    return make(list(texts))
+
+
 def _sq_norm(grads: Sequence[Tensor | None]) -> float:
     # Each tensor's norm in its own dtype (a float64 copy of a static encoder's 30k x 384
     # gradient cost 5x the norm), summed in float64.
@@ -217,7 +224,7 @@ def probe_gradients(encoder: nn.Module, objective, sides: Sequence[Sequence[str]
         raise ValueError(f"a probe batch of {n} pairs cannot be split into {chunks} equal "
                          "chunks (need chunks >= 2 dividing the batch size)")
     b = n // chunks
-    features = [encoder.tokenize(list(texts)) for texts in sides]
+    features = [_features(encoder, texts) for texts in sides]
     if labels is not None:
         labels = labels.to(encoder.device)
 
@@ -271,8 +278,9 @@ def measure_noise_scale(encoder: nn.Module, objective, data: TrainingSet, batch_
     """B_simple at ``batch_size`` from ``batches`` probe batches (drawn by
     :func:`probe_indices` from ``seed``) split into ``chunks`` chunks each, leaving training
     untouched (see the module docstring). ``encoder``: a :class:`SentenceEncoder` or any
-    module with ``tokenize(texts) -> features``, ``forward(features) -> (n, d)`` and
-    ``device``; ``objective``: an :class:`Objective` (``objective(embeddings, labels)``).
+    module with ``tokenize(texts) -> features`` (or ``training_features``),
+    ``forward(features) -> (n, d)`` and ``device``; ``objective``: an :class:`Objective`
+    (``objective(embeddings, labels)``).
 
     One process only: under torchrun the objective's collectives would wait for every rank,
     while only rank 0 evaluates."""
