@@ -151,3 +151,34 @@ def test_the_trainer_masks_a_batch_by_units(tmp_path, mode):
     assert loss == pytest.approx(_masked_infonce(q, a, units, 0.05), rel=1e-5)
     plain = _masked_infonce(q, a, list(range(8)), 0.05)
     assert mode == "none" or not math.isclose(loss, plain, rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("rule", ["text", "group"])
+def test_the_trainer_sampler_follows_the_duplicates_rule(rule):
+    from batchscale.encoders import SentenceEncoder
+    from batchscale.training import TrainingSet
+    from batchscale.training.composition import BatchComposition
+
+    # 12 images with 4 captions each; captions never repeat, so only the group joins them.
+    rows = [(f"img{g} caption {k}", f"img{g} other {k}", f"img{g}")
+            for g in range(12) for k in range(4)]
+    random.Random(0).shuffle(rows)
+    q, a, groups = (tuple(c) for c in zip(*rows, strict=True))
+    data = TrainingSet((q, a), groups=groups)
+    config = config_from_dict({"train": {"batch_size": 12, "sampler": "no_duplicates",
+                                         "duplicates": rule, "seed": 0}})
+    comp = BatchComposition(config, data, SentenceEncoder.static("default"))
+    comp.plan(0)
+    batches = comp.sampler.global_batches()
+    assert sorted(i for b in batches for i in b) == list(range(48))
+    same_group = sum(1 for b in batches for x in b for y in b if x < y and groups[x] == groups[y])
+    if rule == "group":
+        assert same_group == 0
+    else:  # the text rule sees no duplicate: random batches of 12 from 12 x 4 hold some
+        assert same_group > 0
+    # the ids a batch hands the loss: one per pair, equal within a group
+    query_ids, answer_ids = comp.false_negative_ids(list(batches[0]))
+    assert torch.equal(query_ids, answer_ids)
+    firsts = {groups[i]: int(query_ids[k]) for k, i in enumerate(batches[0])}
+    assert all(int(query_ids[k]) == firsts[groups[i]] for k, i in enumerate(batches[0]))
+    assert len(set(firsts.values())) == len(firsts)

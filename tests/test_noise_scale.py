@@ -221,6 +221,52 @@ def test_chunk_gradients_sum_to_the_batch_gradient(tiny_hf_dir, columns: int) ->
     assert np.mean(probe.small_sq_norms) >= probe.big_sq_norm
 
 
+class TableEncoder(nn.Module):
+    """Example i (its text is str(i)) embeds as row i of a trainable float64 table."""
+
+    def __init__(self, n: int, d: int, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = nn.Parameter(torch.randn(n, d, generator=g, dtype=torch.float64))
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.device
+
+    def tokenize(self, texts) -> dict[str, Tensor]:
+        return {"index": torch.tensor([int(t) for t in texts])}
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        return self.table[features["index"]]
+
+
+def test_probe_masks_false_negatives_as_training_does() -> None:
+    """With a batch's false-negative ids the chunk gradients sum to the gradient of the
+    masked loss (objective(embeddings, labels, ids), taken whole), not the unmasked one."""
+    from batchscale.batching.false_negatives import batch_ids, unit_ids
+
+    encoder = TableEncoder(80, 8, seed=3)
+    queries = tuple(str(i) for i in range(40))
+    answers = tuple(str(40 + i) for i in range(40))
+    data = TrainingSet((queries, answers), groups=tuple(f"g{i % 7}" for i in range(40)))
+    units = torch.from_numpy(unit_ids(data.columns, data.groups, "group"))
+    objective = Objective(LossConfig(name="bsc", temperature=0.1), len(data))
+    rows = probe_indices(len(data), 24, 1, seed=7)[0].tolist()
+    ids = batch_ids(units, rows)
+    sides, labels = data.batch(rows)
+    probe = probe_gradients(encoder, objective, sides, labels, chunks=4, ids=ids)
+    embeddings = [encoder(encoder.tokenize(s)) for s in sides]
+    (masked,) = torch.autograd.grad(objective(embeddings, labels, ids), [encoder.table])
+    unmasked = _plain_gradient(encoder, objective, data, rows)[0]
+    torch.testing.assert_close(probe.big[0], masked, rtol=0, atol=1e-10)
+    assert float((masked - unmasked).abs().max()) > 1e-3
+    # measure_noise_scale hands each probe batch's ids to the objective
+    got = measure_noise_scale(encoder, objective, data, 24, batches=1, chunks=4, seed=7,
+                              false_negatives=lambda r: batch_ids(units, r))
+    assert got.grad_sq == pytest.approx(
+        (4 * probe.big_sq_norm - float(np.mean(probe.small_sq_norms))) / 3, rel=1e-9)
+
+
 def test_chunk_gradients_replay_the_dropout_masks(tiny_st_dir) -> None:
     """A transformer with dropout in training mode: the replayed chunks draw the masks of the
     first pass, so the chunk gradients sum to the gradient of the embeddings the loss saw

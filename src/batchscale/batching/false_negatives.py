@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -77,6 +78,14 @@ def unit_ids(columns: Sequence[Sequence[str]], groups: Sequence[str | None] | No
     if len(columns) == 3:
         out[:, 2] = _negative_ids(keys, units)
     return out
+
+
+def batch_ids(units: torch.Tensor, indices: Sequence[int]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's ids as the losses take them, from a dataset's (N, C) :func:`unit_ids`:
+    query ids (m,) and answer ids (m + m * k,), the answers' then the hard negatives'."""
+    rows = units[torch.as_tensor(list(indices), dtype=torch.long, device=units.device)]
+    return rows[:, 0], rows[:, 1:].T.reshape(-1)
 
 
 def _components(links: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:

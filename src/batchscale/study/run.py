@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..batching.distributed import is_distributed
+from ..batching.false_negatives import batch_ids, unit_ids
 from ..data import BeirDataset, load_stsb
 from ..encoders import SentenceEncoder
 from ..encoders.encoder import resolve_dtype
@@ -71,6 +72,15 @@ def make_evaluator(config: RunConfig, data: TrainingSet, holdout: Any, *,
     q_texts = [data.columns[0][i] for i in sample]
     a_texts = [data.columns[1][i] for i in sample]
 
+    # The probe batches mask false negatives as training does.
+    probe_ids = None
+    if e.noise_scale is not None and config.train.false_negatives != "none":
+        units = torch.from_numpy(unit_ids(data.columns, data.groups,
+                                          config.train.false_negatives))
+
+        def probe_ids(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            return batch_ids(units, rows)
+
     def evaluate(encoder: SentenceEncoder) -> dict[str, Any]:
         dtype = resolve_dtype(e.dtype, encoder.device)
         model = copy.deepcopy(encoder).to(dtype) if dtype != torch.float32 else encoder
@@ -90,7 +100,7 @@ def make_evaluator(config: RunConfig, data: TrainingSet, holdout: Any, *,
             metrics["noise_scale"] = measure_noise_scale(
                 encoder, objective, data, config.train.batch_size,
                 batches=e.noise_scale.batches, chunks=e.noise_scale.chunks,
-                seed=config.train.seed).as_dict()
+                seed=config.train.seed, false_negatives=probe_ids).as_dict()
         return metrics
 
     return evaluate

@@ -40,7 +40,7 @@ from ..batching import (
 )
 from ..batching.batch_stats import hardest_negatives
 from ..batching.distributed import broadcast_tensor, gather_rows
-from ..batching.false_negatives import unit_ids
+from ..batching.false_negatives import batch_ids, unit_ids
 from ..batching.samplers import EpochBatchSampler, flatten_plan, split_plan
 from ..encoders import SentenceEncoder
 from .config import RunConfig
@@ -176,8 +176,7 @@ class BatchComposition:
         of a batch, as the losses take them; None when ``train.false_negatives: none``."""
         if self.units is None:
             return None
-        rows = self.units[torch.as_tensor(indices, dtype=torch.long, device=self.units.device)]
-        return rows[:, 0], rows[:, 1:].T.reshape(-1)
+        return batch_ids(self.units, indices)
 
     @torch.no_grad()
     def observe(self, embeddings: list[Tensor]) -> None:

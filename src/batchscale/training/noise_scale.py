@@ -209,7 +209,8 @@ def _sq_norm(grads: Sequence[Tensor | None]) -> float:
 
 def probe_gradients(encoder: nn.Module, objective, sides: Sequence[Sequence[str]],
                     labels: Tensor | None, chunks: int,
-                    params: Sequence[Tensor] | None = None) -> ProbeGradients:
+                    params: Sequence[Tensor] | None = None,
+                    ids: tuple[Tensor | None, Tensor | None] | None = None) -> ProbeGradients:
     """The chunk gradients of one batch (``sides``: its text columns, ``labels``: as
     :meth:`TrainingSet.batch` gives them), as the module docstring describes. Runs in the
     encoder's current mode with the current random state, and does not touch ``.grad``
@@ -240,7 +241,7 @@ def probe_gradients(encoder: nn.Module, objective, sides: Sequence[Sequence[str]
     # 2. The loss of the whole batch and dL/de, once. Gradients stop at the embeddings (and
     #    never reach the objective's own parameters).
     with torch.enable_grad():
-        loss = objective(leaves, labels)
+        loss = objective(leaves, labels, ids) if ids is not None else objective(leaves, labels)
         if not isinstance(loss, Tensor) or loss.ndim != 0 or not loss.requires_grad:
             raise ValueError("the objective must return a 0-dim loss of the embeddings")
         d_emb = torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -274,13 +275,16 @@ def probe_gradients(encoder: nn.Module, objective, sides: Sequence[Sequence[str]
 
 
 def measure_noise_scale(encoder: nn.Module, objective, data: TrainingSet, batch_size: int, *,
-                        batches: int = 4, chunks: int = 4, seed: int = 0) -> NoiseScale:
+                        batches: int = 4, chunks: int = 4, seed: int = 0,
+                        false_negatives: Callable[[list[int]], tuple[Tensor, Tensor]] | None
+                        = None) -> NoiseScale:
     """B_simple at ``batch_size`` from ``batches`` probe batches (drawn by
     :func:`probe_indices` from ``seed``) split into ``chunks`` chunks each, leaving training
     untouched (see the module docstring). ``encoder``: a :class:`SentenceEncoder` or any
     module with ``tokenize(texts) -> features`` (or ``training_features``),
     ``forward(features) -> (n, d)`` and ``device``; ``objective``: an :class:`Objective`
-    (``objective(embeddings, labels)``).
+    (``objective(embeddings, labels)``); ``false_negatives(rows)``: the false-negative ids
+    of a batch of rows (as training masks them), passed to the objective.
 
     One process only: under torchrun the objective's collectives would wait for every rank,
     while only rank 0 evaluates."""
@@ -312,7 +316,8 @@ def measure_noise_scale(encoder: nn.Module, objective, data: TrainingSet, batch_
             encoder.train()
             for rows in indices:
                 sides, labels = data.batch(rows.tolist())
-                probe = probe_gradients(encoder, objective, sides, labels, chunks, params)
+                ids = false_negatives(rows.tolist()) if false_negatives is not None else None
+                probe = probe_gradients(encoder, objective, sides, labels, chunks, params, ids)
                 acc.add_norms(probe.small_sq_norms, probe.big_sq_norm, probe.b_small,
                               probe.b_big)
                 del probe
