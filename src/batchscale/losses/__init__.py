@@ -2,8 +2,9 @@
 
 Batch-softmax family: :func:`bsc_loss` (BSC, L0 + L1), :func:`infonce_loss` (L0),
 :func:`weince_loss` (WEINCE on pairs), :func:`nt_xent` (SimCLR 2N layout, plain or WEINCE),
-:func:`bsc_mse_loss` (BSC + MSE). Regulariser: :func:`vrns_penalty`. Baselines:
-:func:`cosine_mse_loss`, :func:`cosent_loss`, :func:`triplet_loss`.
+:func:`bsc_mse_loss` (BSC + MSE), :func:`sogclr_loss` (SogCLR's global contrastive loss:
+a moving-average partition per example, kept by the caller). Regulariser: :func:`vrns_penalty`.
+Baselines: :func:`cosine_mse_loss`, :func:`cosent_loss`, :func:`triplet_loss`.
 Trainable temperature: :class:`LearnableTemperature`.
 """
 
@@ -14,6 +15,7 @@ from .logits import weince_logits
 from .nt_xent import nt_xent
 from .pointwise import cosent_loss, cosine_mse_loss
 from .similarity import NORMALIZATIONS, Normalization
+from .sogclr import SOGCLR_GAMMA, sogclr_directions, sogclr_loss
 from .temperature import LearnableTemperature
 from .triplet import triplet_loss
 from .vrns import vrns_penalty
@@ -23,6 +25,7 @@ from .weince_tail import WeinceConfig, WeinceLambda, WeinceStats, weince_lambda
 __all__ = [
     "DIRECTIONS",
     "NORMALIZATIONS",
+    "SOGCLR_GAMMA",
     "Directions",
     "LearnableTemperature",
     "Normalization",
@@ -35,6 +38,8 @@ __all__ = [
     "cosine_mse_loss",
     "infonce_loss",
     "nt_xent",
+    "sogclr_directions",
+    "sogclr_loss",
     "triplet_loss",
     "vrns_penalty",
     "weince_lambda",
