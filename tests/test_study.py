@@ -337,6 +337,23 @@ def test_report_numbers_equal_those_recomputed_from_the_store(full_store, tmp_pa
             assert cell == f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
         assert examples == "192 [192, 192]"  # the budget, exactly
         assert steps == f"{192 // int(batch)} [{192 // int(batch)}, {192 // int(batch)}]"
+    # The training data every run recorded: STS-B train less the pairs sharing a sentence
+    # (case and whitespace folded) with dev / test; the Design note says it.
+    root = Path(json.loads(_rows(full_store, "SELECT config FROM runs")[0][0])["data"]["data_dir"])
+    split_rows = {split: [line.split("\t")[5:7] for line in (
+        root / "stsbenchmark" / f"sts-{split}.csv").read_text().splitlines()]
+        for split in ("train", "dev", "test")}
+    held = {" ".join(t.casefold().split()) for split in ("dev", "test")
+            for row in split_rows[split] for t in row}
+    kept = sum(1 for row in split_rows["train"]
+               if not any(" ".join(t.casefold().split()) in held for t in row))
+    recorded = _rows(full_store, "SELECT name, value FROM metrics WHERE split = 'data'")
+    assert len(recorded) == 4 * 8  # pairs, contaminated, and each per source, for 8 runs
+    assert {(r[0], r[1]) for r in recorded} == {
+        ("pairs", kept), ("contaminated", 256 - kept), ("pairs/stsb", kept),
+        ("contaminated/stsb", 256 - kept)}
+    assert (f"Training pairs per run {kept} [{kept}, {kept}], after dropping {256 - kept} "
+            f"[{256 - kept}, {256 - kept}] that share a text") in md
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     # Trend: per seed, the slope of the test score on log2(batch size); t interval over seeds.
     for t in data["trends"]:

@@ -203,6 +203,10 @@ def design(runs: Runs, meta: dict[str, str], sweep: dict[str, Any]) -> dict[str,
             "reference_batch_size": base.get("optim", {}).get("reference_batch_size"),
             "temperature": base.get("loss", {}).get("temperature"),
             "epochs_seen": spread(stats.median_range([r.get("epochs") for r in runs.all])),
+            "training_pairs": spread(stats.median_range([r.get("data_pairs")
+                                                         for r in runs.all])),
+            "contaminated": spread(stats.median_range([r.get("data_contaminated")
+                                                       for r in runs.all])),
             "flagged": flagged, "package_version": meta.get("package_version")}
 
 

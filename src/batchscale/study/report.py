@@ -133,6 +133,15 @@ def tables(data: dict[str, Any]) -> list[Table]:
     return out
 
 
+def _data_note(d: dict[str, Any]) -> str:
+    """The training set's size and what decontamination dropped (runs of older versions
+    recorded neither)."""
+    if d.get("training_pairs") is None:
+        return ""
+    return (f" Training pairs per run {fmt_spread(d['training_pairs'], 0)}, after dropping "
+            f"{fmt_spread(d['contaminated'], 0)} that share a text with the dev / test sets.")
+
+
 def _notes(data: dict[str, Any]) -> list[str]:
     d = data["design"]
     notes = [
@@ -142,7 +151,7 @@ def _notes(data: dict[str, Any]) -> list[str]:
         f"{', '.join(str(s) for s in d['seeds'] or [])}.",
         f"Model {d['model']}; training data {d['data']}; budget {fmt(d['budget']['value'], 0)} "
         f"{d['budget']['kind']} per run (every step a whole batch); epochs seen "
-        f"{fmt_spread(d['epochs_seen'], 2)}.",
+        f"{fmt_spread(d['epochs_seen'], 2)}." + _data_note(d),
         f"Learning rate: {d['base_lr']} x rule {'/'.join(d['lr_scaling'] or [])} (reference "
         f"batch {d['reference_batch_size']}) x the multiplier with the best dev score among "
         f"{', '.join(f'{m:g}' for m in d['lr_multipliers'])} ({d['lr_tuning']}); the tables "

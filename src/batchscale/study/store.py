@@ -223,8 +223,12 @@ class Store:
         """Finished runs joined with their cell's factors, in grid order."""
         rows = self.db.execute(
             "SELECT r.*, c.idx, c.loss, c.loss_name, c.vrns_weight, c.batch_size, c.seed, "
-            "c.lr_scaling, c.lr_multiplier, c.softmax_batch FROM runs r JOIN cells c "
-            "USING (cell_id) ORDER BY c.idx")
+            "c.lr_scaling, c.lr_multiplier, c.softmax_batch, "
+            "(SELECT value FROM metrics m WHERE m.run_id = r.id AND m.split = 'data' "
+            "AND m.name = 'pairs') AS data_pairs, "
+            "(SELECT value FROM metrics m WHERE m.run_id = r.id AND m.split = 'data' "
+            "AND m.name = 'contaminated') AS data_contaminated "
+            "FROM runs r JOIN cells c USING (cell_id) ORDER BY c.idx")
         return [dict(r) for r in rows]
 
     def curve(self, run_id: int) -> list[dict[str, Any]]:
