@@ -79,7 +79,8 @@ def term_key(index: int, field: str) -> str:
 
 
 class LossConfig(_Strict):
-    name: Literal["bsc", "infonce", "weince", "bsc_mse", "cosine_mse", "cosent", "triplet"] = "bsc"
+    name: Literal["bsc", "infonce", "weince", "bsc_mse", "cosine_mse", "cosent", "triplet",
+                  "sogclr"] = "bsc"
     temperature: float = Field(default=0.05, gt=0.0)
     learnable_temperature: bool = False
     temperature_lr: float = Field(default=1e-3, gt=0.0)
@@ -100,6 +101,23 @@ class LossConfig(_Strict):
     #: Further terms added to this loss, each with its weight: L = L_name + sum_k w_k L_k
     #: (e.g. CoSENT + 10 x BSC+MSE). A term has its own fixed temperature.
     plus: list[AddedLoss] = []
+    #: SogCLR (``name: sogclr``): the weight gamma of the batch's estimate in each example's
+    #: moving average u_i <- (1 - gamma) u_i + gamma g_i (the authors' default 0.9; 1: the
+    #: mini-batch loss). Dense, fixed temperature, the main loss only.
+    sogclr_gamma: float = Field(default=0.9, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sogclr(self) -> LossConfig:
+        if any(t.name == "sogclr" for t in self.plus):
+            raise ValueError("sogclr keeps a state per training example: use it as the main "
+                             "loss, not under plus")
+        if self.name == "sogclr":
+            if self.learnable_temperature:
+                raise ValueError("sogclr: the temperature is fixed (SogCLR's Algorithm 1); set "
+                                 "learnable_temperature: false")
+            if isinstance(self.tile_size, int):
+                raise ValueError("sogclr has no tiled path; set tile_size: auto or null (dense)")
+        return self
 
     @field_validator("tile_size")
     @classmethod

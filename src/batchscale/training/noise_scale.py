@@ -48,7 +48,8 @@ learnable temperature) are left out, and so are the probes' effects on anything 
 measurement runs under :func:`torch.random.fork_rng` (its dropout draws do not shift
 training's random stream), in training mode (the training gradient, dropout included),
 restores the encoder's train/eval mode, leaves every ``.grad`` as it found it, never touches
-an optimiser and discards the objective's diagnostics recorded meanwhile. It encodes in the
+an optimiser, discards the objective's diagnostics recorded meanwhile and leaves its
+per-example state (SogCLR's u: the probes run under ``objective.frozen_state()``). It encodes in the
 encoder's own dtype, without the trainer's bf16 autocast (embeddings below float32 are
 upcast, as the trainer does). Cost per probe batch: one forward without a graph plus, per
 chunk, one forward and one backward of that chunk (memory of one chunk, as the gradient
@@ -60,6 +61,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,11 +212,13 @@ def _sq_norm(grads: Sequence[Tensor | None]) -> float:
 def probe_gradients(encoder: nn.Module, objective, sides: Sequence[Sequence[str]],
                     labels: Tensor | None, chunks: int,
                     params: Sequence[Tensor] | None = None,
-                    ids: tuple[Tensor | None, Tensor | None] | None = None) -> ProbeGradients:
+                    ids: tuple[Tensor | None, Tensor | None] | None = None,
+                    indices: Sequence[int] | None = None) -> ProbeGradients:
     """The chunk gradients of one batch (``sides``: its text columns, ``labels``: as
     :meth:`TrainingSet.batch` gives them), as the module docstring describes. Runs in the
     encoder's current mode with the current random state, and does not touch ``.grad``
-    (gradients are taken with :func:`torch.autograd.grad`)."""
+    (gradients are taken with :func:`torch.autograd.grad`). ``indices``: the batch's example
+    indices, passed to an objective that ``needs_indices`` (SogCLR's per-example state)."""
     if params is None:
         params = [p for p in encoder.parameters() if p.requires_grad]
     params = list(params)
@@ -241,7 +245,9 @@ def probe_gradients(encoder: nn.Module, objective, sides: Sequence[Sequence[str]
     # 2. The loss of the whole batch and dL/de, once. Gradients stop at the embeddings (and
     #    never reach the objective's own parameters).
     with torch.enable_grad():
-        loss = objective(leaves, labels, ids) if ids is not None else objective(leaves, labels)
+        extra = {"indices": indices} if getattr(objective, "needs_indices", False) else {}
+        loss = objective(leaves, labels, ids, **extra) if ids is not None or extra \
+            else objective(leaves, labels)
         if not isinstance(loss, Tensor) or loss.ndim != 0 or not loss.requires_grad:
             raise ValueError("the objective must return a 0-dim loss of the embeddings")
         d_emb = torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -310,14 +316,17 @@ def measure_noise_scale(encoder: nn.Module, objective, data: TrainingSet, batch_
     grads = [p.grad for p in params]
     stats = getattr(objective, "_stats", None)
     saved_stats = copy.deepcopy(stats) if stats is not None else None
+    frozen = getattr(objective, "frozen_state", nullcontext)
     acc = NoiseScaleAccumulator()
     try:
-        with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad():
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad(), \
+                frozen():
             encoder.train()
             for rows in indices:
                 sides, labels = data.batch(rows.tolist())
                 ids = false_negatives(rows.tolist()) if false_negatives is not None else None
-                probe = probe_gradients(encoder, objective, sides, labels, chunks, params, ids)
+                probe = probe_gradients(encoder, objective, sides, labels, chunks, params, ids,
+                                        rows.tolist())
                 acc.add_norms(probe.small_sq_norms, probe.big_sq_norm, probe.b_small,
                               probe.b_big)
                 del probe

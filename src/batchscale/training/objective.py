@@ -20,11 +20,25 @@ the loss on the gathered batch, and under the local loss
 :func:`~batchscale.batching.distributed_loss.local_block_loss` (each rank's blocks from its
 own pairs when N divides the shares, else the blocks holding its pairs from the gathered
 batch). N = B is the term without blocks.
+
+``loss.name: sogclr`` (:func:`~batchscale.losses.sogclr_loss`) is the one loss with a state:
+the moving average u of every training example's negative partition, per direction, kept
+here as a buffer (``sogclr_log_u``, log u, (directions, num_examples); -inf = never seen), so
+that ``state_dict()`` and hence the trainer's checkpoints carry it. The trainer passes the
+batch's example indices (``indices``); each step reads the anchors' log u and writes the new
+values back. Under torchrun every rank keeps the whole state: with the local loss each rank
+scores its own anchors and the new values are all-gathered with their indices; with the
+global loss, or softmax blocks that do not fall within the ranks' shares, every rank
+computes every anchor. :meth:`Objective.frozen_state` computes losses without writing it
+(the noise-scale probe). Its diagnostics are the mean u and the standard deviation of log u
+over the batch's anchors (both directions).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -44,6 +58,8 @@ from ..losses import (
     cosent_loss,
     cosine_mse_loss,
     infonce_loss,
+    sogclr_directions,
+    sogclr_loss,
     triplet_loss,
     vrns_penalty,
     weince_loss,
@@ -88,6 +104,28 @@ class Objective(nn.Module):
                                    if config.learnable_temperature else None)
         # name -> [weighted sum, total weight] since the last pop
         self._stats: dict[str, list[float]] = {}
+        self._update_state = True
+        if config.name == "sogclr":
+            # SogCLR's u per direction and example, as log u (-inf: u = 0, the authors'
+            # initialisation); a buffer, so that checkpoints carry it (safetensors).
+            rows = len(sogclr_directions(config.directions))
+            self.register_buffer("sogclr_log_u", torch.full((rows, num_examples), -math.inf,
+                                                            dtype=torch.float64))
+
+    @property
+    def needs_indices(self) -> bool:
+        """Whether ``forward`` needs the batch's example indices (a per-example state)."""
+        return self.config.name == "sogclr"
+
+    @contextmanager
+    def frozen_state(self) -> Iterator[None]:
+        """Losses computed inside leave the per-example state (SogCLR's u) and its
+        diagnostics as they are: for batches that are not training steps."""
+        saved, self._update_state = self._update_state, False
+        try:
+            yield
+        finally:
+            self._update_state = saved
 
     @property
     def needs_labels(self) -> bool:
@@ -111,12 +149,14 @@ class Objective(nn.Module):
             self.temperature_module.clamp_()
 
     def forward(self, embeddings: Sequence[Tensor], labels: Tensor | None,
-                ids: FalseNegativeIds | None = None) -> Tensor:
+                ids: FalseNegativeIds | None = None,
+                indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """The loss of the batch: on one process, of ``embeddings`` (queries, answers[,
         hard negatives]); under torchrun, of the global batch whose share this rank holds
         (see the module docstring; with the local loss the value is this rank's part, and
         its mean over the ranks is the global loss). ``ids``: the false-negative ids
-        (query ids (m,), answer ids (m + m * k,)) the batch-softmax terms mask by."""
+        (query ids (m,), answer ids (m + m * k,)) the batch-softmax terms mask by.
+        ``indices``: the (m,) training-example indices of this rank's pairs (SogCLR's state)."""
         c = self.config
         if self.needs_labels and labels is None:
             raise ValueError(f"loss {', '.join(c.scored_terms)} needs a graded label on "
@@ -142,7 +182,9 @@ class Objective(nn.Module):
         for i, term in enumerate(c.terms()):
             weight = 1.0 if i == 0 else term.weight  # type: ignore[attr-defined]
             t_tau = tau if i == 0 else term.temperature
-            if local and term.name in SOFTMAX_LOSSES:
+            if term.name == "sogclr":  # the main loss only (the config checks)
+                value = self._sogclr_term(term, embeddings, labels, t_tau, ids, indices, local)
+            elif local and term.name in SOFTMAX_LOSSES:
                 value = self._local_term(term, embeddings, labels, t_tau, ids)
             else:
                 (q, a, *rest), batch_labels = whole()
@@ -241,6 +283,87 @@ class Objective(nn.Module):
                 raise ValueError("loss triplet needs (anchor, positive, negative) batches")
             return triplet_loss(q, a, negatives, margin=c.triplet_margin)
         raise ValueError(f"unknown loss {c.name!r}")  # the config's Literal forbids this
+
+    def _sogclr_term(self, c: LossConfig, embeddings: Sequence[Tensor], labels: Tensor | None,
+                     tau: float | Tensor, ids: FalseNegativeIds | None,
+                     indices: Sequence[int] | Tensor | None, local: bool) -> Tensor:
+        """SogCLR with this objective's state: the anchors' log u read by example index, the
+        loss, and the new log u written back on every rank alike."""
+        if indices is None:
+            raise ValueError("loss sogclr keeps a moving average per training example: pass "
+                             "the batch's example indices (objective(..., indices=...))")
+        mine = torch.as_tensor(indices, dtype=torch.long).reshape(-1).to(
+            self.sogclr_log_u.device)
+        q, a, *rest = embeddings
+        if mine.shape[0] != q.shape[0]:
+            raise ValueError(f"loss sogclr: {mine.shape[0]} example indices for a batch of "
+                             f"{q.shape[0]} pairs")
+        blocks = c.softmax_batch
+        if local and blocks is not None and blocks == sum(rank_shares(q.shape[0], q.device)):
+            blocks = None
+        if local and blocks is None:
+            value, rows, new = self._sogclr_local(c, q, a, rest[0] if rest else None, labels,
+                                                  tau, ids, mine)
+        else:  # every anchor of the global batch on every rank
+            (q, a, *rest), labels = gather_batch(list(embeddings), labels)
+            query_ids, answer_ids = gather_ids(ids, mine.shape[0]) or (None, None)
+            rows = gather_rows(mine) if is_distributed() else mine
+            value, new = sogclr_loss(q, a, self.sogclr_log_u[:, rows].to(q.device), tau,
+                                     directions=c.directions, hard_negatives=rest[0] if rest
+                                     else None, query_ids=query_ids, answer_ids=answer_ids,
+                                     softmax_batch=c.softmax_batch,
+                                     **self._sogclr_options(c, labels))
+        if self._update_state:
+            self._store_state(rows, new)
+        return value
+
+    def _sogclr_options(self, c: LossConfig, labels: Tensor | None) -> dict[str, object]:
+        options: dict[str, object] = dict(gamma=c.sogclr_gamma, normalization=c.normalization)
+        if c.label_threshold is not None and labels is not None:
+            options.update(labels=labels, label_threshold=c.label_threshold)
+        return options
+
+    def _sogclr_local(self, c: LossConfig, q: Tensor, a: Tensor, negatives: Tensor | None,
+                      labels: Tensor | None, tau: float | Tensor,
+                      ids: FalseNegativeIds | None, mine: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """The local loss (this rank's anchors, every rank's candidates), then the new log u
+        of every rank's anchors, all-gathered with their indices."""
+        old = self.sogclr_log_u[:, mine].to(q.device)
+        news: list[Tensor] = []
+
+        def rows(anchors: Tensor, positives: Tensor, *, hard_negatives: Tensor | None,
+                 answer_ids: Tensor | None, anchor_pool) -> Tensor:
+            d = len(news)  # local_pair_loss calls the rows (q->a), then the columns (a->q)
+            loss, new = sogclr_loss(anchors, positives, old[d : d + 1], tau, directions="q->a",
+                                    hard_negatives=hard_negatives, answer_ids=answer_ids,
+                                    **self._sogclr_options(c, labels))
+            news.append(new[0])
+            return loss
+
+        query_ids, answer_ids = ids if ids is not None else (None, None)
+        value = local_pair_loss(rows, q, a, directions=c.directions, hard_negatives=negatives,
+                                query_ids=query_ids, answer_ids=answer_ids)
+        new = torch.stack(news)
+        if not is_distributed():
+            return value, mine, new
+        return value, gather_rows(mine), gather_rows(new.T.contiguous()).T
+
+    @torch.no_grad()
+    def _store_state(self, rows: Tensor, new: Tensor) -> None:
+        """Write the new log u of examples ``rows`` (an example twice in a batch: its last
+        row, as one process would), and record the batch's mean u and std of log u."""
+        state = self.sogclr_log_u
+        rows = rows.to(state.device)
+        order = torch.arange(rows.shape[0], device=rows.device)
+        distinct, inverse = torch.unique(rows, return_inverse=True)
+        last = torch.full_like(distinct, -1).scatter_reduce(0, inverse, order, "amax")
+        state[:, distinct] = new[:, last].to(state.device, state.dtype)
+        seen = state[:, rows].reshape(-1)
+        seen = seen[torch.isfinite(seen)]
+        if seen.numel():
+            self._record(weight=seen.numel(), sogclr_mean_u=float(seen.exp().mean()),
+                         sogclr_log_u_std=float(seen.std(correction=0)))
 
     def _record(self, weight: float = 1.0, **values: float) -> None:
         for k, v in values.items():

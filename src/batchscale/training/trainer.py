@@ -250,11 +250,13 @@ class Trainer:
             emb = self.encoder(features)
         return emb.float()
 
-    def _objective(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
+    def _objective(self, embeddings: list[Tensor], labels: Tensor | None,
+                   indices: list[int] | None = None) -> Tensor:
         self.composition.observe(embeddings)
-        return self.objective(embeddings, labels)
+        return self.objective(embeddings, labels, indices=indices)
 
-    def _backward(self, sides: list[list[str]], labels: Tensor | None) -> float:
+    def _backward(self, sides: list[list[str]], labels: Tensor | None,
+                  indices: list[int] | None = None) -> float:
         """Loss of the batch; its gradients accumulated into ``.grad`` (averaged over ranks).
         Under the local loss each rank holds part of the loss: the mean over ranks is it."""
         features = [self.encoder.tokenize(texts) for texts in sides]
@@ -264,11 +266,11 @@ class Trainer:
         if gc is not None:
             chunk = gc.chunk_size if gc.chunk_size or gc.max_tokens else 32
             loss = cached_backward(self._encode, features,
-                                   lambda *embs: self._objective(list(embs), labels),
+                                   lambda *embs: self._objective(list(embs), labels, indices),
                                    chunk_size=None if gc.max_tokens else chunk,
                                    max_tokens=gc.max_tokens, sort_by_length=gc.sort_by_length)
         else:
-            loss = self._objective([self._encode(f) for f in features], labels)
+            loss = self._objective([self._encode(f) for f in features], labels, indices)
             loss.backward()
         loss = mean_across_ranks(loss.detach())
         self._check_finite("the loss", loss)  # the same value on every rank: all stop
@@ -289,7 +291,7 @@ class Trainer:
     def _step(self, indices: list[int]) -> float:
         sides, labels = self.data.batch(indices)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._backward(sides, labels)
+        loss = self._backward(sides, labels, indices)  # the examples, for a per-example state
         max_norm = self.config.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(self.parameters,
                                               max_norm if max_norm is not None else math.inf)
