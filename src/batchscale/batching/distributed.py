@@ -146,19 +146,74 @@ def _run(what: str, collective: Callable[[], T], group: dist.ProcessGroup | None
         ) from err
 
 
+def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a collective's tensors must live: NCCL moves CUDA tensors only (the current
+    device, which :func:`init_distributed` set to the rank's), gloo CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+R = TypeVar("R", Tensor, list[Tensor])
+
+
+def _collective(what: str, x: Tensor, op: Callable[[Tensor], R],
+                group: dist.ProcessGroup | None) -> R:
+    """The one door to torch.distributed: ``op`` runs on ``x`` moved to the group's collective
+    device (:func:`_collective_device`), a failure is named (:func:`_run`), and what ``op``
+    returns (a tensor or a list of them) comes back on ``x``'s device.
+
+    Every collective of this module goes through here, so a CPU tensor (an RNG state, a
+    diagnostic) never reaches NCCL and a CUDA tensor never reaches gloo. ``x`` already on the
+    collective device is handed over as it is: an in-place ``op`` then changes it."""
+    device = _collective_device(group)
+    result = _run(what, lambda: op(x.to(device)), group)
+    if isinstance(result, Tensor):
+        return result.to(x.device)
+    return [r.to(x.device) for r in result]
+
+
+def _all_reduce(x: Tensor, what: str, group: dist.ProcessGroup | None) -> Tensor:
+    """The sum of every rank's ``x`` (``x`` itself may be overwritten: pass a copy)."""
+
+    def op(t: Tensor) -> Tensor:
+        dist.all_reduce(t, group=group)
+        return t
+
+    return _collective(what, x, op, group)
+
+
+def _all_gather(x: Tensor, what: str, group: dist.ProcessGroup | None) -> list[Tensor]:
+    """Every rank's ``x`` (the same shape on every rank), in rank order."""
+
+    def op(t: Tensor) -> list[Tensor]:
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, t, group=group)
+        return out
+
+    return _collective(what, x, op, group)
+
+
+def _broadcast(x: Tensor, what: str, group: dist.ProcessGroup | None) -> Tensor:
+    """Rank 0's ``x`` (``x`` of the same shape and dtype on the other ranks; it may be
+    overwritten)."""
+
+    def op(t: Tensor) -> Tensor:
+        dist.broadcast(t, src=0, group=group)
+        return t
+
+    return _collective(what, x, op, group)
+
+
 def _all_gather_rows(x: Tensor, group: dist.ProcessGroup | None, what: str) -> list[Tensor]:
     """Every rank's ``x``, in rank order; the row counts may differ between ranks."""
     if x.ndim == 0 or x.ndim > _MAX_DIMS:
         raise ValueError(f"{what}: needs a tensor with 1 to {_MAX_DIMS} dims, got {tuple(x.shape)}")
-    world = dist.get_world_size(group)
     # Shapes first, so that rows can be padded to the longest and a mismatch fails on every
     # rank alike (a ValueError on one rank only would leave the others waiting).
-    shape = torch.full((_MAX_DIMS,), -1, dtype=torch.int64, device=x.device)
+    shape = torch.full((_MAX_DIMS,), -1, dtype=torch.int64)
     shape[: x.ndim] = torch.tensor(x.shape, dtype=torch.int64)
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    _run(
-        f"{what} (all_gather of shapes)", lambda: dist.all_gather(shapes, shape, group=group), group
-    )
+    shapes = _all_gather(shape, f"{what} (all_gather of shapes)", group)
     dims = [[int(v) for v in s.tolist() if v >= 0] for s in shapes]
     if any(d[1:] != list(x.shape[1:]) for d in dims):
         raise ValueError(f"{what}: the ranks' tensors differ beyond the first dimension: {dims}")
@@ -169,8 +224,7 @@ def _all_gather_rows(x: Tensor, group: dist.ProcessGroup | None, what: str) -> l
     longest = max(rows)
     if send.shape[0] < longest:
         send = torch.cat([send, send.new_zeros((longest - send.shape[0], *send.shape[1:]))])
-    out = [torch.empty_like(send) for _ in range(world)]
-    _run(f"{what} (all_gather)", lambda: dist.all_gather(out, send, group=group), group)
+    out = _all_gather(send, f"{what} (all_gather)", group)
     return [o[:n].to(x.dtype) for o, n in zip(out, rows, strict=True)]
 
 
@@ -188,12 +242,8 @@ class _GatherWithGrad(Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        total = grad.contiguous().clone()
-        _run(
-            "gather_with_grad backward (all_reduce)",
-            lambda: dist.all_reduce(total, group=ctx.group),
-            ctx.group,
-        )
+        total = _all_reduce(grad.contiguous().clone(), "gather_with_grad backward (all_reduce)",
+                            ctx.group)
         start = sum(ctx.rows[: ctx.rank])
         return total[start : start + ctx.rows[ctx.rank]], None
 
@@ -232,11 +282,7 @@ def average_gradients(
     has_grad = torch.tensor(
         [p.grad is not None for p in params], dtype=torch.float32, device=device
     )
-    _run(
-        "average_gradients (all_reduce of flags)",
-        lambda: dist.all_reduce(has_grad, group=group),
-        group,
-    )
+    has_grad = _all_reduce(has_grad, "average_gradients (all_reduce of flags)", group)
     used = [p for p, flag in zip(params, has_grad.tolist(), strict=True) if flag > 0]
     for p in used:
         if p.grad is None:
@@ -247,24 +293,14 @@ def average_gradients(
     world = dist.get_world_size(group)
     for (dtype, dev), bucket in buckets.items():
         flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        _run(
-            f"average_gradients (all_reduce of {flat.numel()} {dtype} on {dev})",
-            lambda flat=flat: dist.all_reduce(flat, group=group),
-            group,
-        )
+        flat = _all_reduce(flat, f"average_gradients (all_reduce of {flat.numel()} {dtype} "
+                                 f"on {dev})", group)
         flat /= world
         offset = 0
         for p in bucket:
             n = p.grad.numel()
             p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
-
-
-def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where small bookkeeping tensors must live: NCCL reduces CUDA tensors only."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def broadcast_parameters(
@@ -275,18 +311,15 @@ def broadcast_parameters(
     if not is_distributed(group):
         return
     for i, p in enumerate(parameters):
-        _run(
-            f"broadcast_parameters (parameter {i}, shape {tuple(p.shape)})",
-            lambda p=p: dist.broadcast(p.data, src=0, group=group),
-            group,
-        )
+        value = _broadcast(p.data, f"broadcast_parameters (parameter {i}, shape "
+                                   f"{tuple(p.shape)})", group)
+        if value is not p.data:  # it went through another device
+            p.data.copy_(value)
 
 
 def _sum_flag(value: float, what: str, group: dist.ProcessGroup | None) -> float:
     """The sum over the ranks of one number: the bookkeeping collective of barrier and agree."""
-    flag = torch.tensor([value], device=_collective_device(group))
-    _run(what, lambda: dist.all_reduce(flag, group=group), group)
-    return float(flag.item())
+    return float(_all_reduce(torch.tensor([value]), what, group).item())
 
 
 def barrier(what: str, group: dist.ProcessGroup | None = None) -> None:
@@ -311,31 +344,29 @@ def mean_across_ranks(x: Tensor, group: dist.ProcessGroup | None = None) -> Tens
     that each rank holds a part of, such as the local loss."""
     if not is_distributed(group):
         return x
-    total = x.detach().clone()
-    _run("mean_across_ranks (all_reduce)", lambda: dist.all_reduce(total, group=group), group)
+    total = _all_reduce(x.detach().clone(), "mean_across_ranks (all_reduce)", group)
     return total / world_size(group)
 
 
-def broadcast_tensor(x: Tensor | None, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Rank 0's tensor on every rank (``x`` is ignored elsewhere and may be None): a plan
-    that rank 0 computed alone. Its shape and dtype (int64 or float32) travel first."""
+def broadcast_tensor(x: Tensor | None, group: dist.ProcessGroup | None = None, *,
+                     device: torch.device | str = "cpu") -> Tensor:
+    """Rank 0's tensor on every rank, on ``device`` (``x`` is ignored elsewhere and may be
+    None): a plan that rank 0 computed alone. Its shape and dtype (int64 or float32) travel
+    first."""
     if not is_distributed(group):
         if x is None:
             raise ValueError("broadcast_tensor: rank 0 must give a tensor")
-        return x
-    device = _collective_device(group)
-    head = torch.full((_MAX_DIMS + 1,), -1, dtype=torch.int64, device=device)
+        return x.to(device)
+    head = torch.full((_MAX_DIMS + 1,), -1, dtype=torch.int64)
     if rank(group) == 0:
         if x is None or x.dtype not in (torch.int64, torch.float32) or x.ndim > _MAX_DIMS:
             raise ValueError("broadcast_tensor: rank 0 must give an int64 or float32 tensor "
                              f"of at most {_MAX_DIMS} dims")
         head[0] = 0 if x.dtype == torch.int64 else 1
         head[1 : x.ndim + 1] = torch.tensor(x.shape, dtype=torch.int64)
-    _run("broadcast_tensor (shape)", lambda: dist.broadcast(head, src=0, group=group), group)
+    head = _broadcast(head, "broadcast_tensor (shape)", group)
     shape = [int(v) for v in head[1:].tolist() if v >= 0]
     dtype = torch.int64 if int(head[0]) == 0 else torch.float32
-    out = x.to(device).contiguous() if rank(group) == 0 and x is not None else \
+    value = x.to(device).contiguous() if rank(group) == 0 and x is not None else \
         torch.empty(shape, dtype=dtype, device=device)
-    _run("broadcast_tensor", lambda: dist.broadcast(out, src=0, group=group), group)
-    return out
-
+    return _broadcast(value, "broadcast_tensor", group)
