@@ -6,8 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .batching.distributed import DistributedInfo
 
 
 def _add_overrides(p: argparse.ArgumentParser, what: str) -> None:
@@ -132,6 +136,13 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                         "collective, and while rank 0 evaluates) before it fails")
 
 
+def rank_overrides(info: DistributedInfo) -> list[str]:
+    """The config values each rank sets for itself: under NCCL its own GPU (``cuda:LOCAL_RANK``).
+    A resume does not compare them (:data:`~batchscale.training.config.PER_RANK_KEYS`), so
+    that ranks with different devices resume the run that rank 0 wrote."""
+    return [f"train.device={info.device}"] if info.backend == "nccl" else []
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from .batching.distributed import (
         CollectiveError,
@@ -149,9 +160,7 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         # Under torchrun: join the process group (a no-op for one plain process).
         info = init_distributed(timeout_s=args.dist_timeout)
-        overrides = list(args.overrides)
-        if info.backend == "nccl":
-            overrides.append(f"train.device={info.device}")
+        overrides = list(args.overrides) + rank_overrides(info)
         config = load_config(args.config, overrides)
         result = train_run(config, args.out, resume=args.resume,
                            show_progress=not args.no_progress)

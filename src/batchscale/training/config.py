@@ -408,3 +408,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+#: Keys that each rank sets for itself (the CLI gives each NCCL rank ``cuda:LOCAL_RANK``)
+#: and that a resume may change: they do not make a run another run.
+PER_RANK_KEYS: tuple[tuple[str, str], ...] = (("train", "device"),)
+
+
+def run_identity(dumped: str) -> Any:
+    """A dumped config (:func:`dump_config`) as the data that decides whether a resume
+    continues the same run: everything but :data:`PER_RANK_KEYS`."""
+    data = yaml.safe_load(dumped)
+    for section, key in PER_RANK_KEYS:
+        if isinstance(data, dict) and isinstance(data.get(section), dict):
+            data[section].pop(key, None)
+    return data

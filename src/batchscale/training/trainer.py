@@ -60,7 +60,7 @@ from .checkpoint import (
     write_state,
 )
 from .composition import BatchComposition, budgeted
-from .config import RunConfig, dump_config, term_key
+from .config import RunConfig, dump_config, run_identity, term_key
 from .examples import TrainingSet
 from .objective import Objective
 from .schedule import log_points, next_point, scaled_lr, warmup_linear, warmup_steps
@@ -425,12 +425,7 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.out / CHECKPOINTS)
-        assert ckpt is not None  # checked by _check_start
-        saved = (self.out / CONFIG).read_text(encoding="utf-8")
-        if saved != dump_config(self.config):
-            raise RunDirectoryError(
-                f"{self.out / CONFIG}: the run was started with another config; resume with "
-                "the same config (and --set values), or train into a new --out")
+        assert ckpt is not None  # checked by _check_start, with the config
         state = read_state(ckpt)
         loaded = SentenceEncoder.load(ckpt / "model", device=self.encoder.device)
         self.encoder.load_state_dict(loaded.state_dict())
@@ -480,6 +475,12 @@ class Trainer:
         if resume:
             if latest_checkpoint(self.out / CHECKPOINTS) is None:
                 raise RunDirectoryError(f"{self.out}: no checkpoint to resume from")
+            # Checked on every rank before they agree; a rank's own device does not count.
+            saved = (self.out / CONFIG).read_text(encoding="utf-8")
+            if run_identity(saved) != run_identity(dump_config(self.config)):
+                raise RunDirectoryError(
+                    f"{self.out / CONFIG}: the run was started with another config; resume "
+                    "with the same config (and --set values), or train into a new --out")
             return
         if latest_checkpoint(self.out / CHECKPOINTS) is not None or (self.out / CURVE).exists():
             raise RunDirectoryError(f"{self.out}: holds a run already; pass --resume to "
