@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_temperature
@@ -39,6 +40,17 @@ def resolve_tile(caller: str, tile_size: TileSize, rows: int, cols: int,
     return tile_size
 
 
+#: Embedding dtypes the loss computes in float32: half precision rounds a cosine of 0.9999
+#: to 1 (WEINCE's log(1 - s) becomes -inf) and its logits s / tau to steps of 2^-8 s / tau.
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def loss_precision(x: object) -> object:
+    """``x`` in float32 when it is a half-precision tensor (the cast passes the gradient
+    back in ``x``'s dtype), else ``x`` itself."""
+    return x.float() if isinstance(x, Tensor) and x.dtype in _HALF else x
+
+
 def pair_loss(caller: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
               directions: Directions, normalization: Normalization,
               hard_negatives: Tensor | None, labels: object, label_threshold: float | None,
@@ -46,7 +58,34 @@ def pair_loss(caller: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
               policy: LogitPolicy = PLAIN_LOGITS, softmax_batch: int | None = None
               ) -> tuple[Tensor, list[WeinceLambda]]:
     """Validate, prepare and compute a batch-softmax pair loss; with ``softmax_batch`` N < m,
-    the mean of the losses of its blocks of N pairs (:mod:`~batchscale.losses.blocks`)."""
+    the mean of the losses of its blocks of N pairs (:mod:`~batchscale.losses.blocks`).
+
+    The similarities and logits are computed in float32 for half-precision embeddings and
+    with autocast off (a trainer or sentence-transformers under fp16 / bf16), on the dense
+    path as on the tiled one, so the precision does not depend on the batch size."""
+    if not isinstance(q, Tensor) or not torch.amp.is_autocast_available(q.device.type):
+        # (not a tensor: the checks below name the bad argument)
+        return _pair_loss(caller, q, a, temperature, directions=directions,
+                          normalization=normalization, hard_negatives=hard_negatives,
+                          labels=labels, label_threshold=label_threshold,
+                          query_ids=query_ids, answer_ids=answer_ids, tile_size=tile_size,
+                          policy=policy, softmax_batch=softmax_batch)
+    with torch.autocast(q.device.type, enabled=False):
+        return _pair_loss(caller, loss_precision(q), loss_precision(a), temperature,
+                          directions=directions, normalization=normalization,
+                          hard_negatives=loss_precision(hard_negatives), labels=labels,
+                          label_threshold=label_threshold, query_ids=query_ids,
+                          answer_ids=answer_ids, tile_size=tile_size, policy=policy,
+                          softmax_batch=softmax_batch)
+
+
+def _pair_loss(caller: str, q: Tensor, a: Tensor, temperature: float | Tensor, *,
+               directions: Directions, normalization: Normalization,
+               hard_negatives: Tensor | None, labels: object, label_threshold: float | None,
+               query_ids: object, answer_ids: object, tile_size: TileSize,
+               policy: LogitPolicy, softmax_batch: int | None
+               ) -> tuple[Tensor, list[WeinceLambda]]:
+    """:func:`pair_loss` in the embeddings' dtype, autocast as the caller left it."""
     check_temperature(caller, temperature)
     check_choice(caller, "directions", directions, DIRECTIONS)
     n = block_size(caller, softmax_batch, q.shape[0] if isinstance(q, Tensor) else 0)
