@@ -64,6 +64,7 @@ from .config import RunConfig, dump_config, run_identity, term_key
 from .examples import TrainingSet
 from .objective import Objective
 from .schedule import log_points, next_point, scaled_lr, warmup_linear, warmup_steps
+from .sparse import LazyAdamW, clip_gradients
 
 Evaluator = Callable[[SentenceEncoder], dict[str, Any]]
 
@@ -204,6 +205,8 @@ class Trainer:
         self.lr = scaled_lr(config.optim.lr, t.batch_size, config.optim.reference_batch_size,
                             config.optim.lr_scaling)
         self.optimizer = self._optimizer()
+        # A static encoder's steps look token ids up instead of tokenising (one pass here).
+        encoder.cache_texts(text for column in data.columns for text in column)
         warm = warmup_steps(self.total_steps, config.optim.warmup)
         total = self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -228,12 +231,26 @@ class Trainer:
                                         {"params": no_decay, "weight_decay": 0.0}]
         groups += self.objective.param_groups()
         groups = [g for g in groups if g["params"]]
+        if o.sparse:
+            return self._sparse_optimizer(groups)
         # The fused kernel: one pass over each parameter, ~10x faster than the per-tensor
         # loop on a CPU for a large embedding matrix (a static encoder's 30k x 384).
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                     for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=self.lr, betas=o.betas, eps=o.eps,
                                  fused=fused or None)
+
+    def _sparse_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """``optim.sparse``: the static encoder's sparse gradients and lazy AdamW."""
+        if not self.encoder.is_static:
+            raise ValueError(f"optim.sparse: needs a static encoder (model.name: static:...), "
+                             f"got {self.config.model.name!r}; set optim.sparse: false")
+        if self.world > 1:
+            raise ValueError("optim.sparse: sparse gradients are not averaged across ranks; "
+                             "set optim.sparse: false under torchrun")
+        self.encoder.sparse_gradients = True
+        o = self.config.optim
+        return LazyAdamW(groups, lr=self.lr, betas=o.betas, eps=o.eps)
 
     @property
     def parameters(self) -> list[Tensor]:
@@ -259,7 +276,7 @@ class Trainer:
                   indices: list[int] | None = None) -> float:
         """Loss of the batch; its gradients accumulated into ``.grad`` (averaged over ranks).
         Under the local loss each rank holds part of the loss: the mean over ranks is it."""
-        features = [self.encoder.tokenize(texts) for texts in sides]
+        features = [self.encoder.training_features(texts) for texts in sides]
         if labels is not None:
             labels = labels.to(self.encoder.device)
         gc = self.config.train.gradient_cache
@@ -293,8 +310,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._backward(sides, labels, indices)  # the examples, for a per-example state
         max_norm = self.config.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters,
-                                              max_norm if max_norm is not None else math.inf)
+        norm = clip_gradients(self.parameters, max_norm)  # sparse gradients too
         self._check_finite("the gradient norm", norm)
         self.optimizer.step()
         self.scheduler.step()
