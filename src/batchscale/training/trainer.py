@@ -62,7 +62,7 @@ from .checkpoint import (
 from .composition import BatchComposition, budgeted
 from .config import RunConfig, dump_config, run_identity, term_key
 from .examples import TrainingSet
-from .objective import Objective
+from .objective import FalseNegativeIds, Objective
 from .schedule import log_points, next_point, scaled_lr, warmup_linear, warmup_steps
 from .sparse import LazyAdamW, clip_gradients
 
@@ -268,11 +268,13 @@ class Trainer:
         return emb.float()
 
     def _objective(self, embeddings: list[Tensor], labels: Tensor | None,
+                   ids: FalseNegativeIds | None = None,
                    indices: list[int] | None = None) -> Tensor:
         self.composition.observe(embeddings)
-        return self.objective(embeddings, labels, indices=indices)
+        return self.objective(embeddings, labels, ids, indices=indices)
 
     def _backward(self, sides: list[list[str]], labels: Tensor | None,
+                  ids: FalseNegativeIds | None = None,
                   indices: list[int] | None = None) -> float:
         """Loss of the batch; its gradients accumulated into ``.grad`` (averaged over ranks).
         Under the local loss each rank holds part of the loss: the mean over ranks is it."""
@@ -283,11 +285,11 @@ class Trainer:
         if gc is not None:
             chunk = gc.chunk_size if gc.chunk_size or gc.max_tokens else 32
             loss = cached_backward(self._encode, features,
-                                   lambda *embs: self._objective(list(embs), labels, indices),
+                                   lambda *embs: self._objective(list(embs), labels, ids, indices),
                                    chunk_size=None if gc.max_tokens else chunk,
                                    max_tokens=gc.max_tokens, sort_by_length=gc.sort_by_length)
         else:
-            loss = self._objective([self._encode(f) for f in features], labels, indices)
+            loss = self._objective([self._encode(f) for f in features], labels, ids, indices)
             loss.backward()
         loss = mean_across_ranks(loss.detach())
         self._check_finite("the loss", loss)  # the same value on every rank: all stop
@@ -308,7 +310,8 @@ class Trainer:
     def _step(self, indices: list[int]) -> float:
         sides, labels = self.data.batch(indices)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._backward(sides, labels, indices)  # the examples, for a per-example state
+        loss = self._backward(sides, labels, self.composition.false_negative_ids(indices),
+                              indices)  # the examples' ids for a per-example loss state
         max_norm = self.config.optim.max_grad_norm
         norm = clip_gradients(self.parameters, max_norm)  # sparse gradients too
         self._check_finite("the gradient norm", norm)
