@@ -34,7 +34,7 @@ and 3 around the Trainer's own backward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -45,6 +45,7 @@ from .chunking import Chunk, Inputs, batch_rows, check_rule, split_inputs
 from .rng_state import RngState
 
 Encoder = Callable[[dict[str, Tensor]], Tensor]
+Devices = Iterable[torch.device | str]
 SideInputs = Inputs | Sequence[Inputs]
 NoSync = Callable[[], AbstractContextManager[object]]
 
@@ -176,13 +177,28 @@ class CachedEncoding:
                 torch.autograd.backward(emb, grad.index_select(0, chunk.index.to(grad.device)))
 
 
-def encode_chunks(encode: Encoder, chunks: list[Chunk]) -> CachedEncoding:
+def rng_devices(chunks: Sequence[Chunk], devices: Devices | None = None) -> list[torch.device]:
+    """The devices whose generators a chunk's encoding may draw from: ``devices`` when given
+    (the encoder's, when its inputs stay on the host), else the chunks' own devices and the
+    current CUDA device once CUDA is in use (where a module moves host inputs by default)."""
+    if devices is not None:
+        return [torch.device(d) for d in devices]
+    out = {v.device for c in chunks for v in c.inputs.values() if isinstance(v, Tensor)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out.add(torch.device("cuda", torch.cuda.current_device()))
+    return sorted(out, key=str)
+
+
+def encode_chunks(encode: Encoder, chunks: list[Chunk], *,
+                  devices: Devices | None = None) -> CachedEncoding:
     """Step 1 for chunks already split: ``encode`` each without a graph, capturing the RNG
-    state before it (what the replay needs to draw the same dropout masks)."""
+    state before it (what the replay needs to draw the same dropout masks): the CPU's and
+    that of the CUDA devices of :func:`rng_devices`."""
     states, embeddings = [], []
+    where = rng_devices(chunks, devices)
     with torch.no_grad():
         for chunk in chunks:
-            states.append(RngState.capture())
+            states.append(RngState.capture(where))
             embeddings.append(_encode(encode, chunk))
     return CachedEncoding(encode, chunks, states, _in_batch_order(chunks, embeddings))
 
@@ -195,11 +211,12 @@ def cached_encode(
     max_tokens: int | None = None,
     sort_by_length: bool = False,
     name: str = "features",
+    devices: Devices | None = None,
 ) -> CachedEncoding:
     """Step 1 for one side: :func:`split_side` then :func:`encode_chunks`."""
     chunks = split_side(features, chunk_size=chunk_size, max_tokens=max_tokens,
                         sort_by_length=sort_by_length, name=name)
-    return encode_chunks(encode, chunks)
+    return encode_chunks(encode, chunks, devices=devices)
 
 
 def replay_all(
@@ -242,6 +259,7 @@ def cached_backward(
     max_tokens: int | None = None,
     sort_by_length: bool = False,
     no_sync: NoSync | None = None,
+    devices: Devices | None = None,
 ) -> Tensor:
     """Compute ``loss_fn(*embeddings)`` over the whole batch and accumulate its exact parameter
     gradients into ``.grad``, encoding one chunk at a time; returns the loss, detached.
@@ -261,6 +279,8 @@ def cached_backward(
         max_tokens: padded tokens per chunk (rows x longest row), examples sorted by length.
         no_sync: a context factory under which every re-encoding but the last runs, e.g.
             ``ddp_model.no_sync`` so that DistributedDataParallel reduces the gradients once.
+        devices: the devices the encoder draws random numbers on (its dropout), whose
+            generators each chunk's replay restores; default: see :func:`rng_devices`.
 
     Without gradients enabled (evaluation) only steps 1 and 2's loss are computed.
     """
@@ -283,7 +303,7 @@ def cached_backward(
 
     # Step 1: embeddings without a graph, the RNG state saved before each chunk.
     encodings = [
-        encode_chunks(checked_encoder(enc, name), side_chunks)
+        encode_chunks(checked_encoder(enc, name), side_chunks, devices=devices)
         for enc, side_chunks, name in zip(encoders, chunks, names, strict=True)
     ]
     leaves = [e.embeddings for e in encodings]
