@@ -5,8 +5,9 @@ Gradient convention (the one of DistributedDataParallel and of OpenCLIP's ``Clip
 ``local_loss=True, gather_with_grad=True``, open_clip/loss.py, Ilharco et al. 2021):
 :func:`gather_with_grad` is the exact adjoint of an all-gather, so its backward SUMS over the
 ranks each rank's gradient with respect to this rank's rows (a reduce-scatter). Each rank then
-holds part of the gradient, and the gradients are AVERAGED across ranks
-(:func:`average_gradients`, or DDP). Two designs are exact under this convention:
+holds part of the gradient, and the gradients are AVERAGED across ranks (DDP,
+:func:`data_parallel`; or :func:`average_gradients`). Two designs are exact under this
+convention:
 
 * global loss (what :func:`~batchscale.batching.distributed_loss.gathered_pair_loss` does):
   every rank computes the same full-batch loss L on the gathered embeddings; the backward
@@ -301,6 +302,34 @@ def average_gradients(
             n = p.grad.numel()
             p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
+
+
+def data_parallel(module: torch.nn.Module, *, find_unused_parameters: bool,
+                  group: dist.ProcessGroup | None = None) -> torch.nn.Module:
+    """``module`` under torch's DistributedDataParallel when distributed, else ``module``.
+
+    DDP averages the gradients bucket by bucket while the backward still runs (rank 0's
+    weights are copied to every rank at construction). It needs the trainable parameters on
+    the group's collective device (gloo: CPU, NCCL: the rank's GPU); a module held elsewhere
+    (a static encoder kept on the CPU under NCCL) is returned as it is, and its gradients go
+    through :func:`average_gradients`. Buffers are not re-broadcast before each forward:
+    the encoders' buffers are constants, and a rank's number of forwards per step may differ
+    (the gradient cache's chunks), which a per-forward collective would not survive.
+    ``find_unused_parameters``: a module with parameters that get no gradient (a
+    transformer's pooler, which sentence-transformers' pooling does not read).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not is_distributed(group):
+        return module
+    device = _collective_device(group)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    if not trained or any(p.device != device or p.is_sparse for p in trained):
+        return module
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=group, find_unused_parameters=find_unused_parameters,
+        forward_sync_buffers=False)
 
 
 def broadcast_parameters(

@@ -14,7 +14,14 @@ Under ``torchrun`` (a process group is up, :func:`~batchscale.batching.init_dist
 each rank trains on its share of every global batch (the sampler shards it), the objective
 takes the negatives from every rank (``train.distributed_loss``: OpenCLIP's local loss or the
 global one, see :class:`~batchscale.training.Objective`) and the gradients are averaged, so
-the run equals one process on the whole batch.
+the run equals one process on the whole batch. The encoder's gradients are averaged by torch's
+DistributedDataParallel (:func:`~batchscale.batching.distributed.data_parallel`: bucketed,
+overlapped with the backward), which reduces once per step: every forward but the step's
+last runs under ``no_sync`` (the sides of the plain path; the gradient cache's re-encodings).
+The objective's parameters (a learnable temperature), which DDP does not hold, are averaged by
+one explicit all-reduce after the backward; so is an encoder that DDP cannot take (held off
+the collective device, e.g. a static encoder on the CPU under NCCL). Checkpoints and the
+selected model hold the plain encoder's weights.
 ``train.batch_size`` is the global batch. Rank 0 alone evaluates, writes the curve, the
 selected model and the checkpoints (with every rank's random state); every rank resumes from
 them.
@@ -28,13 +35,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from ..batching import cached_backward
 from ..batching.distributed import (
@@ -42,6 +50,7 @@ from ..batching.distributed import (
     average_gradients,
     barrier,
     broadcast_parameters,
+    data_parallel,
     gather_rows,
     mean_across_ranks,
     rank,
@@ -217,7 +226,13 @@ class Trainer:
                                        e.align_points)
                             if e.schedule == "log" else None)
         self._tensorboard = None
-        broadcast_parameters(self.parameters)
+        # The module the steps call: DDP over the encoder under torchrun (it copies rank 0's
+        # weights to every rank), the encoder itself in one process. A transformer's pooler
+        # gets no gradient from sentence-transformers' pooling: DDP must look for it.
+        self.model = data_parallel(encoder, find_unused_parameters=not encoder.is_static)
+        in_ddp = {id(p) for p in self.model.parameters()} if self.ddp else set()
+        self._explicit = [p for p in self.parameters if id(p) not in in_ddp]
+        broadcast_parameters(self._explicit)
 
     # -- set-up -----------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -256,6 +271,15 @@ class Trainer:
     def parameters(self) -> list[Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    @property
+    def ddp(self) -> bool:
+        """Whether DistributedDataParallel averages the encoder's gradients."""
+        return isinstance(self.model, DistributedDataParallel)
+
+    def _no_sync(self) -> Callable[[], AbstractContextManager[object]] | None:
+        """The context under which a forward leaves DDP's reduction for a later one."""
+        return self.model.no_sync if self.ddp else None
+
     # -- one step ---------------------------------------------------------------------------
     def _autocast(self):
         if not self.config.train.bf16:
@@ -264,8 +288,19 @@ class Trainer:
 
     def _encode(self, features: dict[str, Tensor]) -> Tensor:
         with self._autocast():
-            emb = self.encoder(features)
+            emb = self.model(features)
         return emb.float()
+
+    def _encode_sides(self, features: list[dict[str, Tensor]]) -> list[Tensor]:
+        """Each side's embeddings with a graph; under DDP only the last side's forward
+        prepares the reduction (the one backward then reduces every side's gradient once)."""
+        no_sync = self._no_sync()
+        last = len(features) - 1
+        out = []
+        for i, f in enumerate(features):
+            with nullcontext() if no_sync is None or i == last else no_sync():
+                out.append(self._encode(f))
+        return out
 
     def _objective(self, embeddings: list[Tensor], labels: Tensor | None,
                    ids: FalseNegativeIds | None = None,
@@ -287,13 +322,14 @@ class Trainer:
             loss = cached_backward(self._encode, features,
                                    lambda *embs: self._objective(list(embs), labels, ids, indices),
                                    chunk_size=None if gc.max_tokens else chunk,
-                                   max_tokens=gc.max_tokens, sort_by_length=gc.sort_by_length)
+                                   max_tokens=gc.max_tokens, sort_by_length=gc.sort_by_length,
+                                   no_sync=self._no_sync(), devices=[self.encoder.device])
         else:
-            loss = self._objective([self._encode(f) for f in features], labels, ids, indices)
+            loss = self._objective(self._encode_sides(features), labels, ids, indices)
             loss.backward()
         loss = mean_across_ranks(loss.detach())
         self._check_finite("the loss", loss)  # the same value on every rank: all stop
-        average_gradients(self.parameters)
+        average_gradients(self._explicit)  # what DDP does not hold (all of it without DDP)
         return float(loss)
 
     def _check_finite(self, what: str, value: Tensor) -> None:
