@@ -5,6 +5,7 @@ over candidates, share the same maths."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -190,11 +191,13 @@ class WeinceMixture:
 
     def _shortfall_u(self, sims: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """u = 1 - min(s, 1 - eps), and where it was clamped (None: nowhere)."""
-        floor = 1.0 - torch.tensor(1.0 - self.config.eps, dtype=sims.dtype).item()
+        floor = _clamp_floor(self.config.eps, sims.dtype)
         # u = max(1 - s, 1 - (1 - eps)) exactly: 1 - s is exact for s >= 1/2 (Sterbenz), and
         # below that both sides round the same 1 - s. So u == floor marks exactly the clamped
         # entries, where the log term has no gradient.
         u = torch.sub(sims.new_ones(()), sims, out=out).clamp_min_(floor)
+        if not host_reads_are_free(sims.device):  # no read per tile: the device would idle
+            return u, u <= floor
         # Clamped entries are rare (s within eps of 1: duplicates); a min is a single pass
         # where a bool mask and its any() make two and a buffer (benchmarks/README.md).
         return u, (u <= floor) if bool(u.amin() <= floor) else None
@@ -218,6 +221,18 @@ class WeinceMixture:
     def logits(self, sims: Tensor, state: RowState, temperature: Tensor
                ) -> LogitBlock:
         return _block(self, sims, state, temperature)
+
+
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs no more than the read: on the CPU
+    it waits for nothing; on a GPU it waits for every kernel queued before it."""
+    return device.type == "cpu"
+
+
+@functools.cache
+def _clamp_floor(eps: float, dtype: torch.dtype) -> float:
+    """1 - (1 - eps) rounded as ``dtype`` rounds it: the smallest shortfall u."""
+    return 1.0 - torch.tensor(1.0 - eps, dtype=dtype).item()
 
 
 def gather_anchors_of(policy: LogitPolicy) -> AnchorPool | None:

@@ -20,6 +20,15 @@ def blocks(total: int, tile: int) -> list[slice]:
     return [slice(start, min(start + tile, total)) for start in range(0, total, tile)]
 
 
+def nonnegative_blocks(values: Tensor, tile: int) -> list[bool]:
+    """Whether each block of ``values`` that :func:`blocks` cuts holds no negative entry, in
+    one host read for all of them: read inside a tile loop, each block's answer would wait
+    for the device to finish the tiles before it."""
+    ok = values.reshape(-1) >= 0
+    ok = torch.cat([ok, ok.new_ones(-ok.numel() % tile)])
+    return ok.reshape(-1, tile).all(dim=1).tolist()
+
+
 def diagonal(rows: slice, cols: slice, device: torch.device
              ) -> tuple[Tensor, Tensor, Tensor] | None:
     """(global index, row offset, column offset) of the entries i == j inside a tile."""

@@ -36,13 +36,13 @@ __all__ = ["DEFAULT_TILE", "tiled_batch_softmax_loss"]
 
 def _grad_of_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | None,
                     mask: Tensor | None, lse: Tensor, grad: Tensor,
-                    diag: tuple[Tensor, Tensor] | None, anchors: Tensor | None) -> Tensor:
+                    diag: tuple[Tensor, Tensor] | None, anchors: Tensor | None,
+                    fold: bool) -> Tensor:
     """dL/dg = grad * (softmax - onehot(positive)) of a block; ``lse`` and ``grad`` broadcast
     along the anchors' dimension, ``anchors`` indexes them at the ``diag`` entries.
 
-    With grad >= 0 (a loss being minimised) grad * e^{g - lse} = e^{g - lse + log grad}: the
-    scaling rides on the bias of the logits instead of a pass of its own."""
-    fold = bool((grad >= 0).all())
+    With grad >= 0 (``fold``: a loss being minimised) grad * e^{g - lse} = e^{g - lse + log
+    grad}: the scaling rides on the bias of the logits instead of a pass of its own."""
     bias = grad.log() - lse if fold else -lse
     g = tile_plan.masked_(mixed_logits(sims, coef, shortfall, bias), mask).exp_()
     if not fold:
@@ -54,9 +54,11 @@ def _grad_of_logits(sims: Tensor, coef: Coefficients, shortfall: Shortfall | Non
 
 def _direction_grad(sims: Tensor, shortfall: Shortfall | None, state: DirectionState,
                     anchors: slice, dim: int, mask: Tensor | None, grad: Tensor,
-                    diag: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Coefficients]:
+                    diag: tuple[Tensor, Tensor, Tensor] | None,
+                    fold: bool) -> tuple[Tensor, Coefficients]:
     """dL/dg of one direction over a block whose anchors ``anchors`` lie along ``dim`` (0:
-    rows, L0; 1: columns, L1), and the anchors' logit coefficients."""
+    rows, L0; 1: columns, L1), and the anchors' logit coefficients; ``fold``: the anchors'
+    grad >= 0 (:func:`_grad_of_logits`)."""
 
     def along(x: Tensor) -> Tensor:
         return x[anchors, None] if dim == 0 else x[None, anchors]
@@ -64,7 +66,7 @@ def _direction_grad(sims: Tensor, shortfall: Shortfall | None, state: DirectionS
     coef = state.coef.part(anchors, dim)
     g = _grad_of_logits(sims, coef, shortfall, mask, along(state.lse), along(grad),
                         None if diag is None else diag[1:],
-                        None if diag is None else diag[1 + dim])
+                        None if diag is None else diag[1 + dim], fold)
     return g, coef
 
 
@@ -101,6 +103,9 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
         m, n = q.shape[0], candidates.shape[0]
         grad_q, grad_c = torch.zeros_like(q), torch.zeros_like(candidates)
         tau_term = q.new_zeros(())          # sum of dL/dg * tau_weight * s
+        # Each block's sign test, read once before the loop (no host sync inside it).
+        fold_rows = tile_plan.nonnegative_blocks(grad_rows, plan.tile)
+        fold_cols = tile_plan.nonnegative_blocks(grad_cols, plan.tile)
 
         for r in tile_plan.blocks(m, plan.tile):
             for c in tile_plan.blocks(n, plan.tile):
@@ -109,7 +114,7 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
                 # log(1 - s) and 1 / (1 - s), once for both directions
                 shortfall = plan.policy.shortfall(sims, slope=True)
                 g, coef = _direction_grad(sims, shortfall, rows, r, 0, plan.row_mask(r, c),
-                                          grad_rows, diag)
+                                          grad_rows, diag, fold_rows[r.start // plan.tile])
                 if need_tau:
                     tau_term = tau_term + tile_plan.tau_sum(g, sims, coef, dim=1)
                 grad_sims = slope_product_(g, coef, shortfall)
@@ -121,7 +126,8 @@ class _TiledSoftmaxCrossEntropy(torch.autograd.Function):
                         shortfall.log[:, :size],
                         None if shortfall.inverse is None else shortfall.inverse[:, :size])
                     g, coef = _direction_grad(sub, part, cols, answers, 1,
-                                              plan.col_mask(answers, r), grad_cols, diag)
+                                              plan.col_mask(answers, r), grad_cols, diag,
+                                              fold_cols[answers.start // plan.tile])
                     if need_tau:
                         tau_term = tau_term + tile_plan.tau_sum(g, sub, coef, dim=0)
                     slope_product_(g, coef, part, out=grad_sims[:, :size])

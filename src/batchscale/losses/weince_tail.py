@@ -199,13 +199,16 @@ def fit_tail(top_negatives: Tensor, k: Tensor, cfg: WeinceConfig,
         cdf = r / (kf + 1.0)      # the empirical CDF; Weibull log F, Gumbel log(-log F)
         return torch.log(cdf), torch.log(-torch.log(cdf))
 
-    if rows > 0 and bool((k == k[0]).all()):
+    # One host read for the three numbers (each read waits for the device's queue).
+    uniform, drop0, k0 = (torch.stack([(k == k[0]).all().to(k.dtype), drop[0], k[0]]).tolist()
+                          if rows > 0 else (False, 0, 0))
+    if uniform:
         # Every anchor has the same k (no masks): the kept points are the same columns, and
         # one matmul gives sum x and both sum x y.
-        first, last = int(drop[0]), max(int(k[0]), int(drop[0]))
+        first, last = drop0, max(k0, drop0)
         x = shortfall_log(top_negatives.detach()[:, first:last])
         r = torch.arange(first + 1, last + 1, device=dev, dtype=torch.float64)
-        y_weibull, y_gumbel = responses(r, r.new_tensor(float(k[0])))
+        y_weibull, y_gumbel = responses(r, r.new_tensor(float(k0)))
         sums = x @ torch.stack([torch.ones_like(r), y_weibull, y_gumbel], dim=1)
         y_sums = [torch.stack([y.sum(), (y * y).sum()]) for y in (y_weibull, y_gumbel)]
     else:
