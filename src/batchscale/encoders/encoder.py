@@ -362,7 +362,9 @@ class SentenceEncoder(nn.Module):
         training mode): :meth:`tokenize`'s padded tensors or, for a static encoder, an
         embedding bag's ``input_ids`` and ``offsets``. ``features`` is not modified."""
         device = self.device
-        feats = {k: v.to(device) for k, v in features.items() if isinstance(v, Tensor)}
+        # (non_blocking: a copy from pinned memory does not wait; from pageable, as before)
+        feats = {k: v.to(device, non_blocking=True) for k, v in features.items()
+                 if isinstance(v, Tensor)}
         if self.is_static:
             if "offsets" not in feats:
                 mask = feats["attention_mask"].bool()

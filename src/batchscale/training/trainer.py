@@ -310,12 +310,13 @@ class Trainer:
 
     def _backward(self, sides: list[list[str]], labels: Tensor | None,
                   ids: FalseNegativeIds | None = None,
-                  indices: list[int] | None = None) -> float:
-        """Loss of the batch; its gradients accumulated into ``.grad`` (averaged over ranks).
-        Under the local loss each rank holds part of the loss: the mean over ranks is it."""
+                  indices: list[int] | None = None) -> Tensor:
+        """Loss of the batch (0-dim, on the device: not read here); its gradients
+        accumulated into ``.grad`` (averaged over ranks). Under the local loss each rank
+        holds part of the loss: the mean over ranks is it."""
         features = [self.encoder.training_features(texts) for texts in sides]
         if labels is not None:
-            labels = labels.to(self.encoder.device)
+            labels = self._to_device(labels)
         gc = self.config.train.gradient_cache
         if gc is not None:
             chunk = gc.chunk_size if gc.chunk_size or gc.max_tokens else 32
@@ -325,23 +326,36 @@ class Trainer:
                                    max_tokens=gc.max_tokens, sort_by_length=gc.sort_by_length,
                                    no_sync=self._no_sync(), devices=[self.encoder.device])
         else:
+            features = [{k: self._to_device(v) for k, v in f.items()} for f in features]
             loss = self._objective(self._encode_sides(features), labels, ids, indices)
             loss.backward()
-        loss = mean_across_ranks(loss.detach())
-        self._check_finite("the loss", loss)  # the same value on every rank: all stop
         average_gradients(self._explicit)  # what DDP does not hold (all of it without DDP)
-        return float(loss)
+        return mean_across_ranks(loss.detach())  # the same value on every rank
 
-    def _check_finite(self, what: str, value: Tensor) -> None:
-        if not bool(torch.isfinite(value).all()):
-            p = self.progress
-            last = latest_checkpoint(self.out / CHECKPOINTS)
-            raise TrainingDiverged(
-                f"step {p.step + 1} (after {p.examples} examples): {what} is "
-                f"{float(value.detach().float().reshape(-1)[0]) if value.numel() else value}; "
-                f"stopped before the optimiser step. The last good checkpoint is "
-                f"{last if last is not None else '(none yet)'}; lower optim.lr, set "
-                "optim.max_grad_norm or train.bf16: false and start again")
+    def _to_device(self, x: Tensor) -> Tensor:
+        """``x`` on the encoder's device; to a GPU from pinned memory, without waiting for
+        the copy (the gradient cache's chunks are copied by the encoder, from the host)."""
+        device = self.encoder.device
+        if device.type != "cuda" or x.device == device:
+            return x.to(device)
+        return x.pin_memory().to(device, non_blocking=True)
+
+    def _checked(self, loss: Tensor, norm: Tensor) -> float:
+        """The loss's value, read together with the gradient norm: the step's one host
+        read, before the optimiser step. A NaN or Inf in either stops the run (both are the
+        same on every rank, so every rank stops)."""
+        values = torch.stack([loss.detach().to(norm.device, torch.float64).reshape(()),
+                              norm.detach().to(torch.float64).reshape(())]).tolist()
+        for what, value in zip(("the loss", "the gradient norm"), values, strict=True):
+            if not math.isfinite(value):
+                p = self.progress
+                last = latest_checkpoint(self.out / CHECKPOINTS)
+                raise TrainingDiverged(
+                    f"step {p.step + 1} (after {p.examples} examples): {what} is {value}; "
+                    f"stopped before the optimiser step. The last good checkpoint is "
+                    f"{last if last is not None else '(none yet)'}; lower optim.lr, set "
+                    "optim.max_grad_norm or train.bf16: false and start again")
+        return values[0]
 
     def _step(self, indices: list[int]) -> float:
         sides, labels = self.data.batch(indices)
@@ -350,11 +364,11 @@ class Trainer:
                               indices)  # the examples' ids for a per-example loss state
         max_norm = self.config.optim.max_grad_norm
         norm = clip_gradients(self.parameters, max_norm)  # sparse gradients too
-        self._check_finite("the gradient norm", norm)
+        value = self._checked(loss, norm)
         self.optimizer.step()
         self.scheduler.step()
         self.objective.after_step()
-        return loss
+        return value
 
     # -- evaluation points ------------------------------------------------------------------
     def _point(self, started: float, bar) -> None:
