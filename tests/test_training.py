@@ -208,16 +208,16 @@ def test_nan_stops_with_the_step_named_and_the_checkpoint_intact(where, tiny_st_
     bad_step = 7  # the 7th optimiser step, after the point at 40 examples (step 5)
     original = Trainer._backward
 
-    def poisoned(self: Trainer, sides, labels):
+    def poisoned(self: Trainer, sides, labels, *rest):
         if self.progress.step + 1 == bad_step:
             if where == "loss":
                 objective = self.objective
                 clean = type(objective).forward
-                objective.forward = lambda embs, y: clean(objective, embs, y) * float("nan")
+                objective.forward = lambda *a, **k: clean(objective, *a, **k) * float("nan")
             else:
                 p = next(self.encoder.parameters())
                 p.register_hook(lambda g: torch.full_like(g, float("inf")))
-        return original(self, sides, labels)
+        return original(self, sides, labels, *rest)
 
     monkeypatch.setattr(Trainer, "_backward", poisoned)
     out = tmp_path / "run"
