@@ -103,9 +103,11 @@ def report(results: dict[tuple[str, int], dict[int, dict[str, float]]]) -> dict:
         seeds_b = sorted(set(mine) & set(same))
         d_same = paired_difference([mine[s]["test"] for s in seeds_b],
                                    [same[s]["test"] for s in seeds_b])
+        d_dev = paired_difference([mine[s]["dev"] for s in seeds], [ref[s]["dev"] for s in seeds])
         answers[b] = verdict(d)
-        print(f"  B = {b:>5}: SogCLR - InfoNCE@{large} {_diff(d)} -> {answers[b]}; "
-              f"SogCLR - InfoNCE@{b} {_diff(d_same)}")
+        print(f"  B = {b:>5}: test: SogCLR - InfoNCE@{large} {_diff(d)} -> {answers[b]}; "
+              f"SogCLR - InfoNCE@{b} {_diff(d_same)}; dev (selection): SogCLR - "
+              f"InfoNCE@{large} {_diff(d_dev)}")
     small = [b for b in batches if b < large]
     reached = [b for b in small if answers[b] == "reaches it"]
     short = [b for b in small if answers[b] == "falls short"]
