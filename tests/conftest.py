@@ -45,8 +45,11 @@ def build_tiny_bert(path: Path, *, hidden: int = 32, layers: int = 2, seed: int 
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(_vocab()) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True,
-                                  model_max_length=128)
+    # The vocabulary passed as a dict: transformers 5's BertTokenizerFast(vocab_file=...)
+    # builds a 5-token vocabulary (the specials), which turned every test word into [UNK].
+    vocab = {tok: i for i, tok in enumerate(_vocab())}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=128)
+    assert tokenizer.vocab_size == len(vocab), tokenizer.vocab_size
     tokenizer.save_pretrained(str(path))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden,
                         num_hidden_layers=layers, num_attention_heads=2,
