@@ -71,14 +71,13 @@ def untrained() -> dict[str, float]:
 
 
 def _fmt(values: list[float]) -> str:
+    from dataclasses import asdict
+
+    from batchscale.study.formatting import fmt_iv
     from batchscale.study.stats import t_interval
 
     ci = t_interval(values)
-    if ci is None:
-        return "n/a"
-    if not ci.has_ci:
-        return f"{ci.mean:.2f} [n/a] (n = 1)"
-    return f"{ci.mean:.2f} [{ci.lo:.2f}, {ci.hi:.2f}] (n = {ci.n})"
+    return "n/a" if ci is None else f"{fmt_iv(asdict(ci))} (n = {ci.n})"
 
 
 def _diff(a: list[float], b: list[float]) -> str:

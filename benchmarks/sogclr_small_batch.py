@@ -52,14 +52,15 @@ def load(store: Path) -> dict[tuple[str, int], dict[int, dict[str, float]]]:
 
 
 def _ci(values: list[float]) -> str:
+    from dataclasses import asdict
+
+    from batchscale.study.formatting import fmt_iv
     from batchscale.study.stats import t_interval
 
     ci = t_interval(values)
     if ci is None:
         return "n/a"
-    if not ci.has_ci:
-        return f"{ci.mean:.2f} [n/a] (n = 1)"
-    return f"{ci.mean:.2f} [{ci.lo:.2f}, {ci.hi:.2f}]"
+    return fmt_iv(asdict(ci)) + (" (n = 1)" if not ci.has_ci else "")
 
 
 def _diff(d) -> str:

@@ -71,13 +71,10 @@ def _rate(starts: list[float], batch: int, warmup: int, blocks: int, per_block: 
 
 
 def _pairs() -> tuple[list[str], list[str]]:
-    anchors, positives = [], []
-    with open(PAIRS, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            anchors.append(row["anchor"])
-            positives.append(row["positive"])
-    return anchors, positives
+    from batchscale.data import load_pairs
+
+    pairs = load_pairs(PAIRS)
+    return [p.text1 for p in pairs], [p.text2 for p in pairs]
 
 
 def run_ours(path: str, batch: int) -> dict[str, float]:

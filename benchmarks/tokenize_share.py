@@ -12,13 +12,13 @@ backward, AdamW). Medians over steps after warmup, one process, ``--threads`` th
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from batchscale.data import load_pairs
 from batchscale.encoders import SentenceEncoder
 from batchscale.losses import infonce_loss
 
@@ -27,15 +27,8 @@ PAIRS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "pairs"
 
 
 def _pairs(n: int) -> tuple[list[str], list[str]]:
-    anchors, positives = [], []
-    with open(PAIRS, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            anchors.append(row["anchor"])
-            positives.append(row["positive"])
-            if len(anchors) == n:
-                break
-    return anchors, positives
+    pairs = load_pairs(PAIRS)[:n]
+    return [p.text1 for p in pairs], [p.text2 for p in pairs]
 
 
 def _median_ms(fn, steps: int, warmup: int = 3) -> float:
