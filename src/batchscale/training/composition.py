@@ -80,11 +80,14 @@ class BatchComposition:
         self.distributed = world_size > 1
         self.keys = text_keys(data.columns)
         # One id per example and column; a candidate with its anchor's id is masked.
-        self.units = (None if t.false_negatives == "none"
-                      else torch.from_numpy(unit_ids(data.columns, data.groups,
-                                                     t.false_negatives)).to(encoder.device))
-        rule_keys = self.keys if t.duplicates == "text" else unit_ids(
-            data.columns, data.groups, "group")
+        units = (None if t.false_negatives == "none"
+                 else unit_ids(data.columns, data.groups, t.false_negatives))
+        self.units = None if units is None else torch.from_numpy(units).to(encoder.device)
+        if t.duplicates == "text":
+            rule_keys = self.keys
+        else:  # the group rule's keys are the group units (computed once when they mask too)
+            rule_keys = units if t.false_negatives == "group" else unit_ids(
+                data.columns, data.groups, "group")
         # Under a budget of examples or steps every step takes a whole batch, so each cell
         # of a study sees its budget exactly.
         fill_last = budgeted(config) and not t.drop_last

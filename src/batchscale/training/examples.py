@@ -59,5 +59,5 @@ class TrainingSet:
 
 
 def _groups(records: Sequence[Pair | Triplet]) -> tuple[str | None, ...] | None:
-    groups = tuple(getattr(r, "group", None) for r in records)
+    groups = tuple(r.group for r in records)
     return groups if any(g is not None for g in groups) else None
