@@ -131,6 +131,10 @@ class ReportSettings(_Strict):
     #: Paired differences (A minus B) between loss variants, by name (None: weince minus
     #: infonce where the grid has both).
     compare: list[tuple[str, str]] | None = None
+    #: Does A at each of its batch sizes reach B at B's largest batch size? Paired
+    #: differences A@B - B@B_large (and A@B - B@B), by name (None: sogclr against infonce
+    #: where the grid has both).
+    reach: list[tuple[str, str]] | None = None
 
 
 class SweepConfig(_Strict):
@@ -352,11 +356,12 @@ def sweep_from_dict(raw: object, source: str = "sweep", path: Path | None = None
             f"trainer takes whole batches, so that run would see {-(-examples // b) * b} "
             "examples. Use a common multiple of grid.batch_sizes")
     base = _resolve_base(config, path, source)
-    for a, b in config.report.compare or []:
-        for name in (a, b):
-            if name not in config.grid.losses:
-                raise ConfigError(f"{source}: report.compare: {name!r} is not a loss of "
-                                  f"grid.losses ({', '.join(config.grid.losses)})")
+    for field in ("compare", "reach"):
+        for a, b in getattr(config.report, field) or []:
+            for name in (a, b):
+                if name not in config.grid.losses:
+                    raise ConfigError(f"{source}: report.{field}: {name!r} is not a loss of "
+                                      f"grid.losses ({', '.join(config.grid.losses)})")
     return Sweep(config, base, tuple(expand(config, base, source)), source)
 
 
