@@ -208,6 +208,41 @@ def test_cells_hash_their_resolved_config(tiny_static, data_dir):
     assert sorted(x.index for p in parts for x in p) == list(range(len(sweep.cells)))
 
 
+def test_restrictions_keep_exactly_the_cells_their_rules_allow(tiny_static, data_dir):
+    axes = {"batch_sizes": [8, 16, 32], "seeds": [0], "lr_multipliers": [1, 2],
+            "vrns_weights": [0.0, 1.0], "softmax_batches": [4, 8],
+            "losses": {"infonce": {"name": "infonce"}, "weince": {"name": "weince"},
+                       "sogclr": {"name": "sogclr"}}}
+    full = sweep_from_dict(_sweep_dict(tiny_static, data_dir, **axes))
+    rules = [{"where": {"losses": ["sogclr"]}, "batch_sizes": [8], "vrns_weights": [0.0],
+              "softmax_batches": []},
+             {"where": {"vrns": True}, "losses": ["infonce"], "batch_sizes": [8, 32]},
+             {"where": {"blocks": True}, "softmax_batches": [8], "lr_multipliers": [1]}]
+    cut = sweep_from_dict(_sweep_dict(tiny_static, data_dir, **axes, restrict=rules))
+
+    def kept(c) -> bool:  # the three rules, written out
+        blocks = c.softmax_batch < c.batch_size
+        if c.loss == "sogclr" and (c.batch_size != 8 or c.vrns_weight or blocks):
+            return False
+        if c.vrns_weight > 0 and (c.loss != "infonce" or c.batch_size not in (8, 32)):
+            return False
+        return not blocks or (c.softmax_batch == 8 and c.lr_multiplier == 1)
+
+    want = [c.id for c in full.cells if kept(c)]
+    assert [c.id for c in cut.cells] == want and 0 < len(want) < len(full.cells)
+    assert [c.index for c in cut.cells] == list(range(len(want)))
+    assert {(c.loss, c.batch_size) for c in cut.cells if c.loss == "sogclr"} == {("sogclr", 8)}
+    with pytest.raises(ConfigError, match=r"restrict\.0\.batch_sizes.*\[64\] not in grid"):
+        sweep_from_dict(_sweep_dict(tiny_static, data_dir, **axes,
+                                    restrict=[{"batch_sizes": [64]}]), "s.yaml")
+    with pytest.raises(ConfigError, match=r"restrict\.0.*lists what it keeps"):
+        sweep_from_dict(_sweep_dict(tiny_static, data_dir, **axes,
+                                    restrict=[{"where": {"vrns": True}}]), "s.yaml")
+    with pytest.raises(ConfigError, match=r"leave no cells"):
+        sweep_from_dict(_sweep_dict(tiny_static, data_dir, **axes, restrict=[
+            {"losses": ["sogclr"]}, {"losses": ["infonce"]}]), "s.yaml")
+
+
 # -- shard + merge --------------------------------------------------------------------------
 def test_shard_and_merge_equal_the_unsharded_sweep(tmp_path, sweep_file, full_store, capsys):
     shards = [tmp_path / f"s{i}.sqlite" for i in range(2)]

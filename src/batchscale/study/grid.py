@@ -17,6 +17,9 @@ key path)::
       lr_tuning: first_seed         # all_seeds: the best mean dev over seeds; first_seed: the
                                     # best dev of the first seed, the other seeds run it only
       softmax_batches: [16, 64]     # softmax blocks of N < B pairs, besides N = B
+      restrict:                     # optional: cells a rule matches keep only listed values
+        - {where: {losses: [bsc]}, batch_sizes: [16]}   # bsc at B = 16 only
+        - {where: {vrns: true}, batch_sizes: [16]}      # VRNS only at B = 16
     budget: {examples: 20000}       # or {steps: 500} or {epochs: 2}: the same for every cell
     report: {targets: [75.0]}       # optional: dev targets (default: 50/80/90% of the gain)
 
@@ -66,6 +69,56 @@ _AXES: dict[str, tuple[str, Any, str]] = {
 }
 
 
+class Match(_Strict):
+    """Which cells a restriction applies to (every given field must hold)."""
+
+    losses: list[str] | None = None
+    #: True: cells with a VRNS weight > 0; False: cells without VRNS.
+    vrns: bool | None = None
+    #: True: softmax-block cells (N < B); False: whole-batch cells.
+    blocks: bool | None = None
+
+
+class Restriction(_Strict):
+    """Among the cells that ``where`` matches, keep only those whose values are listed (an
+    unlisted axis is not restricted). ``softmax_batches`` lists the block sizes kept (``[]``:
+    none); whole-batch cells always pass it. Lets a full cross product carry an arm that is
+    only affordable, or only meaningful, at some batch sizes (SogCLR at small batches, VRNS
+    at the extremes)."""
+
+    where: Match = Match()
+    losses: list[str] | None = None
+    batch_sizes: list[int] | None = None
+    vrns_weights: list[float] | None = None
+    softmax_batches: list[int] | None = None
+    lr_multipliers: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _keeps(self) -> Restriction:
+        if all(getattr(self, k) is None for k in _KEEPS):
+            raise ValueError(f"a restriction lists what it keeps: one or more of "
+                             f"{', '.join(_KEEPS)}")
+        return self
+
+    def allows(self, cell: Cell) -> bool:
+        w = self.where
+        blocks = cell.softmax_batch != cell.batch_size
+        if ((w.losses is not None and cell.loss not in w.losses)
+                or (w.vrns is not None and (cell.vrns_weight > 0) != w.vrns)
+                or (w.blocks is not None and blocks != w.blocks)):
+            return True
+        return ((self.losses is None or cell.loss in self.losses)
+                and (self.batch_sizes is None or cell.batch_size in self.batch_sizes)
+                and (self.vrns_weights is None or cell.vrns_weight in self.vrns_weights)
+                and (self.softmax_batches is None or not blocks
+                     or cell.softmax_batch in self.softmax_batches)
+                and (self.lr_multipliers is None or cell.lr_multiplier in self.lr_multipliers))
+
+
+#: The axes a restriction keeps values of, each named as the grid names it.
+_KEEPS = ("losses", "batch_sizes", "vrns_weights", "softmax_batches", "lr_multipliers")
+
+
 class Grid(_Strict):
     batch_sizes: list[int] = Field(min_length=1)
     #: Named loss variants: LossConfig fields merged over ``base.loss``.
@@ -80,6 +133,8 @@ class Grid(_Strict):
     #: Softmax block sizes N (loss.softmax_batch) crossed with every batch size B that N
     #: divides, N < B; the whole batch (N = B) is always a cell.
     softmax_batches: list[int] | None = None
+    #: Rules that drop cells of the cross product (see :class:`Restriction`).
+    restrict: list[Restriction] = []
 
     @field_validator(*_AXES)
     @classmethod
@@ -107,6 +162,24 @@ class Grid(_Strict):
                 raise ValueError(f"{name!r}: a loss variant is a name and a mapping of "
                                  "loss fields")
         return v
+
+    @model_validator(mode="after")
+    def _restrictions(self) -> Grid:
+        axes: dict[str, list[Any] | None] = {
+            "losses": list(self.losses), "batch_sizes": self.batch_sizes,
+            "vrns_weights": self.vrns_weights, "softmax_batches": self.softmax_batches or [],
+            "lr_multipliers": self.lr_multipliers}
+        for i, rule in enumerate(self.restrict):
+            named = [("where.losses", rule.where.losses, "losses")] + [
+                (k, getattr(rule, k), k) for k in _KEEPS]
+            for key, values, axis in named:
+                if axes[axis] is None:  # the variants set their own VRNS weights
+                    continue
+                unknown = [v for v in values or [] if v not in axes[axis]]
+                if unknown:
+                    raise ValueError(f"restrict.{i}.{key}: {unknown} not in grid.{axis} "
+                                     f"{axes[axis]}")
+        return self
 
 
 class Budget(_Strict):
@@ -217,7 +290,9 @@ class Sweep:
 
 def estimated_cost(cell: Cell) -> float:
     """A rough cost of a cell in units of a small step: its steps, each costing more with
-    the batch, plus its evaluation points (for balancing shards only)."""
+    the batch (linearly for the encoder, quadratically for the B x B similarities, which
+    dominate a static encoder's step from B ~ 8,000), plus its evaluation points (for
+    balancing shards only)."""
     t, b = cell.config.train, cell.batch_size
     if t.max_steps is not None:
         steps = t.max_steps
@@ -225,7 +300,7 @@ def estimated_cost(cell: Cell) -> float:
         steps = -(-t.max_examples // b)
     else:
         steps = math.ceil(t.epochs * 10_000 / b)
-    return steps * (1 + b / 128) + 20 * cell.config.eval.points
+    return steps * (1 + b / 64 + b * b / 2**17) + 20 * cell.config.eval.points
 
 
 def balanced_settings(cells: Sequence[Cell], n: int) -> list[set[tuple]]:
@@ -330,8 +405,12 @@ def expand(config: SweepConfig, base: RunConfig, source: str) -> list[Cell]:
                 rc = RunConfig.model_validate(run)
             except ValidationError as e:
                 raise ConfigError(_format(e, f"{source}: grid.losses.{name}")) from None
-            cells.append(Cell(len(cells), name, float(rc.loss.vrns_weight), b, seed, rule, rc,
-                              float(mult), rc.loss.softmax_batch or b))
+            cell = Cell(len(cells), name, float(rc.loss.vrns_weight), b, seed, rule, rc,
+                        float(mult), rc.loss.softmax_batch or b)
+            if all(r.allows(cell) for r in g.restrict):
+                cells.append(cell)
+    if not cells:
+        raise ConfigError(f"{source}: grid.restrict: the restrictions leave no cells")
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{source}: grid: two cells resolve to the same run config "
