@@ -148,3 +148,16 @@ def test_cache_tokens_off_is_the_padded_path(tiny_hf_dir, fresh_caches):
     features = enc.training_features(TEXTS)
     assert set(features) == {"input_ids", "attention_mask"}
     assert enc.token_cache.tokenized == 0
+
+
+def test_encode_reads_the_token_cache_and_equals_the_uncached_path(tiny_hf_dir, fresh_caches):
+    enc = SentenceEncoder.static(tiny_hf_dir)
+    plain = SentenceEncoder.static(tiny_hf_dir)
+    plain.cache_tokens = False
+    for max_length in (None, 3):
+        want = plain.encode(TEXTS, max_length=max_length, show_progress=False)
+        got = enc.encode(TEXTS, max_length=max_length, show_progress=False)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert enc.token_lengths(TEXTS, max_length) == plain.token_lengths(TEXTS, max_length)
+    # evaluation points after the first tokenise nothing (the uncached encoder adds nothing)
+    assert enc.token_cache.tokenized == len(set(TEXTS))

@@ -300,6 +300,8 @@ class SentenceEncoder(nn.Module):
 
     def _static_ids(self, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
         limit = self._limit(max_length)
+        if self.cache_tokens:  # evaluation texts recur at every evaluation point
+            return [x.tolist() for x in self.token_cache.ids(list(texts), limit)]
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [e.ids[:limit] if limit is not None else e.ids for e in encodings]
 
