@@ -21,6 +21,9 @@ Definitions:
   to a target, geometric means over seeds with t intervals on the log scale;
 * B_simple: the gradient noise scale measured at each evaluation point (when the sweep
   measured it), taken at the point where each run first reaches the target;
+* reach (``report.reach``, default sogclr against infonce): A at each of its batch sizes
+  against B at B's largest batch size B_large (and at the same batch size), paired by seed,
+  Holm-adjusted over the table per column;
 * the share of the negatives: with a run at batch B_large split into softmax blocks of
   N = B_small, the batch-size effect B_small -> B_large splits into the optimisation batch
   (B_small -> B_large at N = B_small) and the negatives (N = B_small -> B_large at B_large).
@@ -415,6 +418,50 @@ def differences_section(runs: Runs) -> list[dict[str, Any]]:
     return out
 
 
+def reach_pairs(runs: Runs) -> list[tuple[Arm, Arm]]:
+    """(A, B) pairs of arms for the reach table: ``report.reach`` (default sogclr against
+    infonce) at each VRNS weight and rule where the runs have both."""
+    settings = runs.sweep.get("report", {}) or {}
+    names = settings.get("reach") or [("sogclr", "infonce")]
+    have = set(runs.arms)
+    return [(arm, Arm(b_name, arm.vrns_weight, arm.lr_scaling)) for a_name, b_name in names
+            for arm in runs.arms
+            if arm.loss == a_name and Arm(b_name, arm.vrns_weight, arm.lr_scaling) in have]
+
+
+def _paired_entry(ga: list[dict[str, Any]], gb: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pairs (seeds both have), dev and test differences a minus b."""
+    return {"pairs": len(set(by_seed(ga, "seed")) & set(by_seed(gb, "seed"))),
+            "dev": pd(paired(ga, gb, "best_dev")), "test": pd(paired(ga, gb, "test"))}
+
+
+def reach_section(runs: Runs) -> list[dict[str, Any]]:
+    """Does A at each of its batch sizes reach B at B's largest batch size? Per batch size B
+    where A has (whole-batch, tuned) runs: A@B - B@B_large and A@B - B@B (same batch),
+    paired by seed, each column Holm-adjusted over the table."""
+    out = []
+    for a, b in reach_pairs(runs):
+        have_b = [bs for bs in runs.batches if runs.cell(b, bs)]
+        large = have_b[-1]
+        for bs in runs.batches:
+            ga = runs.cell(a, bs)
+            if not ga:
+                continue
+            same = runs.cell(b, bs)
+            out.append({"comparison": f"{runs.label(a)} − {runs.label(b)}",
+                        "loss": runs.label(a), "reference": runs.label(b), "batch_size": bs,
+                        "reference_batch_size": large,
+                        "large": _paired_entry(ga, runs.cell(b, large)),
+                        "same": _paired_entry(ga, same) if same else None})
+    for kind in ("large", "same"):
+        for split in ("dev", "test"):
+            entries = [e[kind] for e in out if e[kind] is not None]
+            adjusted = stats.holm([(e[split] or {}).get("p_t") for e in entries])
+            for e, p in zip(entries, adjusted, strict=True):
+                e[f"{split}_p_holm"] = p
+    return out
+
+
 def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per arm and target: steps to the target per batch size, the hyperbola fit, B_crit,
     what a doubling buys below and above it, and B_simple at the target."""
@@ -540,6 +587,7 @@ def compute(meta: dict[str, str], runs: list[dict[str, Any]]) -> dict[str, Any]:
         "negatives": negatives_section(grouped),
         "trends": trends, "interactions": interactions,
         "differences": differences_section(grouped),
+        "reach": reach_section(grouped),
         "critical": critical_section(grouped, targets_),
         "mechanisms": mechanisms, "mechanism_curves": mechanism_curves,
         "curves": curves_section(grouped),

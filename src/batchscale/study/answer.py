@@ -144,6 +144,50 @@ def differences(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _sides(diffs: list[tuple[int, dict[str, Any] | None]], below: str = "below") -> str:
+    """Where each difference lies: above zero, below it, or not resolved (the interval
+    includes zero, or there is none)."""
+    groups: dict[str, list[str]] = {"below": [], "above": [], "open": []}
+    for bs, d in diffs:
+        side = "open" if d is None or not excludes_zero(d) else \
+            "above" if d["mean"] > 0 else "below"
+        groups[side].append(str(bs))
+    words = {"above": "above at B = {}", "below": below + " at B = {}",
+             "open": "indistinguishable at this many seeds at B = {}"}
+    return ", ".join(words[k].format(", ".join(v)) for k, v in groups.items() if v)
+
+
+def reach(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per ``report.reach`` pair: A at each smaller batch size against B at B's largest."""
+    m = data["metric"]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in data["reach"]:
+        by.setdefault(r["comparison"], []).append(r)
+    out = []
+    for rows in by.values():
+        a, b, large = rows[0]["loss"], rows[0]["reference"], rows[0]["reference_batch_size"]
+        small = [r for r in rows if r["batch_size"] < large]
+        if not small:
+            out.append({"text": f"**{a}** has no runs below the largest batch size of {b} "
+                                f"({large}), so whether it reaches {b} there from a small "
+                                "batch is not measured.", "link": "reach"})
+            continue
+        cells = [f"B={r['batch_size']}: "
+                 + fmt_pd(r["large"]["test"], p_holm=r["large"]["test_p_holm"]) for r in small]
+        text = (f"Does **{a}** at a small batch reach **{b}** at its largest batch "
+                f"({large})? Test {m}, {a}@B − {b}@{large} (paired by seed): "
+                + "; ".join(cells) + ". On test it "
+                + _sides([(r["batch_size"], r["large"]["test"]) for r in small],
+                         "falls short (below)")
+                + "; on dev (selection) it is "
+                + _sides([(r["batch_size"], r["large"]["dev"]) for r in small]))
+        same = [(r["batch_size"], r["same"]["test"]) for r in small if r["same"]]
+        if same:
+            text += f"; against {b} at the same batch size, on test it is " + _sides(same)
+        out.append({"text": text + ".", "link": "reach"})
+    return out
+
+
 def regime(data: dict[str, Any]) -> dict[str, Any]:
     d = data["design"]
     budget = d["budget"]
@@ -166,6 +210,7 @@ def regime(data: dict[str, Any]) -> dict[str, Any]:
 
 def answer(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The Answer's sentences, in order: the best batch size and the extremes' cost, the
-    trend, B_crit, the negatives' share, the loss comparisons, the regime."""
+    trend, B_crit, the negatives' share, the loss comparisons, whether a loss at a small
+    batch reaches another at its largest (``report.reach``), the regime."""
     return [*best_batch(data), *trend(data), *critical(data), *negatives(data),
-            *differences(data), regime(data)]
+            *differences(data), *reach(data), regime(data)]

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from .analysis import compute
+from .files import atomic_write_bytes, atomic_write_text
 from .formatting import fmt, fmt_iv, fmt_pd, fmt_spread, percent
 from .plots import PLOT_TITLES, PLOTS_AFTER, make_plots
 from .store import Store, StoreError
 
-__all__ = ["compute", "load_runs", "render_html", "render_markdown", "tables", "write_report"]
+__all__ = ["answer_quote", "compute", "load_runs", "render_html", "render_markdown",
+           "shipped_answer_quote", "tables", "write_report"]
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -115,6 +117,7 @@ def tables(data: dict[str, Any]) -> list[Table]:
                 [[d["comparison"], str(d["batch_size"]), str(d["pairs"]),
                   fmt_pd(d["dev"], p_holm=d["dev_p_holm"]),
                   fmt_pd(d["test"], p_holm=d["test_p_holm"])] for d in data["differences"]]))
+    out.append(_reach_table(data))
     out.append(("mechanisms", "Mechanisms at the last point, on a fixed probe set of "
                               "training pairs (mean [95% t CI] over seeds)",
                 ["loss", "batch", "neg cos mean", "neg cos var", "hardest neg cos",
@@ -131,6 +134,28 @@ def tables(data: dict[str, Any]) -> list[Table]:
                   fmt_iv(r["peak_memory_mb"], 0), str(r["memory_kind"]),
                   fmt_iv(r["train_seconds"], 1)] for r in data["rows"]]))
     return out
+
+
+def _pd_cell(entry: dict[str, Any] | None, split: str) -> str:
+    if entry is None:
+        return "n/a"
+    return fmt_pd(entry[split], p_holm=entry[f"{split}_p_holm"])
+
+
+def _reach_table(data: dict[str, Any]) -> Table:
+    """A at each batch size B against B's reference at its largest batch (and at B)."""
+    m = data["metric"]
+    return ("reach", "Reaching the large batch: A at batch B against the reference at its "
+                     "largest batch B_large and at B (mean [95% paired-t CI] over seeds; p: "
+                     "paired t, Holm over each column; exact: sign-flip)",
+            ["comparison", "batch B", "B_large", "pairs", f"dev {m}: A@B − ref@B_large",
+             f"test {m}: A@B − ref@B_large", "pairs at B", f"dev {m}: A@B − ref@B",
+             f"test {m}: A@B − ref@B"],
+            [[r["comparison"], str(r["batch_size"]), str(r["reference_batch_size"]),
+              str(r["large"]["pairs"]), _pd_cell(r["large"], "dev"),
+              _pd_cell(r["large"], "test"), str((r["same"] or {}).get("pairs", 0)),
+              _pd_cell(r["same"], "dev"), _pd_cell(r["same"], "test")]
+             for r in data["reach"]])
 
 
 def _data_note(d: dict[str, Any]) -> str:
@@ -255,28 +280,84 @@ def render_html(data: dict[str, Any], plots: dict[str, bytes]) -> str:
 
 
 # -- all of it -------------------------------------------------------------------------------
+#: The files of a report folder besides ``plots/``; each is a function of the store alone.
+REPORT_FILES = ("report.md", "report.html", "report.json")
+
+
+def default_out(store_path: Path) -> Path:
+    return store_path.parent / f"{store_path.stem}-report"
+
+
 def write_report(store_path: str | Path, out_dir: str | Path | None = None,
                  *, plots: bool = True) -> tuple[Path, Path]:
     """Write ``report.md`` (+ ``plots/*.png``), ``report.html`` and ``report.json`` into
-    ``out_dir`` (default: ``<store stem>-report`` beside the store); returns (md, html)."""
-    from ..training.checkpoint import atomic_write_text
+    ``out_dir`` (default: ``<store stem>-report`` beside the store); returns (md, html).
 
+    Every file is a function of the store alone (no timestamp, path or host of this call),
+    written through a temporary and a rename; a plot of an earlier report that this one does
+    not draw is removed, so the folder holds exactly this report."""
     store_path = Path(store_path)
-    out = Path(out_dir) if out_dir is not None else \
-        store_path.parent / f"{store_path.stem}-report"
+    out = Path(out_dir) if out_dir is not None else default_out(store_path)
     meta, runs = load_runs(store_path)
     data = compute(meta, runs)
     images = make_plots(data) if plots and runs else {}
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    rel = {}
-    for name, png in images.items():
-        (out / "plots" / f"{name}.png").write_bytes(png)
-        rel[name] = f"plots/{name}.png"
+    rel = _write_plots(out / "plots", images)
     md, page = out / "report.md", out / "report.html"
-    atomic_write_text(out / "report.json", json.dumps(data, indent=1) + "\n")
+    atomic_write_text(out / "report.json", report_json(data))
     atomic_write_text(md, render_markdown(data, rel) + "\n")
     atomic_write_text(page, render_html(data, images) + "\n")
     return md, page
+
+
+def report_json(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=1) + "\n"
+
+
+def _write_plots(folder: Path, images: dict[str, bytes]) -> dict[str, str]:
+    """Each plot as ``folder/NAME.png`` (atomically); the report's other plot names removed.
+    Returns NAME -> its path relative to the report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, _ in PLOT_TITLES:
+        stale = folder / f"{name}.png"
+        if name not in images and stale.exists():
+            stale.unlink()
+    for name, png in images.items():
+        atomic_write_bytes(folder / f"{name}.png", png)
+    return {name: f"plots/{name}.png" for name in images}
+
+
+# -- the Answer as a README quote -------------------------------------------------------------
+def answer_quote(data: dict[str, Any], link: str) -> str:
+    """The Answer as a Markdown blockquote for a README: a first line naming and linking the
+    report folder ``link`` (relative to the README), then each sentence, its arrow pointing at
+    its table in ``link/report.md``. :func:`shipped_answer_quote` makes it from a shipped
+    report; tests/test_readme_results.py checks every such quote in README.md against it."""
+    link = link.rstrip("/")
+    lines = [f"> **Answer** ([{link}]({link}/report.md); generated by `batchscale report "
+             f"--answer`, not edited):", ">"]
+    lines += [f"> - {a['text']} [→]({link}/report.md#{a['link']})" for a in data["answer"]]
+    return "\n".join(lines)
+
+
+def read_report_json(folder: str | Path) -> dict[str, Any]:
+    """A report folder's ``report.json`` (StoreError naming the file when it is missing or
+    not a report's JSON)."""
+    path = Path(folder) / "report.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the report's JSON ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("answer"), list):
+        raise StoreError(f"{path}: not a report's JSON (no 'answer' list)")
+    return data
+
+
+def shipped_answer_quote(folder: str | Path, link: str | None = None) -> str:
+    """The Answer of the report in ``folder`` as a README quote (``link`` default: the folder
+    as given, in / form)."""
+    return answer_quote(read_report_json(folder), link or Path(folder).as_posix())
 
 
 def summary_rows(data: dict[str, Any]) -> list[list[str]]:
