@@ -26,9 +26,14 @@ PLOTS_AFTER = {"quality": ["curves_examples", "curves_steps", "curves_seconds", 
                "mechanisms": ["mechanisms", "mechanism_curves"], "cost": ["cost"]}
 
 
+#: PNG text chunks: none (matplotlib writes its version as "Software" by default), so the
+#: bytes depend on the figure alone and a report reproduces byte for byte.
+PNG_METADATA: dict[str, str | None] = {"Software": None}
+
+
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, metadata=PNG_METADATA)
     return buf.getvalue()
 
 
@@ -238,9 +243,17 @@ def cost(data: dict[str, Any]) -> bytes:
 
 
 def make_plots(data: dict[str, Any]) -> dict[str, bytes]:
-    """PNG bytes of every plot the data can fill."""
+    """PNG bytes of every plot the data can fill, drawn under matplotlib's default style (a
+    user's matplotlibrc or style changes nothing: the same data give the same bytes)."""
     if not data["losses"]:
         return {}
+    from matplotlib import style
+
+    with style.context("default"):
+        return _draw_all(data)
+
+
+def _draw_all(data: dict[str, Any]) -> dict[str, bytes]:
     out: dict[str, bytes | None] = {
         "curves_examples": curves(data, "examples"), "curves_steps": curves(data, "steps"),
         "curves_seconds": curves(data, "seconds"), "quality": quality(data),
