@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(commands)
     _add_merge(commands)
     _add_report(commands)
+    _add_ship(commands)
     return parser
 
 
@@ -270,18 +271,67 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
     p.add_argument("store", type=Path, help="results store")
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default: STORE's stem + '-report' beside it)")
+    p.add_argument("--answer", action="store_true",
+                   help="write nothing; print the Answer as a Markdown blockquote for a "
+                        "README, linking the report in --out (default: STORE's folder, "
+                        "where `batchscale ship` puts the report beside the store)")
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .study.report import write_report
+    from .study.report import answer_quote, compute, load_runs, write_report
+    from .study.ship import shown
     from .study.store import StoreError
 
     try:
+        if args.answer:
+            data = compute(*load_runs(args.store))
+            print(answer_quote(data, shown(args.out or args.store.parent)))
+            return 0
         md, page = write_report(args.store, args.out)
     except StoreError as e:
         return _error("report", e)
     print(f"HTML report: {page}")
     print(md)
+    return 0
+
+
+def _add_ship(commands: argparse._SubParsersAction) -> None:
+    p = _command(
+        commands, "ship", _run_ship,
+        help="write a study's results folder: report, store copy, provenance",
+        description="Write results/<study>/: the report (as `batchscale report` writes it), "
+                    "a copy of the store when it is under --max-store-mb (else a note "
+                    "saying where it is), the resolved sweep config (sweep.yaml), "
+                    "provenance.json and MANIFEST.md (the commands, the package versions, "
+                    "the runs' hosts, the study's wall-clock, this machine). Prints the "
+                    "Answer as a README blockquote last.")
+    p.add_argument("store", type=Path, help="results store (a finished or merged sweep)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default: results/<sweep name>)")
+    p.add_argument("--sweep-command", dest="sweep_commands", action="append", default=[],
+                   metavar="CMD", help="a command that filled the store, as run (repeatable, "
+                                       "in order: e.g. each shard's sweep, then the merge)")
+    p.add_argument("--max-store-mb", type=float, default=None, metavar="MB",
+                   help="copy the store only up to this size (default: 20)")
+
+
+def _run_ship(args: argparse.Namespace) -> int:
+    from .study.ship import MAX_STORE_MB, quote, ship
+    from .study.store import StoreError
+
+    limit = MAX_STORE_MB if args.max_store_mb is None else args.max_store_mb
+    if limit < 0:
+        return _error("ship", "--max-store-mb must be >= 0")
+    try:
+        shipped = ship(args.store, args.out, sweep_commands=args.sweep_commands or None,
+                       max_store_mb=limit)
+    except (StoreError, OSError) as e:
+        return _error("ship", e)
+    print(f"results: {shipped.folder}")
+    print(f"store: {shipped.store or 'not included (see STORE-NOT-INCLUDED.md)'}")
+    print(f"manifest: {shipped.manifest}")
+    print()
+    print(quote(shipped.folder))
     return 0
 
 
