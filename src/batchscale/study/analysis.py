@@ -442,6 +442,8 @@ def reach_section(runs: Runs) -> list[dict[str, Any]]:
     out = []
     for a, b in reach_pairs(runs):
         have_b = [bs for bs in runs.batches if runs.cell(b, bs)]
+        if not have_b:  # B has softmax-block runs only
+            continue
         large = have_b[-1]
         for bs in runs.batches:
             ga = runs.cell(a, bs)
