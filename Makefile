@@ -29,7 +29,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# The batch-size study (configs/study-demo.yaml, ~10 minutes on 2 cores): two shards side by
+# The demo study (configs/study-demo.yaml: study 1 reduced, ~8 minutes on 2 cores): two shards side by
 # side (one thread each), merged, then the report; the last line printed is the Markdown
 # report's path. A rerun skips finished runs.
 DEMO_DIR   := runs/study-demo
@@ -45,6 +45,23 @@ demo: $(VENV)/.installed
 	wait $$! || { echo "shard 0 failed: see $(DEMO_DIR)/shard-0.log"; exit 1; }; exit $$s1
 	$(VENV)/bin/batchscale merge $(DEMO_STORE) $(DEMO_DIR)/shard-0.sqlite $(DEMO_DIR)/shard-1.sqlite
 	$(VENV)/bin/batchscale report $(DEMO_STORE) --out $(DEMO_DIR)/report
+
+# A reference study, e.g. `make study-static-mix` (configs/study-static-mix.yaml; hours: see
+# the config): two single-thread shards side by side, merged, shipped to results/<study>/
+# (the report, the store, MANIFEST.md with these commands). A rerun resumes: finished runs
+# are skipped, so a study may span sessions.
+study-%: $(VENV)/.installed
+	mkdir -p runs/$@
+	$(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-0 --shard 0/2 --store runs/$@/shard-0.sqlite > runs/$@/shard-0.log 2>&1 & \
+	$(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-1 --shard 1/2 --store runs/$@/shard-1.sqlite > runs/$@/shard-1.log 2>&1; s1=$$?; \
+	wait $$! || { echo "shard 0 failed: see runs/$@/shard-0.log"; exit 1; }; \
+	[ $$s1 = 0 ] || { echo "shard 1 failed: see runs/$@/shard-1.log"; exit 1; }
+	rm -f runs/$@/study.sqlite
+	$(VENV)/bin/batchscale merge runs/$@/study.sqlite runs/$@/shard-0.sqlite runs/$@/shard-1.sqlite
+	$(VENV)/bin/batchscale ship runs/$@/study.sqlite --out results/$@ \
+	  --sweep-command "batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-0 --shard 0/2 --store runs/$@/shard-0.sqlite" \
+	  --sweep-command "batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-1 --shard 1/2 --store runs/$@/shard-1.sqlite" \
+	  --sweep-command "batchscale merge runs/$@/study.sqlite runs/$@/shard-0.sqlite runs/$@/shard-1.sqlite"
 
 # The packaged default model on STS-B test (a minute).
 eval-demo: $(VENV)/.installed
