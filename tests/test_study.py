@@ -199,8 +199,8 @@ def _settings(sweep) -> dict[str, set[tuple[int, int]]]:
 _DESIGNS = {
     "study-static-mix.yaml": (16384, 50, {"bsc", "infonce", "weince"}, {16, 64, 256},
                               {16, 16384}, {1024, 4096, 16384}),
-    "study-static-scifact.yaml": (4096, 50, {"bsc", "infonce", "weince"}, {16, 64, 256},
-                                  {16, 4096}, {1024, 4096}),
+    "study-static-scifact.yaml": (4096, 50, {"bsc", "infonce", "weince"}, set(), set(),
+                                  {1024, 4096}),
     "study-minilm-gpu.yaml": (4096, 100, {"bsc", "infonce", "weince"}, {16, 64, 256},
                               {16, 4096}, {1024, 4096}),
     "study-minilm-cpu.yaml": (256, 32, {"bsc", "infonce"}, set(), set(), set()),
@@ -222,7 +222,7 @@ def test_reference_study_presets_have_the_designed_cells(preset):
     assert {b for arm in arms for b, n in arms[arm] if n < b} == blocks
     assert {c.loss for c in sweep.cells if c.softmax_batch < c.batch_size} <= {"infonce"}
     # >= 3 seeds, the lr tuned per setting on the first seed, the same example budget
-    assert len(g.seeds) >= 3 and len(g.lr_multipliers) == 3 and g.lr_tuning == "first_seed"
+    assert len(g.seeds) >= 3 and len(g.lr_multipliers) >= 3 and g.lr_tuning == "first_seed"
     budgets = {c.config.train.max_examples for c in sweep.cells}
     assert len(budgets) == 1 and budgets.pop() // max(sizes) == steps
     assert sweep.base.eval.schedule == "log"
