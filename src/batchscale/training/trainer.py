@@ -17,7 +17,9 @@ global one, see :class:`~batchscale.training.Objective`) and the gradients are a
 the run equals one process on the whole batch. The encoder's gradients are averaged by torch's
 DistributedDataParallel (:func:`~batchscale.batching.distributed.data_parallel`: bucketed,
 overlapped with the backward), which reduces once per step: every forward but the step's
-last runs under ``no_sync`` (the sides of the plain path; the gradient cache's re-encodings).
+last runs under ``no_sync`` (the sides of the plain path; the gradient cache's re-encodings);
+a packing transformer (:attr:`SentenceEncoder.packs_sequences`) encodes a step's sides in one
+forward.
 The objective's parameters (a learnable temperature), which DDP does not hold, are averaged by
 one explicit all-reduce after the backward; so is an encoder that DDP cannot take (held off
 the collective device, e.g. a static encoder on the CPU under NCCL). Checkpoints and the
@@ -57,6 +59,7 @@ from ..batching.distributed import (
     world_size,
 )
 from ..encoders import SentenceEncoder
+from ..hardware import keep_large_allocations_in_heap
 from .checkpoint import (
     atomic_directory,
     atomic_write_text,
@@ -216,6 +219,10 @@ class Trainer:
         self.optimizer = self._optimizer()
         # A static encoder's steps look token ids up instead of tokenising (one pass here).
         encoder.cache_texts(text for column in data.columns for text in column)
+        if not encoder.is_static:
+            # A transformer's 47 MB word-embedding gradient is allocated every step: from
+            # the heap it is not page-faulted in anew (a sweep sets this for a static one).
+            keep_large_allocations_in_heap()
         warm = warmup_steps(self.total_steps, config.optim.warmup)
         total = self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -293,7 +300,12 @@ class Trainer:
 
     def _encode_sides(self, features: list[dict[str, Tensor]]) -> list[Tensor]:
         """Each side's embeddings with a graph; under DDP only the last side's forward
-        prepares the reduction (the one backward then reduces every side's gradient once)."""
+        prepares the reduction (the one backward then reduces every side's gradient once).
+        A packing transformer encodes the sides in one forward, split back by rows (the
+        same embeddings: each text is encoded on its own tokens)."""
+        joined = self.encoder.join_training_features(features)
+        if joined is not None:
+            return list(self._encode(joined).split([len(f["attention_mask"]) for f in features]))
         no_sync = self._no_sync()
         last = len(features) - 1
         out = []
