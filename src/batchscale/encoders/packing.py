@@ -47,9 +47,9 @@ PACKED_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
 _registered = False
 
 
-#: A call of the padded attention costs about this many (token x token) score entries per
-#: text beyond its own (fixed op overheads, forward and backward): the rule that decides
-#: when texts of different lengths share a call (:func:`length_buckets`).
+#: One more padded attention call costs about as much as this many more (token x token)
+#: scores (its ops' fixed overheads, forward and backward): what decides when texts of
+#: different lengths share a call (:func:`length_buckets`).
 CALL_COST = 512
 
 
