@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..hardware import keep_large_allocations_in_heap
 from ..training.checkpoint import latest_checkpoint
 from ..training.config import dump_config
 from ..training.trainer import TrainingDiverged, scalars
@@ -35,34 +36,6 @@ from .tuning import setting_of, tuned
 
 def default_work_dir(store: Path) -> Path:
     return store.parent / f"{store.stem}-runs"
-
-
-# -- memory ---------------------------------------------------------------------------------
-#: Freed memory kept by glibc at the top of the heap before it is returned (bytes).
-TRIM_THRESHOLD = 256 * 2**20
-
-
-def keep_large_allocations_in_heap() -> bool:
-    """Serve large allocations from the heap instead of fresh ``mmap`` pages (glibc only).
-
-    A static encoder's dense embedding gradient (30k x 384 floats, 47 MB) is allocated anew
-    at every step; from ``mmap`` every one of its pages faults on first touch (measured in
-    benchmarks/README.md). With ``M_MMAP_MAX = 0`` the memory is reused. Returns whether the
-    setting took effect.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold,
-                                                                        TRIM_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
 
 
 # -- peak memory ----------------------------------------------------------------------------
