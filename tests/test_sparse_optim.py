@@ -182,8 +182,10 @@ def test_a_sparse_run_resumes_exactly(tiny_hf_dir, pairs_file, tmp_path, monkeyp
     calls = _count_tokenising_calls(monkeypatch)
     whole = train_run(config, tmp_path / "whole", show_progress=False)
     # the training texts tokenised once, before the first step: not per batch, not per
-    # epoch (2 here), not for the noise-scale probes
-    assert len(calls) == 1 and calls[0] > 2 * config.train.batch_size
+    # epoch (2 here), not for the noise-scale probes; the evaluation texts once, at the
+    # first evaluation point, not again at the later ones
+    assert len(calls) == 2 and calls[0] > 2 * config.train.batch_size
+    assert len(whole.fit.curve) > 2
     assert "sparse: true" in (tmp_path / "whole" / "config.yaml").read_text()
     assert all(math.isfinite(r["dev"]["noise_scale"]["trace_sigma"]) for r in whole.fit.curve)
     original = Trainer._step
@@ -198,7 +200,7 @@ def test_a_sparse_run_resumes_exactly(tiny_hf_dir, pairs_file, tmp_path, monkeyp
         with pytest.raises(_Interrupt):
             train_run(config, tmp_path / "cut", show_progress=False)
     resumed = train_run(config, tmp_path / "cut", resume=True, show_progress=False)
-    assert len(calls) == 1  # the later runs in this process found every text cached
+    assert len(calls) == 2  # the later runs in this process found every text cached
     assert _without_time(resumed.fit.curve) == _without_time(whole.fit.curve)
     for a, b in ((_weights(whole.final_dir), _weights(resumed.final_dir)),
                  (_last_weights(tmp_path / "whole"), _last_weights(tmp_path / "cut"))):
