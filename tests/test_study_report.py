@@ -296,3 +296,22 @@ def test_the_report_flags_a_run_that_missed_the_budget(design_store, tmp_path):
     flagged = data["design"]["flagged"]
     assert len(flagged) == 1 and flagged[0]["examples"] == 188
     assert "1 runs did not meet the budget exactly" in data["answer"][-1]["text"]
+
+
+def test_a_target_reached_only_at_the_budgets_end_is_not_fitted(tmp_path):
+    """Every run's curve (tests/study_stores.py) ends at its dev score, one point earlier 1
+    below it: a target 0.5 below is reached at the last point only (steps = the budget's,
+    whatever B, so a hyperbola would measure the schedule); 2 below, one point earlier."""
+    from study_stores import make_store
+
+    scores = {("infonce", b, s): (80.0, 70.0) for b in (16, 64, 256) for s in (0, 1, 2)}
+    store = make_store(tmp_path / "s.sqlite", scores, report={"targets": [79.5, 78.0]})
+    data = compute(*load_runs(store))
+    last, earlier = data["critical"]
+    assert (last["value"], earlier["value"]) == (79.5, 78.0)
+    assert last["only_at_last_point"] and not earlier["only_at_last_point"]
+    texts = [a["text"] for a in data["answer"] if a["link"] == "critical"]
+    assert len(texts) == 2
+    assert "only at its last evaluation point" in texts[0]
+    assert "B_crit is not measured" in texts[0]
+    assert "only at its last evaluation point" not in texts[1]

@@ -473,6 +473,7 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
             per_seed: dict[int, dict[int, float | None]] = defaultdict(dict)
             at_target: list[dict[str, float]] = []
             per_batch = []
+            at_last = []  # per run that reached it: whether only at its last point
             for b in runs.batches:
                 hits = {}
                 for r in runs.cell(arm, b):
@@ -481,6 +482,7 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                     hits[int(r["seed"])] = h
                     if h is not None:
                         at_target.append(h["noise"])
+                        at_last.append(h["steps"] == max(p["steps"] for p in r["curve"]))
                 got = [h for h in hits.values() if h is not None]
                 if hits:
                     counts = {k: spread(stats.median_range([h[k] for h in got]))
@@ -497,6 +499,8 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                 "pooled": None if pooled is None else {
                     "s_min": pooled.s_min, "e_min": pooled.e_min, "b_crit": pooled.b_crit},
                 "measured": [min(runs.batches), max(runs.batches)],
+                # then the steps to it are the budget / B: the fit measures the schedule
+                "only_at_last_point": bool(at_last) and all(at_last),
                 "b_simple": b_simple(at_target)}
             if pooled is not None:
                 h = pooled

@@ -69,6 +69,12 @@ def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
                                 f"is not fitted (runs reaching it: {reached}).",
                         "link": "critical"})
             continue
+        if c.get("only_at_last_point"):
+            out.append({"text": f"{head}: every run that reached it did so only at its last "
+                                "evaluation point (the end of the budget), so its steps are "
+                                "the budget / B at every batch size and B_crit is not "
+                                "measured.", "link": "critical"})
+            continue
         lo, hi = c["measured"]
         fitted = (f"geometric mean of {c['n']} per-seed fits: S_min = "
                   f"{fmt_iv(c['s_min'], 1)} steps, E_min = {fmt_iv(c['e_min'], 0)} examples")
