@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..training.checkpoint import atomic_write_bytes, atomic_write_text
 from .analysis import compute
-from .files import atomic_write_bytes, atomic_write_text
 from .formatting import fmt, fmt_iv, fmt_pd, fmt_spread, percent
 from .plots import PLOT_TITLES, PLOTS_AFTER, make_plots
 from .store import Store, StoreError

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from .. import __version__
-from .files import TMP_PREFIX, atomic_write_text
+from ..training.checkpoint import TMP_PREFIX, atomic_write_text
 from .report import shipped_answer_quote, write_report
 from .store import Store, StoreError
 

@@ -113,16 +113,26 @@ def atomic_directory(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file through a temporary, fsync and rename."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file through a temporary, fsync and rename: a reader (or a crash) sees the old
+    file or the new one, never a part; a failed write leaves no temporary behind."""
     path = Path(path)
     tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:
