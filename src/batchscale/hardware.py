@@ -27,8 +27,8 @@ def keep_large_allocations_in_heap() -> bool:
     47 MB, over glibc's largest mmap threshold) is allocated anew at every step; from
     ``mmap`` every page of it faults on first touch: measured on all-MiniLM-L6-v2 at batch
     16 (one thread, loaded machine), zero-filling it took 82 ms a step from ``mmap`` and
-    20 ms from the heap (the static encoder's dense table gradient, likewise: a sweep
-    applies it to its whole process). Returns whether it took effect."""
+    20 ms from the heap (the static encoder's dense table gradient, likewise). The trainer
+    applies it to its process. Returns whether it took effect."""
     import ctypes
     import ctypes.util
 

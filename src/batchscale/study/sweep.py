@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..hardware import keep_large_allocations_in_heap
 from ..training.checkpoint import latest_checkpoint
 from ..training.config import dump_config
 from ..training.trainer import TrainingDiverged, scalars
@@ -212,7 +211,6 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
     store_path = Path(store_path)
     work = Path(work_dir) if work_dir is not None else default_work_dir(store_path)
     cells = list(sweep.cells) if shard is None else sweep.shard(*shard)
-    keep_large_allocations_in_heap()
     with Store(store_path) as store:
         store.initialise(sweep.hash, sweep.config.name, sweep.resolved(), __version__,
                          [_cell_row(c) for c in sweep.cells])

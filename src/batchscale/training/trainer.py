@@ -219,10 +219,9 @@ class Trainer:
         self.optimizer = self._optimizer()
         # A static encoder's steps look token ids up instead of tokenising (one pass here).
         encoder.cache_texts(text for column in data.columns for text in column)
-        if not encoder.is_static:
-            # A transformer's 47 MB word-embedding gradient is allocated every step: from
-            # the heap it is not page-faulted in anew (a sweep sets this for a static one).
-            keep_large_allocations_in_heap()
+        # A dense 47 MB embedding gradient (a transformer's word embeddings, a dense static
+        # table) is allocated every step: from the heap it is not page-faulted in anew.
+        keep_large_allocations_in_heap()
         warm = warmup_steps(self.total_steps, config.optim.warmup)
         total = self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
