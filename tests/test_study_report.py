@@ -315,3 +315,27 @@ def test_a_target_reached_only_at_the_budgets_end_is_not_fitted(tmp_path):
     assert "only at its last evaluation point" in texts[0]
     assert "B_crit is not measured" in texts[0]
     assert "only at its last evaluation point" not in texts[1]
+
+
+def test_the_answer_says_when_two_losses_reached_a_target_at_the_same_points(tmp_path):
+    """Every curve (tests/study_stores.py) is dev - 9, - 4, - 1, dev at steps 0, 4, 8, 12.
+    BSC and InfoNCE end at 80, WEINCE at 78: a target of 76 is reached at step 4 by the
+    first two (the same steps for every seed and batch: one fit, said so once, on InfoNCE)
+    and at step 8 by WEINCE (a fit of its own)."""
+    from study_stores import make_store
+
+    scores = {(loss, b, s): (dev, 70.0) for loss, dev in (("bsc", 80.0), ("infonce", 80.0),
+                                                          ("weince", 78.0))
+              for b in (16, 64, 256) for s in (0, 1, 2)}
+    store = make_store(tmp_path / "s.sqlite", scores, report={"targets": [76.0]})
+    data = compute(*load_runs(store))
+    by_loss = {c["loss"]: c for c in data["critical"]}
+    assert by_loss["bsc"]["steps_by_seed"] == [[s, b, 4.0] for s in (0, 1, 2)
+                                               for b in (16, 64, 256)]
+    assert by_loss["weince"]["steps_by_seed"] == [[s, b, 8.0] for s in (0, 1, 2)
+                                                  for b in (16, 64, 256)]
+    texts = {a["text"].split("**")[1]: a["text"] for a in data["answer"]
+             if a["link"] == "critical"}
+    assert "the same evaluation points as **bsc**" in texts["infonce"]
+    assert "same evaluation points as" not in texts["bsc"]
+    assert "same evaluation points as" not in texts["weince"]

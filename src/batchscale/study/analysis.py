@@ -501,6 +501,10 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                 "measured": [min(runs.batches), max(runs.batches)],
                 # then the steps to it are the budget / B: the fit measures the schedule
                 "only_at_last_point": bool(at_last) and all(at_last),
+                # [seed, batch size, steps or None]: lets the Answer say when two losses
+                # reached a target at the same points (then their fits are one fit)
+                "steps_by_seed": [[seed, b, s] for seed, by_b in sorted(per_seed.items())
+                                  for b, s in sorted(by_b.items())],
                 "b_simple": b_simple(at_target)}
             if pooled is not None:
                 h = pooled

@@ -57,9 +57,23 @@ def trend(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _same_steps_as(entries: list[dict[str, Any]]) -> dict[int, str]:
+    """Index of each entry -> the first earlier loss that reached the same target at the
+    same steps for every seed and batch size (its fit is then the same fit)."""
+    out: dict[int, str] = {}
+    for i, c in enumerate(entries):
+        for j, e in enumerate(entries[:i]):
+            if (e["target"], e["value"]) == (c["target"], c["value"]) \
+                    and e.get("steps_by_seed") and e["steps_by_seed"] == c.get("steps_by_seed"):
+                out[i] = out.get(j, e["loss"])
+                break
+    return out
+
+
 def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for c in data["critical"]:
+    same_as = _same_steps_as(data["critical"])
+    for i, c in enumerate(data["critical"]):
         head = f"**{c['loss']}**, dev target {fmt(c['value'])} ({c['target']})"
         if c["b_crit"] is None:
             reached = ", ".join(f"B={p['batch_size']}: {p['reached']}/{p['runs']}"
@@ -99,6 +113,10 @@ def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
             text += (f"; the gradient noise scale where runs reach the target: B_simple = "
                      f"{fmt(c['b_simple']['value'], 0)} (ratio of averages over "
                      f"{c['b_simple']['n']} runs)")
+        if i in same_as:
+            text += (f"; every seed reached it at the same evaluation points as **"
+                     f"{same_as[i]}**, so this is that loss's fit: the schedule (eval.points) "
+                     "does not separate the two here")
         if c["b_crit"]["lo"] is not None and c["b_crit"]["lo"] == c["b_crit"]["hi"]:
             text += ("; the seeds reached the target at the same evaluation points, so the "
                      "interval has no width at the schedule's resolution (eval.points)")
