@@ -60,13 +60,16 @@ def trend(data: dict[str, Any]) -> list[dict[str, Any]]:
 def _same_steps_as(entries: list[dict[str, Any]]) -> dict[int, str]:
     """Index of each entry -> the first earlier loss that reached the same target at the
     same steps for every seed and batch size (its fit is then the same fit)."""
+    first: dict[tuple[Any, ...], str] = {}
     out: dict[int, str] = {}
     for i, c in enumerate(entries):
-        for j, e in enumerate(entries[:i]):
-            if (e["target"], e["value"]) == (c["target"], c["value"]) \
-                    and e.get("steps_by_seed") and e["steps_by_seed"] == c.get("steps_by_seed"):
-                out[i] = out.get(j, e["loss"])
-                break
+        if not c.get("steps_by_seed"):
+            continue
+        key = (c["target"], c["value"], *map(tuple, c["steps_by_seed"]))
+        if key in first:
+            out[i] = first[key]
+        else:
+            first[key] = c["loss"]
     return out
 
 
