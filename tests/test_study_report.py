@@ -264,6 +264,41 @@ def test_first_seed_tuning_runs_later_seeds_at_the_winner_only(design_store):
         {(8, 192, 24), (16, 192, 12), (32, 192, 6)}
 
 
+def test_the_answer_names_every_setting_whose_tuned_lr_is_at_the_grids_edge(design_store):
+    """The grid is x0.5 and x1, so every choice is one of its two ends: the Answer lists each
+    setting with the seed-0 winner recomputed from the rows (lowest = 0.5, highest = 1)."""
+    tuned = _tuned(design_store)
+    expected = set()
+    for r in tuned:
+        if r["seed"] == 0:
+            block = "" if r["softmax_batch"] == r["batch_size"] else f", N={r['softmax_batch']}"
+            side = "lowest" if r["lr_multiplier"] == 0.5 else "highest"
+            expected.add(f"{r['loss']} B={r['batch_size']}{block}: "
+                         f"x{r['lr_multiplier']:g} ({side})")
+    data = compute(*load_runs(design_store))
+    (text,) = [a["text"] for a in data["answer"] if a["link"] == "lr"]
+    assert text.startswith(f"The chosen lr is at the edge of the multiplier grid for "
+                           f"{len(expected)} of {len(expected)} settings (")
+    listed = text.split(" settings (", 1)[1].split("):", 1)[0]
+    assert set(listed.split("; ")) == expected
+
+
+def test_the_answer_says_when_every_tuned_lr_is_inside_its_grid():
+    """A chosen multiplier strictly between the grid's ends is no caveat; one at an end is."""
+    from batchscale.study.answer import lr_edges
+
+    def row(b: int, chosen: float) -> dict:
+        return {"loss": "bsc", "batch_size": b, "softmax_batch": b, "chosen": chosen,
+                "multipliers": [{"multiplier": m, "dev": None} for m in (0.5, 1.0, 2.0)]}
+
+    (inside,) = lr_edges({"lr": [row(16, 1.0), row(64, 1.0)]})
+    assert inside["text"] == ("The chosen lr is inside the multiplier grid for every setting "
+                              "(2 of 2).")
+    (edge,) = lr_edges({"lr": [row(16, 2.0), row(64, 1.0), row(256, 0.5)]})
+    assert "for 2 of 3 settings (bsc B=16: x2 (highest); bsc B=256: x0.5 (lowest))" in edge["text"]
+    assert lr_edges({"lr": [{**row(16, 1.0), "multipliers": [{"multiplier": 1.0}]}]}) == []
+
+
 def test_the_store_keeps_every_mechanism_at_every_point(design_store):
     names = {r[0] for r in _rows(design_store, "SELECT DISTINCT name FROM point_metrics")}
     for name in ("geometry/neg_cos_mean", "geometry/neg_cos_var",

@@ -215,6 +215,33 @@ def reach(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def lr_edges(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Whether each setting's chosen lr multiplier is inside the grid. At the grid's edge it
+    may not be the best lr (Shallue et al. 2018, arXiv 1811.03600, check that the best
+    hyperparameters are not on the search space's boundary), so that setting's scores are
+    what the grid found, not its tuned quality."""
+    rows = [r for r in data["lr"] if r["chosen"] is not None and len(r["multipliers"]) > 1]
+    if not rows:
+        return []
+    edges = []
+    for r in rows:
+        grid = [x["multiplier"] for x in r["multipliers"]]
+        side = ("lowest" if r["chosen"] == grid[0] else
+                "highest" if r["chosen"] == grid[-1] else None)
+        if side:
+            block = "" if r["softmax_batch"] == r["batch_size"] else f", N={r['softmax_batch']}"
+            edges.append(f"{r['loss']} B={r['batch_size']}{block}: x{r['chosen']:g} ({side})")
+    if not edges:
+        text = (f"The chosen lr is inside the multiplier grid for every setting "
+                f"({len(rows)} of {len(rows)}).")
+    else:
+        text = (f"The chosen lr is at the edge of the multiplier grid for {len(edges)} of "
+                f"{len(rows)} settings ({'; '.join(edges)}): a better lr may lie outside the "
+                "grid there, so those settings' scores are what the grid found, not their "
+                "tuned quality.")
+    return [{"text": text, "link": "lr"}]
+
+
 def regime(data: dict[str, Any]) -> dict[str, Any]:
     d = data["design"]
     budget = d["budget"]
@@ -238,6 +265,7 @@ def regime(data: dict[str, Any]) -> dict[str, Any]:
 def answer(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The Answer's sentences, in order: the best batch size and the extremes' cost, the
     trend, B_crit, the negatives' share, the loss comparisons, whether a loss at a small
-    batch reaches another at its largest (``report.reach``), the regime."""
+    batch reaches another at its largest (``report.reach``), whether the tuned lr is inside
+    its grid, the regime."""
     return [*best_batch(data), *trend(data), *critical(data), *negatives(data),
-            *differences(data), *reach(data), regime(data)]
+            *differences(data), *reach(data), *lr_edges(data), regime(data)]
