@@ -173,9 +173,14 @@ def test_every_number_of_the_answer_is_recomputed_from_the_store(design_store, t
             b_crit = math.exp(logs.mean())
             got = next(c for c in data["critical"]
                        if c["loss"] == loss and c["target"] == name)["b_crit"]
-            assert f"geometric mean of {len(fits)} per-seed fits" in sentence
+            plural = "s" if len(fits) != 1 else ""
+            assert f"geometric mean of {len(fits)} per-seed fit{plural}:" in sentence
             if got["mean"] > BATCHES[-1]:  # no floor in the range: only a bound is claimed
                 assert b_crit > BATCHES[-1] and f"B_crit > {BATCHES[-1]}," in sentence
+                e_min = math.exp(np.log([f[1] for f in fits]).mean())
+                assert (f"E_min = {e_min:,.0f}" in sentence and "S_min = " not in sentence
+                        and f"S_min < E_min / {BATCHES[-1]} = {e_min / BATCHES[-1]:,.1f} steps"
+                        in sentence)
                 continue
             if got["mean"] < BATCHES[0]:
                 assert b_crit < BATCHES[0] and f"B_crit < {BATCHES[0]}," in sentence

@@ -93,11 +93,15 @@ def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
                                 "measured.", "link": "critical"})
             continue
         lo, hi = c["measured"]
-        fitted = (f"geometric mean of {c['n']} per-seed fits: S_min = "
-                  f"{fmt_iv(c['s_min'], 1)} steps, E_min = {fmt_iv(c['e_min'], 0)} examples")
+        fits = f"geometric mean of {c['n']} per-seed fit{'s' if c['n'] != 1 else ''}"
+        e_min = f"E_min = {fmt_iv(c['e_min'], 0)} examples"
+        fitted = f"{fits}: S_min = {fmt_iv(c['s_min'], 1)} steps, {e_min}"
         if c["b_crit"]["mean"] > hi:
+            # the fit's S_min runs to its floor here: only S_min < E_min / B_max is measured
             text = (f"{head}: B_crit > {hi}, the largest batch measured: the steps still fall "
-                    f"as 1/B there (no floor), so only this bound is measured ({fitted})")
+                    f"as 1/B there (no floor), so only this bound is measured ({fits}: "
+                    f"{e_min}, so S_min < E_min / {hi} = {fmt(c['e_min']['mean'] / hi, 1)} "
+                    "steps)")
         elif c["b_crit"]["mean"] < lo:
             text = (f"{head}: B_crit < {lo}, the smallest batch measured: the steps hardly "
                     f"fall with B ({fitted})")
