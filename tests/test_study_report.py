@@ -184,6 +184,10 @@ def test_every_number_of_the_answer_is_recomputed_from_the_store(design_store, t
                 continue
             if got["mean"] < BATCHES[0]:
                 assert b_crit < BATCHES[0] and f"B_crit < {BATCHES[0]}," in sentence
+                s_min = math.exp(np.log([f[0] for f in fits]).mean())
+                assert (f"S_min = {s_min:,.1f}" in sentence and "E_min = " not in sentence
+                        and f"E_min < S_min x {BATCHES[0]} = {s_min * BATCHES[0]:,.0f} "
+                        "examples" in sentence)
                 continue
             assert got["mean"] == pytest.approx(b_crit, rel=1e-4)
             if len(fits) > 1:
@@ -379,3 +383,19 @@ def test_the_answer_says_when_two_losses_reached_a_target_at_the_same_points(tmp
     assert "the same evaluation points as **bsc**" in texts["infonce"]
     assert "same evaluation points as" not in texts["bsc"]
     assert "same evaluation points as" not in texts["weince"]
+
+
+def test_where_the_steps_do_not_fall_with_b_only_a_bound_on_e_min_is_given(tmp_path):
+    """Every curve (tests/study_stores.py) reaches dev - 4 at step 4 whatever B: S(B) = 4, so
+    the hyperbola has S_min = 4 and E_min at its floor; the Answer claims B_crit < 16 and
+    E_min < S_min x 16 = 64 examples, not the floor's value."""
+    from study_stores import make_store
+
+    scores = {("infonce", b, s): (80.0, 70.0) for b in (16, 64, 256) for s in (0, 1, 2)}
+    store = make_store(tmp_path / "s.sqlite", scores, report={"targets": [76.0]})
+    data = compute(*load_runs(store))
+    (text,) = [a["text"] for a in data["answer"] if a["link"] == "critical"]
+    assert "B_crit < 16, the smallest batch measured" in text
+    assert ("geometric mean of 3 per-seed fits: S_min = 4.0 [4.0, 4.0] steps, so "
+            "E_min < S_min x 16 = 64 examples)") in text
+    assert "E_min = " not in text

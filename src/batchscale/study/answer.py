@@ -103,8 +103,10 @@ def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{e_min}, so S_min < E_min / {hi} = {fmt(c['e_min']['mean'] / hi, 1)} "
                     "steps)")
         elif c["b_crit"]["mean"] < lo:
+            # mirror image: E_min runs to its floor, only E_min < S_min x B_min is measured
             text = (f"{head}: B_crit < {lo}, the smallest batch measured: the steps hardly "
-                    f"fall with B ({fitted})")
+                    f"fall with B ({fits}: S_min = {fmt_iv(c['s_min'], 1)} steps, so E_min < "
+                    f"S_min x {lo} = {fmt(c['s_min']['mean'] * lo, 0)} examples)")
         else:
             text = f"{head}: B_crit = {fmt_iv(c['b_crit'], 0)} ({fitted})"
         d = c.get("doubling") or {}
