@@ -86,8 +86,8 @@ def test_reach_answer_claims_a_direction_only_where_the_interval_excludes_zero(s
     lo64, hi64 = _reference("sogclr", 64, "infonce", 256, 1)[1:3]
     assert hi16 < 0 < hi64 and lo64 < 0  # the design: 16 resolved below, 64 not
     assert f"{lo16:+.2f}, {hi16:+.2f}] (n = 3" in text
-    assert "On test it falls short (below) at B = 16, indistinguishable at this many seeds " \
-           "at B = 64;" in text
+    assert "On test it is below (falls short) at B = 16, indistinguishable at this many " \
+           "seeds at B = 64;" in text
     dev_lo = _reference("sogclr", 16, "infonce", 256, 0)[1]
     assert dev_lo > 0 and "on dev (selection) it is above at B = 16, indistinguishable" in text
 

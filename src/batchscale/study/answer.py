@@ -209,9 +209,9 @@ def reach(data: dict[str, Any]) -> list[dict[str, Any]]:
                  + fmt_pd(r["large"]["test"], p_holm=r["large"]["test_p_holm"]) for r in small]
         text = (f"Does **{a}** at a small batch reach **{b}** at its largest batch "
                 f"({large})? Test {m}, {a}@B − {b}@{large} (paired by seed): "
-                + "; ".join(cells) + ". On test it "
+                + "; ".join(cells) + ". On test it is "
                 + _sides([(r["batch_size"], r["large"]["test"]) for r in small],
-                         "falls short (below)")
+                         "below (falls short)")
                 + "; on dev (selection) it is "
                 + _sides([(r["batch_size"], r["large"]["dev"]) for r in small]))
         same = [(r["batch_size"], r["same"]["test"]) for r in small if r["same"]]
