@@ -21,7 +21,7 @@ from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 
 from batchscale.cli import main
-from batchscale.study.report import compute, load_runs, write_report
+from batchscale.study.report import compute, load_runs, tables, write_report
 from test_study import _rows, _sweep_dict, _write, data_dir, tiny_static  # noqa: F401
 
 SEEDS = (0, 1, 2)
@@ -181,6 +181,9 @@ def test_every_number_of_the_answer_is_recomputed_from_the_store(design_store, t
                 assert (f"E_min = {e_min:,.0f}" in sentence and "S_min = " not in sentence
                         and f"S_min < E_min / {BATCHES[-1]} = {e_min / BATCHES[-1]:,.1f} steps"
                         in sentence)
+                row = next(r for t in tables(data) if t[0] == "critical" for r in t[3]
+                           if r[0] == loss and r[1] == name)
+                assert row[4:6] == [f"> {BATCHES[-1]}", f"< {e_min / BATCHES[-1]:,.1f}"]
                 continue
             if got["mean"] < BATCHES[0]:
                 assert b_crit < BATCHES[0] and f"B_crit < {BATCHES[0]}," in sentence
@@ -359,6 +362,9 @@ def test_a_target_reached_only_at_the_budgets_end_is_not_fitted(tmp_path):
     assert "only at its last evaluation point" in texts[0]
     assert "B_crit is not measured" in texts[0]
     assert "only at its last evaluation point" not in texts[1]
+    (rows,) = [t[3] for t in tables(data) if t[0] == "critical"]
+    assert rows[0][4:7] == ["not measured (last point)", "-", "-"]
+    assert rows[1][4] not in ("not measured (last point)", "n/a")
 
 
 def test_the_answer_says_when_two_losses_reached_a_target_at_the_same_points(tmp_path):
@@ -399,3 +405,5 @@ def test_where_the_steps_do_not_fall_with_b_only_a_bound_on_e_min_is_given(tmp_p
     assert ("geometric mean of 3 per-seed fits: S_min = 4.0 [4.0, 4.0] steps, so "
             "E_min < S_min x 16 = 64 examples)") in text
     assert "E_min = " not in text
+    (rows,) = [t[3] for t in tables(data) if t[0] == "critical"]
+    assert rows[0][4:7] == ["< 16", "4.0 [4.0, 4.0]", "< 64"]  # B_crit, S_min, E_min

@@ -54,6 +54,23 @@ def _target_cells(r: dict[str, Any]) -> list[str]:
             f"{fmt_spread(t['examples'])} ex." for t in r["to_target"]]
 
 
+def _critical_cells(c: dict[str, Any]) -> list[str]:
+    """B_crit, S_min, E_min as the Answer states them: the fit inside the measured range, a
+    bound outside it (the other parameter then sits at the fit's floor), none where every
+    run reached the target only at the budget's end (report.json keeps the raw fits)."""
+    b, s_min, e_min = c["b_crit"], c["s_min"], c["e_min"]
+    if b is None:
+        return [fmt_iv(b, 0), fmt_iv(s_min, 1), fmt_iv(e_min, 0)]
+    if c.get("only_at_last_point"):
+        return ["not measured (last point)", "-", "-"]
+    lo, hi = c["measured"]
+    if b["mean"] > hi:
+        return [f"> {hi}", f"< {fmt(e_min['mean'] / hi, 1)}", fmt_iv(e_min, 0)]
+    if b["mean"] < lo:
+        return [f"< {lo}", fmt_iv(s_min, 1), f"< {fmt(s_min['mean'] * lo, 0)}"]
+    return [fmt_iv(b, 0), fmt_iv(s_min, 1), fmt_iv(e_min, 0)]
+
+
 def tables(data: dict[str, Any]) -> list[Table]:
     """(anchor, title, header, rows) of every table, text not yet escaped."""
     m = data["metric"]
@@ -74,8 +91,7 @@ def tables(data: dict[str, Any]) -> list[Table]:
                             "2018: S(B) = S_min + E_min / B)",
                 ["loss", "target", "dev", "seeds fitted", "B_crit", "S_min (steps)",
                  "E_min (examples)", "B_simple at target", "steps by batch (median)"],
-                [[c["loss"], c["target"], fmt(c["value"]), str(c["n"]), fmt_iv(c["b_crit"], 0),
-                  fmt_iv(c["s_min"], 1), fmt_iv(c["e_min"], 0),
+                [[c["loss"], c["target"], fmt(c["value"]), str(c["n"]), *_critical_cells(c),
                   fmt((c["b_simple"] or {}).get("value"), 0),
                   ", ".join(f"{p['batch_size']}: "
                             + (fmt(p["steps"]["median"], 0) if p["steps"] else "-")
