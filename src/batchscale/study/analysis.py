@@ -40,7 +40,7 @@ from typing import Any
 
 from . import stats
 from .answer import answer
-from .critical import critical_batch, doubling_gain, steps_to_target
+from .critical import CriticalBatch, critical_batch, doubling_gain, steps_to_target
 from .tuning import choose, scores_by_setting
 
 #: Fractions of the way from the start score to the best tuned score: the default targets.
@@ -464,6 +464,20 @@ def reach_section(runs: Runs) -> list[dict[str, Any]]:
     return out
 
 
+def range_bound(fit: CriticalBatch, lo: int, hi: int) -> dict[str, Any] | None:
+    """What is measured where B_crit = E_min / S_min lies outside the batch sizes [lo, hi]:
+    beyond hi the steps still fall as 1/B, S_min runs to the fit's floor and only B_crit > hi,
+    S_min < E_min / hi are measured; below lo, the mirror image (B_crit < lo, E_min < S_min
+    lo). None inside the range or without a fit."""
+    if fit.b_crit is None or fit.s_min is None or fit.e_min is None:
+        return None
+    if fit.b_crit.mean > hi:
+        return {"b_crit_above": hi, "s_min_below": fit.e_min.mean / hi}
+    if fit.b_crit.mean < lo:
+        return {"b_crit_below": lo, "e_min_below": fit.s_min.mean * lo}
+    return None
+
+
 def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per arm and target: steps to the target per batch size, the hyperbola fit, B_crit,
     what a doubling buys below and above it, and B_simple at the target."""
@@ -499,6 +513,7 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                 "pooled": None if pooled is None else {
                     "s_min": pooled.s_min, "e_min": pooled.e_min, "b_crit": pooled.b_crit},
                 "measured": [min(runs.batches), max(runs.batches)],
+                "bound": range_bound(fit, min(runs.batches), max(runs.batches)),
                 # then the steps to it are the budget / B: the fit measures the schedule
                 "only_at_last_point": bool(at_last) and all(at_last),
                 # [seed, batch size, steps or None]: lets the Answer say when two losses

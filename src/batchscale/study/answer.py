@@ -92,23 +92,23 @@ def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
                                 "the budget / B at every batch size and B_crit is not "
                                 "measured.", "link": "critical"})
             continue
-        lo, hi = c["measured"]
         fits = f"geometric mean of {c['n']} per-seed fit{'s' if c['n'] != 1 else ''}"
         e_min = f"E_min = {fmt_iv(c['e_min'], 0)} examples"
-        fitted = f"{fits}: S_min = {fmt_iv(c['s_min'], 1)} steps, {e_min}"
-        if c["b_crit"]["mean"] > hi:
-            # the fit's S_min runs to its floor here: only S_min < E_min / B_max is measured
+        bound = c.get("bound") or {}
+        if "b_crit_above" in bound:
+            hi = bound["b_crit_above"]
             text = (f"{head}: B_crit > {hi}, the largest batch measured: the steps still fall "
                     f"as 1/B there (no floor), so only this bound is measured ({fits}: "
-                    f"{e_min}, so S_min < E_min / {hi} = {fmt(c['e_min']['mean'] / hi, 1)} "
+                    f"{e_min}, so S_min < E_min / {hi} = {fmt(bound['s_min_below'], 1)} "
                     "steps)")
-        elif c["b_crit"]["mean"] < lo:
-            # mirror image: E_min runs to its floor, only E_min < S_min x B_min is measured
+        elif "b_crit_below" in bound:
+            lo = bound["b_crit_below"]
             text = (f"{head}: B_crit < {lo}, the smallest batch measured: the steps hardly "
                     f"fall with B ({fits}: S_min = {fmt_iv(c['s_min'], 1)} steps, so E_min < "
-                    f"S_min x {lo} = {fmt(c['s_min']['mean'] * lo, 0)} examples)")
+                    f"S_min x {lo} = {fmt(bound['e_min_below'], 0)} examples)")
         else:
-            text = f"{head}: B_crit = {fmt_iv(c['b_crit'], 0)} ({fitted})"
+            text = (f"{head}: B_crit = {fmt_iv(c['b_crit'], 0)} ({fits}: S_min = "
+                    f"{fmt_iv(c['s_min'], 1)} steps, {e_min})")
         d = c.get("doubling") or {}
         gains = []
         if d.get("below"):
