@@ -14,13 +14,15 @@ START = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
 
 def make_store(path: Path, scores: Scores, *, name: str = "tiny",
-               report: dict | None = None, wall_seconds: float = 4.0) -> Path:
+               report: dict | None = None, wall_seconds: float = 4.0,
+               grid: dict | None = None) -> Path:
     """One finished run per key of ``scores``, each starting ``wall_seconds`` after the last
-    one finished; its curve rises to the dev score at its last point."""
+    one finished; its curve rises to the dev score at its last point. ``grid``: more fields of
+    the sweep's grid (e.g. ``vrns_weights``)."""
     losses = list(dict.fromkeys(k[0] for k in scores))
     resolved = {"name": name, "base": {"eval": {"metric": "spearman"}},
                 "grid": {"losses": {x: {"name": x} for x in losses},
-                         "seeds": sorted({k[2] for k in scores})},
+                         "seeds": sorted({k[2] for k in scores}), **(grid or {})},
                 "report": report or {}}
     cells = [{"cell_id": f"c{i}", "idx": i, "loss": loss, "loss_name": loss,
               "vrns_weight": 0.0, "batch_size": b, "seed": seed, "lr_scaling": "none",

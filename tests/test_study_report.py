@@ -407,3 +407,19 @@ def test_where_the_steps_do_not_fall_with_b_only_a_bound_on_e_min_is_given(tmp_p
     assert "E_min = " not in text
     (rows,) = [t[3] for t in tables(data) if t[0] == "critical"]
     assert rows[0][4:7] == ["< 16", "4.0 [4.0, 4.0]", "< 64"]  # B_crit, S_min, E_min
+
+
+def test_a_grid_with_vrns_but_no_vrns_runs_yet_says_so(tmp_path):
+    """A partial store (a study under way) must not claim that VRNS is absent from its grid."""
+    from study_stores import make_store
+
+    scores = {("infonce", b, s): (80.0, 70.0) for b in (16, 64) for s in (0, 1)}
+    texts = {}
+    for weights in ([0.0], [0.0, 30.0]):
+        store = make_store(tmp_path / f"{len(weights)}.sqlite", scores,
+                           grid={"vrns_weights": weights})
+        (texts[len(weights)],) = [a["text"] for a in compute(*load_runs(store))["answer"]
+                                  if "VRNS" in a["text"]]
+    assert texts[1] == "VRNS is not in this grid (grid.vrns_weights)."
+    assert texts[2] == ("VRNS is in this grid, but no batch size has test scores with and "
+                        "without it yet (the comparison needs both).")

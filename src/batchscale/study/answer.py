@@ -172,8 +172,11 @@ def differences(data: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"text": f"**{name}** on test {m}, by batch size: " + "; ".join(cells)
                             + ".", "link": "differences"})
     if not any("vrns" in name for name in by):
-        out.append({"text": "VRNS is not in this grid (grid.vrns_weights).",
-                    "link": "differences"})
+        weights = data["design"].get("vrns_weights") or []
+        text = "VRNS is not in this grid (grid.vrns_weights)." if not any(weights) else \
+            ("VRNS is in this grid, but no batch size has test scores with and without it "
+             "yet (the comparison needs both).")
+        out.append({"text": text, "link": "differences"})
     return out
 
 
