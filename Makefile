@@ -49,11 +49,13 @@ demo: $(VENV)/.installed
 # A reference study, e.g. `make study-static-mix` (configs/study-static-mix.yaml; hours: see
 # the config): two single-thread shards side by side, merged, shipped to results/<study>/
 # (the report, the store, MANIFEST.md with these commands). A rerun resumes: finished runs
-# are skipped, so a study may span sessions.
+# are skipped, so a study may span sessions. REUSE="a.sqlite b.sqlite": take the finished
+# runs of those stores (an earlier grid, a pilot) whose resolved config is a cell of this one.
+REUSE ?=
 study-%: $(VENV)/.installed
 	mkdir -p runs/$@
-	$(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-0 --shard 0/2 --store runs/$@/shard-0.sqlite > runs/$@/shard-0.log 2>&1 & \
-	$(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-1 --shard 1/2 --store runs/$@/shard-1.sqlite > runs/$@/shard-1.log 2>&1; s1=$$?; \
+	$(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-0 --shard 0/2 --store runs/$@/shard-0.sqlite $(addprefix --reuse ,$(REUSE)) > runs/$@/shard-0.log 2>&1 & \
+	$(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-1 --shard 1/2 --store runs/$@/shard-1.sqlite $(addprefix --reuse ,$(REUSE)) > runs/$@/shard-1.log 2>&1; s1=$$?; \
 	wait $$! || { echo "shard 0 failed: see runs/$@/shard-0.log"; exit 1; }; \
 	[ $$s1 = 0 ] || { echo "shard 1 failed: see runs/$@/shard-1.log"; exit 1; }
 	rm -f runs/$@/study.sqlite

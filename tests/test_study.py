@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -328,6 +329,54 @@ def test_merge_refuses_another_sweep(tmp_path, tiny_static, data_dir, full_store
     # A sweep run into a store of another grid is refused as well.
     assert main(["sweep", str(other), "--store", str(full_store)]) == 1
     assert "holds another sweep" in capsys.readouterr().err
+
+
+def test_reuse_takes_the_runs_of_shared_cells_from_another_grid(tmp_path, tiny_static,
+                                                                 data_dir, full_store, capsys):
+    # Seeds 1 and 2: seed 1's four cells are full_store's (the same resolved configs), seed
+    # 0's are not in this grid, seed 2's are new.
+    cfg = _write(tmp_path / "more.yaml", _sweep_dict(tiny_static, data_dir, seeds=[1, 2]))
+    sweep = load_sweep(cfg)
+    old = _results(full_store)
+    shared = {c.id for c in sweep.cells if c.seed == 1}
+    assert len(shared) == 4 and shared <= old.keys()
+    store = tmp_path / "more.sqlite"
+    assert main(["sweep", str(cfg), "--store", str(store), "--reuse", str(full_store)]) == 0
+    out = capsys.readouterr().out
+    assert "reused 4 finished runs" in out and "4 finished already, 4 to run" in out
+    got = _results(store)
+    assert got.keys() == {c.id for c in sweep.cells}
+    for cid in shared:  # copied as they were: figures, curve, metrics
+        assert got[cid] == old[cid]
+    # Only seed 2's cells ran: one attempt each; seed 1's attempts are full_store's.
+    attempts = _rows(store, "SELECT cell_id, started_at FROM attempts")
+    assert sorted(a["cell_id"] for a in attempts if a["cell_id"] not in shared) == \
+        sorted(c.id for c in sweep.cells if c.seed == 2)
+    old_starts = {(a["cell_id"], a["started_at"]) for a in _rows(
+        full_store, "SELECT cell_id, started_at FROM attempts")}
+    assert {(a["cell_id"], a["started_at"]) for a in attempts if a["cell_id"] in shared} == \
+        {s for s in old_starts if s[0] in shared}
+
+
+def test_reuse_refuses_a_run_whose_config_is_not_its_cells(tmp_path, tiny_static, data_dir,
+                                                           full_store, capsys):
+    bad = tmp_path / "bad.sqlite"
+    shutil.copy(full_store, bad)
+    cfg = _write(tmp_path / "more.yaml", _sweep_dict(tiny_static, data_dir, seeds=[1, 2]))
+    victim = next(c.id for c in load_sweep(cfg).cells if c.seed == 1)
+    db = sqlite3.connect(bad)
+    db.execute("UPDATE runs SET config = replace(config, '\"lr\": 0.05', '\"lr\": 0.07') "
+               "WHERE cell_id = ?", (victim,))
+    db.commit()
+    db.close()
+    store = tmp_path / "more.sqlite"
+    assert main(["sweep", str(cfg), "--store", str(store), "--reuse", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and victim in err and "refusing to reuse" in err
+    assert _rows(store, "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0  # nothing half-copied
+    assert main(["sweep", str(cfg), "--store", str(store),
+                 "--reuse", str(tmp_path / "missing.sqlite")]) == 1
+    assert "missing.sqlite: no such store" in capsys.readouterr().err
 
 
 # -- kill -9 and rerun ----------------------------------------------------------------------

@@ -201,6 +201,10 @@ def _add_sweep(commands: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (default: torch's). 1 is much faster on a small "
                         "machine shared with other jobs")
     p.add_argument("--progress", action="store_true", help="progress bars per run")
+    p.add_argument("--reuse", action="append", default=[], metavar="STORE",
+                   help="take the finished runs of STORE (any grid: an earlier one, a pilot) "
+                        "whose resolved config is one of this sweep's cells instead of running "
+                        "them again (repeatable)")
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
@@ -224,7 +228,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
             store = Path("runs") / sweep.config.name / name
         summary = run_sweep(sweep, store, work_dir=args.work, shard=shard,
                             show_progress=args.progress, keep_runs=args.keep_runs,
-                            threads=args.threads)
+                            threads=args.threads, reuse=args.reuse)
     except (ConfigError, DataError, EncoderLoadError, RunDirectoryError, StoreError,
             TrainingDiverged, FileNotFoundError, ValueError) as e:
         return _error("sweep", e)

@@ -254,6 +254,48 @@ class Store:
         return [dict(r) for r in self.db.execute("SELECT * FROM cells ORDER BY idx")]
 
 
+def reuse_runs(target: Store, inputs: Iterable[str | Path], cells: dict[str, str]) -> int:
+    """Copy into ``target`` the finished runs of ``inputs`` (stores of any sweep: an earlier
+    grid, a pilot) whose cell is one of ``cells`` (cell id -> resolved run config, JSON) and
+    not finished in ``target``. A cell id hashes the run's whole resolved config, so such a run
+    is the same experiment whatever grid it ran in. A run whose recorded config is not the
+    cell's is refused (nothing is copied). Its attempts come along, so the study's
+    wall-clock starts at its first start. Returns the number of runs copied."""
+    sources = []
+    try:
+        for p in inputs:
+            if Path(p).resolve() == target.path.resolve():
+                raise StoreError(f"--reuse {p}: that is the sweep's own store")
+            s = Store(p, create=False)
+            sources.append(s)
+            if s.meta("sweep_hash") is None:
+                raise StoreError(f"{p}: an empty store (no sweep was started in it)")
+        done = target.finished_cells()
+        copied = 0
+        with target.transaction() as db:
+            for s in sources:
+                for run in s.runs():
+                    cid = run["cell_id"]
+                    if cid not in cells or cid in done:
+                        continue
+                    if json.loads(run["config"]) != json.loads(cells[cid]):
+                        raise StoreError(
+                            f"{s.path}: run of cell {cid} has another config than this "
+                            "sweep's cell of that id (a store from a batchscale that hashed "
+                            "configs differently?); refusing to reuse it")
+                    target._insert_run(db, run, s.curve(run["id"]), s.metrics(run["id"]))
+                    for a in s.db.execute("SELECT cell_id, started_at, host, pid, resumed "
+                                          "FROM attempts WHERE cell_id = ?", (cid,)):
+                        db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, "
+                                   "resumed) VALUES (?, ?, ?, ?, ?)", tuple(a))
+                    done.add(cid)
+                    copied += 1
+        return copied
+    finally:
+        for s in sources:
+            s.close()
+
+
 def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict[str, int]:
     """Combine shard stores into ``out`` (new or holding the same sweep). Every input must
     hold the same sweep (same grid hash); a run finished in several inputs is taken once (the

@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from ..training.config import dump_config
 from ..training.trainer import TrainingDiverged, scalars
 from .grid import Cell, Sweep
 from .run import train_run
-from .store import Store, now
+from .store import Store, now, reuse_runs
 from .tuning import setting_of, tuned
 
 
@@ -199,12 +199,14 @@ class SweepSummary:
 def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | None = None,
               shard: tuple[int, int] | None = None, show_progress: bool = False,
               keep_runs: bool = False, threads: int | None = None,
+              reuse: Sequence[str | Path] = (),
               log: Callable[[str], None] = print) -> SweepSummary:
     """Run the cells of ``sweep`` (of one shard) not yet finished in the store.
 
     ``threads``: torch's intra-op threads for the whole sweep (None: torch's default). On a
     small machine shared with other jobs, 1 avoids OpenMP's oversubscription (measured in
-    benchmarks/README.md).
+    benchmarks/README.md). ``reuse``: stores (of any grid) whose finished runs of this
+    sweep's (shard's) cells are taken instead of run again (:func:`reuse_runs`).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -214,6 +216,10 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
     with Store(store_path) as store:
         store.initialise(sweep.hash, sweep.config.name, sweep.resolved(), __version__,
                          [_cell_row(c) for c in sweep.cells])
+        if reuse:
+            n = reuse_runs(store, reuse, {c.id: _cell_row(c)["config"] for c in cells})
+            log(f"reused {n} finished runs of {', '.join(map(str, reuse))} (the same "
+                "resolved configs)")
         done = store.finished_cells()
         todo = [c for c in cells if c.id not in done]
         where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
