@@ -60,6 +60,7 @@ def test_ship_writes_report_store_and_provenance(store, tmp_path, monkeypatch, c
     span = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
     assert (w["first_start"], w["last_finish"]) == (first, last)
     assert w["first_start_to_last_finish_seconds"] == pytest.approx(span) == 5.0 * (2 * 15 - 1)
+    assert w["busy_seconds"] == pytest.approx(5.0 * 15)  # a 5 s gap after each 5 s run
     assert prov["study"]["hosts"] == ["testhost"] and prov["study"]["devices"] == ["cpu"]
     assert prov["study"]["package_versions_of_runs"] == ["0.1.0"]
     m = prov["machine"]
@@ -68,6 +69,7 @@ def test_ship_writes_report_store_and_provenance(store, tmp_path, monkeypatch, c
     text = (out / "MANIFEST.md").read_text()
     assert "batchscale sweep s.yaml --store src/study.sqlite" in text
     assert "75 s" in text and str(tmp_path) not in text  # no absolute paths
+    assert "of which 75 s (0.02 h) with a run in progress" in text
 
     # the manifest's report command regenerates the report from the shipped store
     before, store_sha = files(out), _sha(out / STORE_NAME)
@@ -109,3 +111,20 @@ def test_ship_errors_name_the_store(tmp_path, capsys):
     assert f"{tmp_path / 'none.sqlite'}: no such store" in capsys.readouterr().err
     assert main(["ship", str(tmp_path / "x.sqlite"), "--max-store-mb", "-1"]) == 1
     assert "--max-store-mb must be >= 0" in capsys.readouterr().err
+
+
+def test_busy_time_is_the_length_of_the_union_of_the_runs_spans():
+    """Against a brute force: integer spans (two shards overlapping, gaps between sessions),
+    the union's length counted one unit second at a time."""
+    import random
+
+    from batchscale.study.ship import busy_seconds
+
+    rng = random.Random(0)
+    for _ in range(200):
+        spans = []
+        for _ in range(rng.randint(1, 12)):
+            a = rng.randint(0, 100)
+            spans.append((float(a), float(a + rng.randint(0, 30))))
+        covered = {t for a, b in spans for t in range(int(a), int(b))}
+        assert busy_seconds(spans) == len(covered)

@@ -100,6 +100,9 @@ def study_record(store_path: Path) -> dict[str, Any]:
         runs, wall, train, first, last = db.execute(
             "SELECT COUNT(*), SUM(wall_seconds), SUM(train_seconds), MIN(started_at), "
             "MAX(finished_at) FROM runs").fetchone()
+        spans = [(datetime.fromisoformat(r[0]).timestamp() - r[1],
+                  datetime.fromisoformat(r[0]).timestamp())
+                 for r in db.execute("SELECT finished_at, wall_seconds FROM runs")]
         distinct = {col: sorted({r[0] for r in db.execute(f"SELECT DISTINCT {col} FROM runs")
                                  if r[0] is not None})
                     for col in ("package_version", "host", "device")}
@@ -111,7 +114,8 @@ def study_record(store_path: Path) -> dict[str, Any]:
             "package_versions_of_runs": distinct["package_version"],
             "hosts": distinct["host"], "devices": distinct["device"],
             "cells": cells, "finished_runs": runs, "failures": failures,
-            "wall_clock": wall_clock(wall, train, first, last),
+            "wall_clock": {**wall_clock(wall, train, first, last),
+                           "busy_seconds": busy_seconds(spans) if spans else None},
             "sweep_config": json.loads(meta["sweep_config"])}
 
 
@@ -122,6 +126,19 @@ def wall_clock(wall: float | None, train: float | None, first: str | None,
         span = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
     return {"sum_run_wall_seconds": wall, "sum_run_train_seconds": train,
             "first_start": first, "last_finish": last, "first_start_to_last_finish_seconds": span}
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the runs' (start, end) spans: the time with a run in
+    progress, which leaves out the gaps between sessions of a study that spans several. A
+    run's span is its last ``wall_seconds`` before it finished (a resumed run's seconds before
+    the interruption are counted as if they came just before the rest)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def grid_check(resolved: dict[str, Any], want: str | None) -> dict[str, Any]:
@@ -246,7 +263,9 @@ def manifest_markdown(p: dict[str, Any]) -> str:
               f"- wall-clock: the runs' wall seconds sum to {_hours(w['sum_run_wall_seconds'])} "
               f"(training {_hours(w['sum_run_train_seconds'])}); first start "
               f"{w['first_start']} to last finish {w['last_finish']}: "
-              f"{_hours(w['first_start_to_last_finish_seconds'])}",
+              f"{_hours(w['first_start_to_last_finish_seconds'])}, of which "
+              f"{_hours(w.get('busy_seconds'))} with a run in progress (the rest: none running, "
+              "e.g. between sessions)",
               f"- store: {p['store']['note']}", "",
               "## Machine (where `batchscale ship` ran; the runs' hosts are above)", "",
               f"- CPU {m['cpu']}, {m['logical_cores']} logical cores, {m['ram_gib']} GiB RAM",
