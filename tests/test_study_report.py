@@ -423,3 +423,37 @@ def test_a_grid_with_vrns_but_no_vrns_runs_yet_says_so(tmp_path):
     assert texts[1] == "VRNS is not in this grid (grid.vrns_weights)."
     assert texts[2] == ("VRNS is in this grid, but no batch size has test scores with and "
                         "without it yet (the comparison needs both).")
+
+
+def test_the_lr_table_keeps_its_columns_when_a_multiplier_has_no_run(design_store, tmp_path):
+    """A study under way (a seed-0 run not finished yet) or a diverged run leaves a hole in
+    the lr table: it says which, and every other score stays under its own multiplier."""
+    partial = tmp_path / "partial.sqlite"
+    shutil.copy(design_store, partial)
+    tuned = _tuned(design_store)
+    # settings tuned to x1: their x0.5 run exists for seed 0 only
+    at_one = sorted({(r["loss"], r["batch_size"], r["softmax_batch"]) for r in tuned
+                     if r["lr_multiplier"] == 1.0})
+    assert len(at_one) >= 2
+    gone, failed = at_one[:2]
+    db = sqlite3.connect(partial)
+    for loss, b, n in (gone, failed):
+        (run_id, cell_id), = db.execute(
+            "SELECT r.id, r.cell_id FROM runs r JOIN cells c USING (cell_id) WHERE c.loss = ? "
+            "AND c.batch_size = ? AND c.softmax_batch = ? AND c.lr_multiplier = 0.5",
+            (loss, b, n)).fetchall()
+        for table in ("curve", "point_metrics", "metrics"):
+            db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+        db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        if (loss, b, n) == failed:
+            db.execute("INSERT INTO failures (cell_id, failed_at, error) VALUES (?, ?, ?)",
+                       (cell_id, "2026-01-01T00:00:00+00:00", "loss is NaN"))
+    db.commit()
+    db.close()
+    (header, body), = [(t[2], t[3]) for t in tables(compute(*load_runs(partial)))
+                       if t[0] == "lr"]
+    assert header[3:] == ["x0.5", "x1"]
+    rows = {(r[0], int(r[1]), r[2]): r[3:] for r in body}
+    for (loss, b, n), why in ((gone, "not run"), (failed, "diverged")):
+        x1 = [r["best_dev"] for r in _cell(tuned, loss, b, n).values()]
+        assert rows[(loss, b, "B" if n == b else str(n))] == [why, _iv_text(x1) + " *"]

@@ -82,6 +82,7 @@ class Runs:
     def __init__(self, sweep: dict[str, Any], runs: list[dict[str, Any]],
                  failures: list[dict[str, Any]]) -> None:
         self.sweep = sweep
+        self.failures = failures
         grid = sweep.get("grid", {})
         self.variants = list(grid.get("losses", {}))
         self.all = runs
@@ -215,18 +216,27 @@ def design(runs: Runs, meta: dict[str, str], sweep: dict[str, Any]) -> dict[str,
 
 
 def lr_section(runs: Runs) -> list[dict[str, Any]]:
-    """Dev score per lr multiplier of every setting, and the chosen one."""
-    out = []
+    """Dev score per lr multiplier of every setting, and the chosen one. Every multiplier of
+    the grid is listed: one with no finished run has dev None and says whether it diverged
+    (else it has not run yet: a study under way), so the columns stay aligned."""
     groups: dict[tuple[Arm, int, int], dict[float, list[float]]] = defaultdict(
         lambda: defaultdict(list))
     for r in runs.all:
         groups[Runs.setting(r)][float(r["lr_multiplier"])].append(r["best_dev"])
-    for (arm, b, n), by_mult in sorted(groups.items(), key=lambda kv: (
+    diverged = {(Runs.setting(f), float(f["lr_multiplier"])) for f in runs.failures}
+    grid = {float(m) for m in runs.sweep.get("grid", {}).get("lr_multipliers") or [1.0]}
+    mults = sorted(grid | {m for by_mult in groups.values() for m in by_mult})
+    out = []
+    for setting, by_mult in sorted(groups.items(), key=lambda kv: (
             runs.arms.index(kv[0][0]), kv[0][1], -kv[0][2])):
+        arm, b, n = setting
         out.append({"loss": runs.label(arm), "batch_size": b, "softmax_batch": n,
-                    "chosen": runs.chosen.get((arm, b, n)),
-                    "multipliers": [{"multiplier": m, "dev": iv(stats.t_interval(v))}
-                                    for m, v in sorted(by_mult.items())]})
+                    "chosen": runs.chosen.get(setting),
+                    "multipliers": [{"multiplier": m, "dev": iv(stats.t_interval(by_mult[m]))}
+                                    if m in by_mult else
+                                    {"multiplier": m, "dev": None,
+                                     "diverged": (setting, m) in diverged}
+                                    for m in mults]})
     return out
 
 

@@ -45,6 +45,13 @@ def load_runs(store_path: str | Path) -> tuple[dict[str, str], list[dict[str, An
 Table = tuple[str, str, list[str], list[list[str]]]
 
 
+def _lr_cell(x: dict[str, Any], chosen: float | None) -> str:
+    """One multiplier's dev score in the lr table; without a finished run, why."""
+    if x["dev"] is None:
+        return "diverged" if x.get("diverged") else "not run"
+    return fmt_iv(x["dev"]) + (" *" if x["multiplier"] == chosen else "")
+
+
 def _block(n: int, b: int) -> str:
     return "B" if n == b else str(n)
 
@@ -102,8 +109,7 @@ def tables(data: dict[str, Any]) -> list[Table]:
                 ["loss", "batch", "N", *[f"x{m_['multiplier']:g}" for m_ in
                                           (data["lr"][0]["multipliers"] if data["lr"] else [])]],
                 [[r["loss"], str(r["batch_size"]), _block(r["softmax_batch"], r["batch_size"]),
-                  *[fmt_iv(x["dev"]) + (" *" if x["multiplier"] == r["chosen"] else "")
-                    for x in r["multipliers"]]] for r in data["lr"]]))
+                  *[_lr_cell(x, r["chosen"]) for x in r["multipliers"]]] for r in data["lr"]]))
     out.append(("blocks", "Negatives vs batch: quality on the (B, N) grid (N: pairs per "
                           "softmax block; tuned lr)",
                 ["loss", "batch B", "block N", "seeds", "lr x", f"dev {m}", f"test {m}"],
