@@ -559,6 +559,8 @@ def test_one_seed_gives_na_intervals_not_a_crash(tmp_path):
     assert all(row[4].endswith("[n/a]") and row[5].endswith("[n/a]") for row in table)
     diffs = _table(md.read_text(encoding="utf-8"), "Paired differences over seeds")
     assert diffs and all("[n/a] (n = 1)" in row[3] for row in diffs)
+    answer = md.read_text(encoding="utf-8").split("## Design")[0]
+    assert answer.count("[n/a], n = 1 seed)") == 2 and "n = 1 seeds" not in answer  # per loss
 
 
 # -- data: several training sources ---------------------------------------------------------

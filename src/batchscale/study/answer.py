@@ -27,9 +27,10 @@ def best_batch(data: dict[str, Any]) -> list[dict[str, Any]]:
     m = data["metric"]
     out = []
     for b in data["best"]:
+        n = (b["test"] or b["dev"] or {}).get("n", 0)
         parts = [f"**{b['loss']}**: the best batch size on dev (tuned lr) is **{b['batch_size']}** "
-                 f"(dev {m} {fmt_iv(b['dev'])}, test {fmt_iv(b['test'])}, n = "
-                 f"{(b['test'] or b['dev'] or {}).get('n', 0)} seeds)"]
+                 f"(dev {m} {fmt_iv(b['dev'])}, test {fmt_iv(b['test'])}, n = {n} "
+                 f"seed{'' if n == 1 else 's'})"]
         for e in b["extremes"]:
             parts.append(f"batch {e['batch_size']} scores {fmt_pd(e['test'])} on test against "
                          f"it ({_direction(e['test'], 'better', 'worse')})")
