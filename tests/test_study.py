@@ -356,6 +356,26 @@ def test_reuse_takes_the_runs_of_shared_cells_from_another_grid(tmp_path, tiny_s
         full_store, "SELECT cell_id, started_at FROM attempts")}
     assert {(a["cell_id"], a["started_at"]) for a in attempts if a["cell_id"] in shared} == \
         {s for s in old_starts if s[0] in shared}
+    # The store records where they came from; a rerun with --reuse counts them again, not twice.
+    want = [{"store": str(full_store), "sweep": "tiny", "grid_hash": load_sweep(
+        _write(tmp_path / "full.yaml", _sweep_dict(tiny_static, data_dir))).hash, "runs": 4}]
+    with Store(store) as s:
+        assert s.reused_from() == want
+    assert main(["sweep", str(cfg), "--store", str(store), "--reuse", str(full_store)]) == 0
+    assert "reused 0 finished runs" in capsys.readouterr().out
+    with Store(store) as s:
+        assert s.reused_from() == want
+    # Shards each copy their own shared cells; the merge sums their records.
+    shards = [tmp_path / f"more-{i}.sqlite" for i in range(2)]
+    for i, shard in enumerate(shards):
+        assert main(["sweep", str(cfg), "--store", str(shard), "--shard", f"{i}/2",
+                     "--reuse", str(full_store)]) == 0
+    with Store(shards[0]) as a, Store(shards[1]) as b:
+        assert a.reused_from()[0]["runs"] + b.reused_from()[0]["runs"] == 4
+    merged = tmp_path / "more-merged.sqlite"
+    assert main(["merge", str(merged), *map(str, shards)]) == 0
+    with Store(merged) as s:
+        assert s.reused_from() == want
 
 
 def test_reuse_refuses_a_run_whose_config_is_not_its_cells(tmp_path, tiny_static, data_dir,

@@ -70,6 +70,8 @@ def test_ship_writes_report_store_and_provenance(store, tmp_path, monkeypatch, c
     assert "batchscale sweep s.yaml --store src/study.sqlite" in text
     assert "75 s" in text and str(tmp_path) not in text  # no absolute paths
     assert "of which 75 s (0.02 h) with a run in progress" in text
+    assert "reused" not in text and prov["study"]["reused_from"] == []
+
 
     # the manifest's report command regenerates the report from the shipped store
     before, store_sha = files(out), _sha(out / STORE_NAME)
@@ -128,3 +130,21 @@ def test_busy_time_is_the_length_of_the_union_of_the_runs_spans():
             spans.append((float(a), float(a + rng.randint(0, 30))))
         covered = {t for a, b in spans for t in range(int(a), int(b))}
         assert busy_seconds(spans) == len(covered)
+
+
+def test_the_manifest_names_the_stores_whose_runs_were_reused(store, tmp_path, monkeypatch):
+    from batchscale.study.store import Store
+
+    reused = [{"store": "runs/old/shard-0.sqlite", "sweep": "old", "grid_hash": "abc", "runs": 3},
+              {"store": "runs/pilot.sqlite", "sweep": "pilot", "grid_hash": "def", "runs": 1}]
+    with Store(store) as s, s.transaction() as db:
+        db.execute("INSERT INTO meta (key, value) VALUES ('reused_from', ?)",
+                   (json.dumps(reused),))
+    monkeypatch.chdir(tmp_path)
+    assert main(["ship", "src/study.sqlite"]) == 0
+    out = Path("results/tiny-study")
+    assert json.loads((out / "provenance.json").read_text())["study"]["reused_from"] == reused
+    assert ("- runs reused from other stores (`batchscale sweep --reuse`: the same resolved "
+            "configs, run earlier under another grid): 3 from `runs/old/shard-0.sqlite` (sweep "
+            "`old`, grid hash `abc`); 1 from `runs/pilot.sqlite` (sweep `pilot`, grid hash "
+            "`def`)") in (out / "MANIFEST.md").read_text()

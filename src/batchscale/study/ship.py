@@ -106,6 +106,7 @@ def study_record(store_path: Path) -> dict[str, Any]:
         distinct = {col: sorted({r[0] for r in db.execute(f"SELECT DISTINCT {col} FROM runs")
                                  if r[0] is not None})
                     for col in ("package_version", "host", "device")}
+        reused = store.reused_from()
         cells = db.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
         failures = db.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
     return {"name": meta.get("sweep_name"), "sweep_hash": meta.get("sweep_hash"),
@@ -113,7 +114,7 @@ def study_record(store_path: Path) -> dict[str, Any]:
             "package_version_at_creation": meta.get("package_version"),
             "package_versions_of_runs": distinct["package_version"],
             "hosts": distinct["host"], "devices": distinct["device"],
-            "cells": cells, "finished_runs": runs, "failures": failures,
+            "cells": cells, "finished_runs": runs, "failures": failures, "reused_from": reused,
             "wall_clock": {**wall_clock(wall, train, first, last),
                            "busy_seconds": busy_seconds(spans) if spans else None},
             "sweep_config": json.loads(meta["sweep_config"])}
@@ -237,6 +238,15 @@ def _hours(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds:,.0f} s ({seconds / 3600:.2f} h)"
 
 
+def _reused_lines(reused: list[dict[str, Any]]) -> list[str]:
+    if not reused:
+        return []
+    parts = [f"{e['runs']} from `{e['store']}` (sweep `{e['sweep']}`, grid hash "
+             f"`{e['grid_hash']}`)" for e in reused]
+    return [f"- runs reused from other stores (`batchscale sweep --reuse`: the same resolved "
+            f"configs, run earlier under another grid): {'; '.join(parts)}"]
+
+
 def manifest_markdown(p: dict[str, Any]) -> str:
     s, m, c = p["study"], p["machine"], p["commands"]
     w = s["wall_clock"]
@@ -266,6 +276,7 @@ def manifest_markdown(p: dict[str, Any]) -> str:
               f"{_hours(w['first_start_to_last_finish_seconds'])}, of which "
               f"{_hours(w.get('busy_seconds'))} with a run in progress (the rest: none running, "
               "e.g. between sessions)",
+              *_reused_lines(s.get("reused_from") or []),
               f"- store: {p['store']['note']}", "",
               "## Machine (where `batchscale ship` ran; the runs' hosts are above)", "",
               f"- CPU {m['cpu']}, {m['logical_cores']} logical cores, {m['ram_gib']} GiB RAM",

@@ -162,6 +162,10 @@ class Store:
                     f"INSERT OR IGNORE INTO cells ({', '.join(_CELL_COLUMNS)}) VALUES "
                     f"({', '.join(':' + k for k in _CELL_COLUMNS)})", c)
 
+    def reused_from(self) -> list[dict[str, Any]]:
+        """The stores whose runs ``--reuse`` copied in: store, sweep, grid_hash, runs."""
+        return json.loads(self.meta("reused_from") or "[]")
+
     def finished_cells(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT cell_id FROM runs")}
 
@@ -290,10 +294,44 @@ def reuse_runs(target: Store, inputs: Iterable[str | Path], cells: dict[str, str
                                    "resumed) VALUES (?, ?, ?, ?, ?)", tuple(a))
                     done.add(cid)
                     copied += 1
+            _record_reused(target, db, sources)
         return copied
     finally:
         for s in sources:
             s.close()
+
+
+def _record_reused(target: Store, db: sqlite3.Connection, sources: list[Store]) -> None:
+    """Meta ``reused_from``: per source store, how many of ``target``'s runs are its runs
+    (the same cell and start time), counted afresh on every ``--reuse``, so a rerun records
+    what an earlier copy did."""
+    mine = {(r[0], r[1]) for r in db.execute("SELECT cell_id, started_at FROM runs")}
+    entries = {(e["store"], e["grid_hash"]): e for e in target.reused_from()}
+    for s in sources:
+        n = sum((r[0], r[1]) in mine
+                for r in s.db.execute("SELECT cell_id, started_at FROM runs"))
+        if n:
+            entries[(str(s.path), s.meta("sweep_hash"))] = {
+                "store": str(s.path), "sweep": s.meta("sweep_name"),
+                "grid_hash": s.meta("sweep_hash"), "runs": n}
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('reused_from', ?)",
+               (json.dumps(sorted(entries.values(), key=lambda e: e["store"])),))
+
+
+def _merge_reused(db: sqlite3.Connection, target: Store, sources: list[Store]) -> None:
+    """The inputs' ``reused_from`` in the merged store: runs summed per source store over the
+    inputs (each shard copied its own cells); the target's entries for other stores stay."""
+    merged = {(e["store"], e["grid_hash"]): e for e in target.reused_from()}
+    summed: dict[tuple[str, str], dict[str, Any]] = {}
+    for s in sources:
+        for e in s.reused_from():
+            key = (e["store"], e["grid_hash"])
+            n = summed[key]["runs"] if key in summed else 0
+            summed[key] = {**e, "runs": n + e["runs"]}
+    merged.update(summed)
+    if merged:
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('reused_from', ?)",
+                   (json.dumps(sorted(merged.values(), key=lambda e: e["store"])),))
 
 
 def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict[str, int]:
@@ -332,6 +370,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict[str, int]:
                               meta.get("package_version", ""), first.cells())
             done = target.finished_cells()
             with target.transaction() as db:
+                _merge_reused(db, target, sources)
                 for s in sources:
                     for c in s.cells():
                         db.execute(f"INSERT OR IGNORE INTO cells ({', '.join(_CELL_COLUMNS)}) "
