@@ -100,9 +100,8 @@ def study_record(store_path: Path) -> dict[str, Any]:
         runs, wall, train, first, last = db.execute(
             "SELECT COUNT(*), SUM(wall_seconds), SUM(train_seconds), MIN(started_at), "
             "MAX(finished_at) FROM runs").fetchone()
-        spans = [(datetime.fromisoformat(r[0]).timestamp() - r[1],
-                  datetime.fromisoformat(r[0]).timestamp())
-                 for r in db.execute("SELECT finished_at, wall_seconds FROM runs")]
+        ends = [(datetime.fromisoformat(f).timestamp(), w)
+                for f, w in db.execute("SELECT finished_at, wall_seconds FROM runs")]
         distinct = {col: sorted({r[0] for r in db.execute(f"SELECT DISTINCT {col} FROM runs")
                                  if r[0] is not None})
                     for col in ("package_version", "host", "device")}
@@ -115,18 +114,19 @@ def study_record(store_path: Path) -> dict[str, Any]:
             "package_versions_of_runs": distinct["package_version"],
             "hosts": distinct["host"], "devices": distinct["device"],
             "cells": cells, "finished_runs": runs, "failures": failures, "reused_from": reused,
-            "wall_clock": {**wall_clock(wall, train, first, last),
-                           "busy_seconds": busy_seconds(spans) if spans else None},
+            "wall_clock": wall_clock(wall, train, first, last,
+                                     [(end - w, end) for end, w in ends]),
             "sweep_config": json.loads(meta["sweep_config"])}
 
 
 def wall_clock(wall: float | None, train: float | None, first: str | None,
-               last: str | None) -> dict[str, Any]:
+               last: str | None, spans: list[tuple[float, float]]) -> dict[str, Any]:
     span = None
     if first and last:
         span = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
     return {"sum_run_wall_seconds": wall, "sum_run_train_seconds": train,
-            "first_start": first, "last_finish": last, "first_start_to_last_finish_seconds": span}
+            "first_start": first, "last_finish": last, "first_start_to_last_finish_seconds": span,
+            "busy_seconds": busy_seconds(spans) if spans else None}
 
 
 def busy_seconds(spans: list[tuple[float, float]]) -> float:

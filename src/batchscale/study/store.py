@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -258,22 +258,51 @@ class Store:
         return [dict(r) for r in self.db.execute("SELECT * FROM cells ORDER BY idx")]
 
 
-def reuse_runs(target: Store, inputs: Iterable[str | Path], cells: dict[str, str]) -> int:
+def _open_inputs(inputs: Iterable[str | Path]) -> list[Store]:
+    """Open stores to read runs from (merge, reuse): each must exist and hold a sweep. On an
+    error the ones already open are closed."""
+    sources: list[Store] = []
+    try:
+        for p in inputs:
+            if not Path(p).is_file():
+                raise StoreError(f"{p}: no such store")
+            s = Store(p, create=False)
+            sources.append(s)
+            if s.meta("sweep_hash") is None:
+                raise StoreError(f"{p}: an empty store (no sweep was started in it)")
+    except BaseException:
+        for s in sources:
+            s.close()
+        raise
+    return sources
+
+
+def _copy_attempts(db: sqlite3.Connection, source: Store, cell_id: str | None = None) -> None:
+    """The source's attempts (of one cell, or all) into the store ``db`` writes."""
+    where, args = ("WHERE cell_id = ?", (cell_id,)) if cell_id is not None else ("", ())
+    for a in source.db.execute("SELECT cell_id, started_at, host, pid, resumed FROM attempts "
+                               + where, args):
+        db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, resumed) "
+                   "VALUES (?, ?, ?, ?, ?)", tuple(a))
+
+
+def _write_reused(db: sqlite3.Connection, entries: dict[tuple[str, str], dict[str, Any]]) -> None:
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('reused_from', ?)",
+               (json.dumps(sorted(entries.values(), key=lambda e: e["store"])),))
+
+
+def reuse_runs(target: Store, inputs: Sequence[str | Path], cells: dict[str, str]) -> int:
     """Copy into ``target`` the finished runs of ``inputs`` (stores of any sweep: an earlier
     grid, a pilot) whose cell is one of ``cells`` (cell id -> resolved run config, JSON) and
     not finished in ``target``. A cell id hashes the run's whole resolved config, so such a run
     is the same experiment whatever grid it ran in. A run whose recorded config is not the
     cell's is refused (nothing is copied). Its attempts come along, so the study's
     wall-clock starts at its first start. Returns the number of runs copied."""
-    sources = []
+    for p in inputs:
+        if Path(p).resolve() == target.path.resolve():
+            raise StoreError(f"--reuse {p}: that is the sweep's own store")
+    sources = _open_inputs(inputs)
     try:
-        for p in inputs:
-            if Path(p).resolve() == target.path.resolve():
-                raise StoreError(f"--reuse {p}: that is the sweep's own store")
-            s = Store(p, create=False)
-            sources.append(s)
-            if s.meta("sweep_hash") is None:
-                raise StoreError(f"{p}: an empty store (no sweep was started in it)")
         done = target.finished_cells()
         copied = 0
         with target.transaction() as db:
@@ -288,10 +317,7 @@ def reuse_runs(target: Store, inputs: Iterable[str | Path], cells: dict[str, str
                             "sweep's cell of that id (a store from a batchscale that hashed "
                             "configs differently?); refusing to reuse it")
                     target._insert_run(db, run, s.curve(run["id"]), s.metrics(run["id"]))
-                    for a in s.db.execute("SELECT cell_id, started_at, host, pid, resumed "
-                                          "FROM attempts WHERE cell_id = ?", (cid,)):
-                        db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, "
-                                   "resumed) VALUES (?, ?, ?, ?, ?)", tuple(a))
+                    _copy_attempts(db, s, cid)
                     done.add(cid)
                     copied += 1
             _record_reused(target, db, sources)
@@ -314,8 +340,7 @@ def _record_reused(target: Store, db: sqlite3.Connection, sources: list[Store]) 
             entries[(str(s.path), s.meta("sweep_hash"))] = {
                 "store": str(s.path), "sweep": s.meta("sweep_name"),
                 "grid_hash": s.meta("sweep_hash"), "runs": n}
-    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('reused_from', ?)",
-               (json.dumps(sorted(entries.values(), key=lambda e: e["store"])),))
+    _write_reused(db, entries)
 
 
 def _merge_reused(db: sqlite3.Connection, target: Store, sources: list[Store]) -> None:
@@ -330,8 +355,7 @@ def _merge_reused(db: sqlite3.Connection, target: Store, sources: list[Store]) -
             summed[key] = {**e, "runs": n + e["runs"]}
     merged.update(summed)
     if merged:
-        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('reused_from', ?)",
-                   (json.dumps(sorted(merged.values(), key=lambda e: e["store"])),))
+        _write_reused(db, merged)
 
 
 def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict[str, int]:
@@ -340,15 +364,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict[str, int]:
     first). Returns counts: runs added, duplicates skipped."""
     if not inputs:
         raise StoreError("merge: no input stores")
-    sources = []
-    for p in inputs:
-        if not Path(p).is_file():
-            raise StoreError(f"{p}: no such store")
-        s = Store(p, create=False)
-        if s.meta("sweep_hash") is None:
-            s.close()
-            raise StoreError(f"{p}: an empty store (no sweep was started in it)")
-        sources.append(s)
+    sources = _open_inputs(inputs)
     try:
         first = sources[0]
         want = first.meta("sweep_hash")
@@ -375,10 +391,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict[str, int]:
                     for c in s.cells():
                         db.execute(f"INSERT OR IGNORE INTO cells ({', '.join(_CELL_COLUMNS)}) "
                                    f"VALUES ({', '.join(':' + k for k in _CELL_COLUMNS)})", c)
-                    for a in s.db.execute("SELECT cell_id, started_at, host, pid, resumed "
-                                          "FROM attempts"):
-                        db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, "
-                                   "resumed) VALUES (?, ?, ?, ?, ?)", tuple(a))
+                    _copy_attempts(db, s)
                     for f in s.db.execute("SELECT cell_id, failed_at, error FROM failures"):
                         db.execute("INSERT INTO failures (cell_id, failed_at, error) "
                                    "VALUES (?, ?, ?)", tuple(f))

@@ -173,7 +173,7 @@ def run_cell(store: Store, cell: Cell, work: Path, *, show_progress: bool = Fals
         "best_examples": fit.best_examples,
         "last_dev": curve[-1]["dev"] if curve else None,
         "test": None if test_metric is None else float(test_metric),
-        "config": json.dumps(cell.config.model_dump(mode="json"), sort_keys=True),
+        "config": _config_json(cell),
     }
     metrics = {"dev": _numbers(best["dev"] if best else None), "test": _numbers(test)}
     metrics["test"].pop("seconds", None)
@@ -217,7 +217,7 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
         store.initialise(sweep.hash, sweep.config.name, sweep.resolved(), __version__,
                          [_cell_row(c) for c in sweep.cells])
         if reuse:
-            n = reuse_runs(store, reuse, {c.id: _cell_row(c)["config"] for c in cells})
+            n = reuse_runs(store, reuse, {c.id: _config_json(c) for c in cells})
             log(f"reused {n} finished runs of {', '.join(map(str, reuse))} (the same "
                 "resolved configs)")
         done = store.finished_cells()
@@ -288,9 +288,14 @@ class _LrGate:
         return None
 
 
+def _config_json(c: Cell) -> str:
+    """The cell's resolved run config as the store keeps it (canonical JSON)."""
+    return json.dumps(c.config.model_dump(mode="json"), sort_keys=True)
+
+
 def _cell_row(c: Cell) -> dict[str, Any]:
     return {"cell_id": c.id, "idx": c.index, "loss": c.loss, "loss_name": c.config.loss.name,
             "vrns_weight": c.vrns_weight, "batch_size": c.batch_size, "seed": c.seed,
             "lr_scaling": c.lr_scaling, "lr_multiplier": c.lr_multiplier,
             "softmax_batch": c.softmax_batch,
-            "config": json.dumps(c.config.model_dump(mode="json"), sort_keys=True)}
+            "config": _config_json(c)}
