@@ -8,8 +8,8 @@ from pathlib import Path
 
 from batchscale.study.store import Store
 
-#: (loss, batch size, seed) -> (dev, test)
-Scores = dict[tuple[str, int, int], tuple[float, float]]
+#: (loss, batch size, seed) or (loss, batch size, seed, softmax block N) -> (dev, test)
+Scores = dict[tuple, tuple[float, float]]
 START = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
 
@@ -24,15 +24,16 @@ def make_store(path: Path, scores: Scores, *, name: str = "tiny",
                 "grid": {"losses": {x: {"name": x} for x in losses},
                          "seeds": sorted({k[2] for k in scores}), **(grid or {})},
                 "report": report or {}}
-    cells = [{"cell_id": f"c{i}", "idx": i, "loss": loss, "loss_name": loss,
-              "vrns_weight": 0.0, "batch_size": b, "seed": seed, "lr_scaling": "none",
-              "lr_multiplier": 1.0, "softmax_batch": b, "config": "{}"}
-             for i, (loss, b, seed) in enumerate(sorted(scores, key=lambda k: (k[2], k[0], k[1])))]
+    cells = [{"cell_id": f"c{i}", "idx": i, "loss": k[0], "loss_name": k[0],
+              "vrns_weight": 0.0, "batch_size": k[1], "seed": k[2], "lr_scaling": "none",
+              "lr_multiplier": 1.0, "softmax_batch": k[3] if len(k) > 3 else k[1],
+              "config": "{}", "key": k}
+             for i, k in enumerate(sorted(scores, key=lambda k: (k[2], k[0], k[1], *k[3:])))]
     with Store(path) as s:
         s.initialise("h-" + name, name, resolved, "0.1.0", cells)
         t = START
         for c in cells:
-            dev, test = scores[(c["loss"], c["batch_size"], c["seed"])]
+            dev, test = scores[c.pop("key")]
             b = c["batch_size"]
             curve = [{"point": k, "examples": b * 4 * k, "steps": 4 * k, "seconds": float(k),
                       "dev": dev - (3 - k) ** 2, "train_loss": None, "lr": None}

@@ -242,6 +242,18 @@ def test_every_number_of_the_answer_is_recomputed_from_the_store(design_store, t
             assert (f"alone (negatives held at N = 8; fewer, larger steps at this budget) "
                     f"{_paired_text(t(mid), t(small))}") in sentence
             assert f"the extra negatives {_paired_text(t(whole), t(mid))}" in sentence
+            # the share only of a total whose interval excludes zero, in the Answer and table
+            total = np.asarray(t(whole)) - np.asarray(t(small))
+            lo, hi = stats.t.interval(0.95, 2, loc=total.mean(), scale=stats.sem(total))
+            row = next(r for r in text.splitlines() if r.startswith(f"| {loss} | 8 -> {large} |"))
+            if lo <= 0 <= hi:
+                assert sentence.endswith("so no share is claimed.")
+                assert row.endswith("| none claimed: total not resolved |")
+            else:
+                share = (np.mean(t(whole)) - np.mean(t(mid))) / total.mean()
+                assert row.endswith(f"| {100 * share:.0f}% |")
+                assert (f"the negatives carry {100 * share:.0f}% of the effect" in sentence
+                        if share >= 0 else "the optimisation batch accounts for more" in sentence)
 
     # 5. WEINCE - InfoNCE per batch size, Holm over the table's three paired t tests
     w = {b: _cell(tuned, "weince", b) for b in BATCHES}
@@ -457,3 +469,35 @@ def test_the_lr_table_keeps_its_columns_when_a_multiplier_has_no_run(design_stor
     for (loss, b, n), why in ((gone, "not run"), (failed, "diverged")):
         x1 = [r["best_dev"] for r in _cell(tuned, loss, b, n).values()]
         assert rows[(loss, b, "B" if n == b else str(n))] == [why, _iv_text(x1) + " *"]
+
+
+def test_the_negatives_share_is_claimed_only_of_a_resolved_total(tmp_path):
+    """Hand-made test scores at B = 8, at B = 32 whole and at B = 32 in blocks of N = 8.
+    InfoNCE: totals 4.0, 4.2, 3.9 (resolved), negatives 3.0, 3.1, 2.7: share 2.933 / 4.033.
+    WEINCE: the same total, negatives -2.0, -1.8, -2.1 (the other way). BSC: totals +3, -2,
+    +1, whose t interval holds zero: no share, whatever the point estimates."""
+    from study_stores import make_store
+
+    small, whole = (60.0, 61.0, 62.0), (64.0, 65.2, 65.9)
+    mids = {"infonce": (61.0, 62.1, 63.2), "weince": (66.0, 67.0, 68.0),
+            "bsc": (61.0, 62.0, 63.0)}
+    scores = {}
+    for loss, mid in mids.items():
+        top = (63.0, 59.0, 63.0) if loss == "bsc" else whole
+        for s in range(3):
+            scores[(loss, 8, s)] = (70.0, small[s])
+            scores[(loss, 32, s)] = (70.0, top[s])
+            scores[(loss, 32, s, 8)] = (70.0, mid[s])
+    data = compute(*load_runs(make_store(tmp_path / "s.sqlite", scores)))
+    share = {n["loss"]: n["test"]["negatives_share"] for n in data["negatives"]}
+    assert share["infonce"] == pytest.approx((3.0 + 3.1 + 2.7) / (4.0 + 4.2 + 3.9))
+    assert share["weince"] == pytest.approx((-2.0 - 1.8 - 2.1) / (4.0 + 4.2 + 3.9))
+    assert share["bsc"] is None
+    texts = {a["text"].split("**")[1]: a["text"] for a in data["answer"]
+             if a["link"] == "blocks"}
+    assert "the negatives carry 73% of the effect" in texts["infonce"]
+    assert "the optimisation batch accounts for more than all" in texts["weince"]
+    assert texts["bsc"].endswith("not distinguishable from zero, so no share is claimed.")
+    (rows,) = [t[3] for t in tables(data) if t[0] == "negatives"]
+    assert {r[0]: r[-1] for r in rows} == {"infonce": "73%", "weince": "-49%",
+                                           "bsc": "none claimed: total not resolved"}

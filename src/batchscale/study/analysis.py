@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import stats
-from .answer import answer
+from .answer import answer, excludes_zero
 from .critical import CriticalBatch, critical_batch, doubling_gain, steps_to_target
 from .tuning import choose, scores_by_setting
 
@@ -353,12 +353,13 @@ def negatives_section(runs: Runs) -> list[dict[str, Any]]:
         a, mid, z = runs.cell(arm, small), runs.cell(arm, large, small), runs.cell(arm, large)
         entry: dict[str, Any] = {"loss": runs.label(arm), "b_small": small, "b_large": large}
         for split, key in (("dev", "best_dev"), ("test", "test")):
-            total, negatives = paired(z, a, key), paired(z, mid, key)
+            total, negatives = pd(paired(z, a, key)), pd(paired(z, mid, key))
+            # A share of a total the seeds cannot tell from zero is any number at all.
             share = None
-            if total is not None and negatives is not None and total.mean != 0:
-                share = negatives.mean / total.mean
-            entry[split] = {"total": pd(total), "optimisation": pd(paired(mid, a, key)),
-                            "negatives": pd(negatives), "negatives_share": share}
+            if excludes_zero(total) and negatives is not None:
+                share = negatives["mean"] / total["mean"]  # type: ignore[index]
+            entry[split] = {"total": total, "optimisation": pd(paired(mid, a, key)),
+                            "negatives": negatives, "negatives_share": share}
         out.append(entry)
     return out
 

@@ -145,7 +145,7 @@ def negatives(data: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{fmt_pd(t['optimisation'])}, the extra negatives "
                 f"{fmt_pd(t['negatives'])}")
         share = t["negatives_share"]
-        if not excludes_zero(t["total"]) or share is None:
+        if share is None:
             text += ": the total is not distinguishable from zero, so no share is claimed"
         elif share >= 0:
             text += (f": the negatives carry {percent(share)} of the effect (point "

@@ -56,6 +56,12 @@ def _block(n: int, b: int) -> str:
     return "B" if n == b else str(n)
 
 
+def _share(split: dict[str, Any]) -> str:
+    if split["negatives_share"] is None and split["total"] is not None:
+        return "none claimed: total not resolved"
+    return percent(split["negatives_share"])
+
+
 def _target_cells(r: dict[str, Any]) -> list[str]:
     return [f"{t['reached']}/{r['seeds']}: {fmt_spread(t['steps'])} steps, "
             f"{fmt_spread(t['examples'])} ex." for t in r["to_target"]]
@@ -122,7 +128,7 @@ def tables(data: dict[str, Any]) -> list[Table]:
                  "negatives (at B_large)", "negatives' share"],
                 [[n["loss"], f"{n['b_small']} -> {n['b_large']}", fmt_pd(n["test"]["total"]),
                   fmt_pd(n["test"]["optimisation"]), fmt_pd(n["test"]["negatives"]),
-                  percent(n["test"]["negatives_share"])] for n in data["negatives"]]))
+                  _share(n["test"])] for n in data["negatives"]]))
     out.append(("trend", f"Trend: {m} per doubling of the batch size (per-seed slopes on "
                          "log2 B, t interval over seeds; curvature of per-seed quadratics)",
                 ["loss", "dev slope", "test slope", "test curvature"],
