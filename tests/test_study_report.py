@@ -501,3 +501,25 @@ def test_the_negatives_share_is_claimed_only_of_a_resolved_total(tmp_path):
     (rows,) = [t[3] for t in tables(data) if t[0] == "negatives"]
     assert {r[0]: r[-1] for r in rows} == {"infonce": "73%", "weince": "-49%",
                                            "bsc": "none claimed: total not resolved"}
+
+
+def test_the_frontier_plot_stars_b_crit_only_where_the_table_gives_it_a_value(design_store,
+                                                                              tmp_path):
+    """The star at (2 E_min, 2 S_min) is drawn for a fitted B_crit inside the batch range,
+    never for a bound (B_crit > the largest batch) or a target reached only at the budget's
+    end, whose table cell is not a number."""
+    from batchscale.study.plots import fit_marks
+    from study_stores import make_store
+
+    scores = {("infonce", b, s): (80.0, 70.0) for b in (16, 64, 256) for s in (0, 1, 2)}
+    last = make_store(tmp_path / "s.sqlite", scores, report={"targets": [79.5, 78.0]})
+    seen = []
+    for store in (design_store, last):
+        data = compute(*load_runs(store))
+        (rows,) = [t[3] for t in tables(data) if t[0] == "critical"]
+        for c, row in zip(data["critical"], rows, strict=True):
+            number = row[4].split(" [")[0].replace(",", "").isdigit()
+            assert fit_marks(c)[1] == number, (c["loss"], c["target"], row[4])
+            if c["pooled"] is not None:
+                seen.append(number)
+    assert True in seen and False in seen

@@ -104,6 +104,15 @@ def quality(data: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def fit_marks(c: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the frontier plot draws a target's pooled hyperbola and its B_crit star: the
+    curve where a fit measures something (not where every run reached the target only at the
+    budget's end), the star only where the table gives B_crit a value (the seeds' fits, not
+    a bound)."""
+    curve = bool(c.get("pooled")) and not c.get("only_at_last_point")
+    return curve, curve and c.get("b_crit") is not None and not c.get("bound")
+
+
 def frontier(data: dict[str, Any]) -> bytes:
     """S against E = B S per loss: each target's measured medians and its pooled fit."""
     losses = data["losses"]
@@ -125,10 +134,12 @@ def frontier(data: dict[str, Any]) -> bytes:
                 for e, s, b in pts:
                     ax.annotate(str(b), (e, s), fontsize=6, alpha=0.7)
             h = c.get("pooled")
-            if h and pts:
+            curve, star = fit_marks(c)
+            if curve and pts:
                 bs = np.geomspace(min(p[2] for p in pts) / 2, max(p[2] for p in pts) * 2, 60)
                 s = h["s_min"] + h["e_min"] / bs
                 ax.plot(bs * s, s, color=col, alpha=0.8)
+            if star and pts:
                 ax.plot([h["b_crit"] * 2 * h["s_min"]], [2 * h["s_min"]], marker="*",
                         color=col, markersize=10)
         ax.set_xscale("log")
