@@ -523,3 +523,23 @@ def test_the_frontier_plot_stars_b_crit_only_where_the_table_gives_it_a_value(de
             if c["pooled"] is not None:
                 seen.append(number)
     assert True in seen and False in seen
+
+
+def test_the_regime_counts_the_seeds_each_cell_finished(tmp_path):
+    """The grid has seeds 0-2; the regime sentence says how many each tuned cell has: all
+    three, then one run (InfoNCE, B = 64, seed 2) missing, then only seed 0 anywhere."""
+    from study_stores import make_store
+
+    full = {(loss, b, s): (80.0, 70.0) for loss in ("bsc", "infonce") for b in (16, 64)
+            for s in (0, 1, 2)}
+
+    def regime(scores: dict, name: str, grid: dict | None = None) -> str:
+        data = compute(*load_runs(make_store(tmp_path / name, scores, grid=grid)))
+        return data["answer"][-1]["text"]
+
+    assert ", 3 seeds per cell, " in regime(full, "a.sqlite")
+    partial = {k: v for k, v in full.items() if k != ("infonce", 64, 2)}
+    assert ", 2-3 seeds per cell (3 in the grid), " in regime(partial, "b.sqlite")
+    first = {k: v for k, v in full.items() if k[2] == 0}
+    assert ", 1 seed per cell (3 in the grid), " in regime(first, "c.sqlite",
+                                                           grid={"seeds": [0, 1, 2]})

@@ -198,10 +198,12 @@ def design(runs: Runs, meta: dict[str, str], sweep: dict[str, Any]) -> dict[str,
                     "lr_multiplier": r["lr_multiplier"], field: r[field]}
                    for r in runs.all if r[field] != want]
     grid = sweep.get("grid", {})
+    counts = [len(runs.cell(arm, b, n)) for arm, b, n in runs.block_cells()]
     return {"model": base.get("model", {}).get("name"), "data": base.get("data", {}).get("train"),
             "dev": base.get("eval", {}).get("dev"), "test": base.get("eval", {}).get("test"),
             "budget": {"kind": kind, "value": budget.get(kind) if kind else None},
             "seeds": grid.get("seeds"), "lr_multipliers": grid.get("lr_multipliers", [1.0]),
+            "seeds_per_cell": [min(counts), max(counts)] if counts else None,
             "vrns_weights": grid.get("vrns_weights"),
             "lr_tuning": grid.get("lr_tuning", "all_seeds"),
             "lr_scaling": grid.get("lr_scaling"), "base_lr": base.get("optim", {}).get("lr"),

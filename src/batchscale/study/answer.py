@@ -252,6 +252,17 @@ def lr_edges(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"text": text, "link": "lr"}]
 
 
+def _seeds_per_cell(d: dict[str, Any]) -> str:
+    """The seeds each tuned cell has finished, against the grid's where they differ (a study
+    under way, a diverged run)."""
+    grid = len(d["seeds"] or [])
+    lo, hi = d.get("seeds_per_cell") or (0, 0)
+    if lo == hi == grid:
+        return f"{grid} seeds per cell"
+    count = f"{lo} seed{'s' * (lo != 1)}" if lo == hi else f"{lo}-{hi} seeds"
+    return f"{count} per cell ({grid} in the grid)"
+
+
 def regime(data: dict[str, Any]) -> dict[str, Any]:
     d = data["design"]
     budget = d["budget"]
@@ -261,7 +272,7 @@ def regime(data: dict[str, Any]) -> dict[str, Any]:
             f"of {fmt(budget['value'], 0) if budget['value'] is not None else 'n/a'} "
             f"{budget['kind']} per run"
             + (f" ({fmt_spread(epochs, 2)} epochs)" if epochs else "")
-            + f", {len(d['seeds'] or [])} seeds per cell, lr = {d['base_lr']} x rule "
+            + f", {_seeds_per_cell(d)}, lr = {d['base_lr']} x rule "
             f"{'/'.join(d['lr_scaling'] or [])} x the best of "
             f"{', '.join(f'{m:g}' for m in d['lr_multipliers'])} on dev ({d['lr_tuning']}), "
             f"selection on {(d['dev'] or {}).get('task')} {(d['dev'] or {}).get('split')}, "
