@@ -24,16 +24,16 @@ def make_store(path: Path, scores: Scores, *, name: str = "tiny",
                 "grid": {"losses": {x: {"name": x} for x in losses},
                          "seeds": sorted({k[2] for k in scores}), **(grid or {})},
                 "report": report or {}}
+    keys = sorted(scores, key=lambda k: (k[2], k[0], k[1], *k[3:]))
     cells = [{"cell_id": f"c{i}", "idx": i, "loss": k[0], "loss_name": k[0],
               "vrns_weight": 0.0, "batch_size": k[1], "seed": k[2], "lr_scaling": "none",
               "lr_multiplier": 1.0, "softmax_batch": k[3] if len(k) > 3 else k[1],
-              "config": "{}", "key": k}
-             for i, k in enumerate(sorted(scores, key=lambda k: (k[2], k[0], k[1], *k[3:])))]
+              "config": "{}"} for i, k in enumerate(keys)]
     with Store(path) as s:
         s.initialise("h-" + name, name, resolved, "0.1.0", cells)
         t = START
-        for c in cells:
-            dev, test = scores[c.pop("key")]
+        for c, key in zip(cells, keys, strict=True):
+            dev, test = scores[key]
             b = c["batch_size"]
             curve = [{"point": k, "examples": b * 4 * k, "steps": 4 * k, "seconds": float(k),
                       "dev": dev - (3 - k) ** 2, "train_loss": None, "lr": None}

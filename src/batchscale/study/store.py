@@ -157,10 +157,7 @@ class Store:
                 values["package_version"] = package_version
             for k, v in values.items():
                 db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (k, v))
-            for c in cells:
-                db.execute(
-                    f"INSERT OR IGNORE INTO cells ({', '.join(_CELL_COLUMNS)}) VALUES "
-                    f"({', '.join(':' + k for k in _CELL_COLUMNS)})", c)
+            _insert_cells(db, cells)
 
     def reused_from(self) -> list[dict[str, Any]]:
         """The stores whose runs ``--reuse`` copied in: store, sweep, grid_hash, runs."""
@@ -277,6 +274,13 @@ def _open_inputs(inputs: Iterable[str | Path]) -> list[Store]:
     return sources
 
 
+def _insert_cells(db: sqlite3.Connection, cells: Iterable[dict[str, Any]]) -> None:
+    """Cell rows (their _CELL_COLUMNS) into the store ``db`` writes; one already there stays."""
+    for c in cells:
+        db.execute(f"INSERT OR IGNORE INTO cells ({', '.join(_CELL_COLUMNS)}) VALUES "
+                   f"({', '.join(':' + k for k in _CELL_COLUMNS)})", c)
+
+
 def _copy_attempts(db: sqlite3.Connection, source: Store, cell_id: str | None = None) -> None:
     """The source's attempts (of one cell, or all) into the store ``db`` writes."""
     where, args = ("WHERE cell_id = ?", (cell_id,)) if cell_id is not None else ("", ())
@@ -388,9 +392,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict[str, int]:
             with target.transaction() as db:
                 _merge_reused(db, target, sources)
                 for s in sources:
-                    for c in s.cells():
-                        db.execute(f"INSERT OR IGNORE INTO cells ({', '.join(_CELL_COLUMNS)}) "
-                                   f"VALUES ({', '.join(':' + k for k in _CELL_COLUMNS)})", c)
+                    _insert_cells(db, s.cells())
                     _copy_attempts(db, s)
                     for f in s.db.execute("SELECT cell_id, failed_at, error FROM failures"):
                         db.execute("INSERT INTO failures (cell_id, failed_at, error) "
