@@ -369,6 +369,8 @@ def test_a_target_reached_only_at_the_budgets_end_is_not_fitted(tmp_path):
     last, earlier = data["critical"]
     assert (last["value"], earlier["value"]) == (79.5, 78.0)
     assert last["only_at_last_point"] and not earlier["only_at_last_point"]
+    # step 8 at every B: S(B) constant, so B_crit lies below the batch sizes measured
+    assert (last["finding"], earlier["finding"]) == ("last_point", "below")
     texts = [a["text"] for a in data["answer"] if a["link"] == "critical"]
     assert len(texts) == 2
     assert "only at its last evaluation point" in texts[0]
@@ -419,6 +421,31 @@ def test_where_the_steps_do_not_fall_with_b_only_a_bound_on_e_min_is_given(tmp_p
     assert "E_min = " not in text
     (rows,) = [t[3] for t in tables(data) if t[0] == "critical"]
     assert rows[0][4:7] == ["< 16", "4.0 [4.0, 4.0]", "< 64"]  # B_crit, S_min, E_min
+
+
+def test_the_answer_says_why_b_crit_is_not_fitted(tmp_path):
+    """A fit is per seed and needs 3 batch sizes. Every curve (tests/study_stores.py) is
+    dev - 9, - 4, - 1, dev: a target of 76 is reached where dev >= 76. InfoNCE: seed s reaches
+    it at the s-th batch size only, so every batch size has a run reaching it and no seed has
+    three; WEINCE reaches it everywhere but was run at 2 batch sizes."""
+    from study_stores import make_store
+
+    batches = (16, 64, 256)
+    scores = {("infonce", b, s): (80.0 if k == s else 70.0, 70.0)
+              for k, b in enumerate(batches) for s in (0, 1, 2)}
+    scores |= {("weince", b, s): (80.0, 70.0) for b in batches[:2] for s in (0, 1, 2)}
+    store = make_store(tmp_path / "s.sqlite", scores, report={"targets": [76.0]})
+    data = compute(*load_runs(store))
+    assert [c["finding"] for c in data["critical"]] == ["not_fitted", "not_fitted"]
+    texts = {a["text"].split("**")[1]: a["text"]
+             for a in data["answer"] if a["link"] == "critical"}
+    assert texts["infonce"] == (
+        "**infonce**, dev target 76.00 (76): no single seed reached it at 3 or more batch "
+        "sizes (a per-seed fit needs that many), so B_crit is not fitted (runs reaching it: "
+        "B=16: 1/3, B=64: 1/3, B=256: 1/3).")
+    assert texts["weince"] == (
+        "**weince**, dev target 76.00 (76): this loss was run at 2 batch sizes and a fit "
+        "needs 3, so B_crit is not fitted (runs reaching it: B=16: 3/3, B=64: 3/3).")
 
 
 def test_a_grid_with_vrns_but_no_vrns_runs_yet_says_so(tmp_path):
@@ -523,6 +550,22 @@ def test_the_frontier_plot_stars_b_crit_only_where_the_table_gives_it_a_value(de
             if c["pooled"] is not None:
                 seen.append(number)
     assert True in seen and False in seen
+
+
+def test_the_frontier_plot_draws_no_hyperbola_through_last_points_only(tmp_path):
+    """Seed s ends at dev 80 at the s-th batch size only (70 elsewhere; tests/study_stores.py
+    curves end 1 below it one point earlier): a target of 79.5 is reached at the budget's end
+    at each batch size by one seed. The pooled fit exists (3 batch sizes between the seeds)
+    but would draw the schedule (a vertical line at the budget), so neither curve nor star."""
+    from batchscale.study.plots import fit_marks
+    from study_stores import make_store
+
+    scores = {("infonce", b, s): (80.0 if k == s else 70.0, 70.0)
+              for k, b in enumerate((16, 64, 256)) for s in (0, 1, 2)}
+    store = make_store(tmp_path / "s.sqlite", scores, report={"targets": [79.5]})
+    (c,) = compute(*load_runs(store))["critical"]
+    assert c["pooled"] is not None and c["finding"] == "not_fitted"
+    assert fit_marks(c) == (False, False)
 
 
 def test_the_regime_counts_the_seeds_each_cell_finished(tmp_path):

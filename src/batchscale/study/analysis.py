@@ -492,6 +492,23 @@ def range_bound(fit: CriticalBatch, lo: int, hi: int) -> dict[str, Any] | None:
     return None
 
 
+def finding(fit: CriticalBatch, bound: dict[str, Any] | None, only_at_last: bool) -> str:
+    """What a target's fits measure, decided once for the Answer, the table and the plot:
+    ``not_fitted`` (no seed has a fit), ``last_point`` (every run reached it only at the
+    budget's end, so the steps are the budget / B and a fit would measure the schedule),
+    ``above`` / ``below`` (B_crit outside the batch sizes measured: only a bound),
+    ``b_crit`` (B_crit inside them, with its interval)."""
+    if fit.b_crit is None:
+        return "not_fitted"
+    if only_at_last:
+        return "last_point"
+    if bound and "b_crit_above" in bound:
+        return "above"
+    if bound and "b_crit_below" in bound:
+        return "below"
+    return "b_crit"
+
+
 def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per arm and target: steps to the target per batch size, the hyperbola fit, B_crit,
     what a doubling buys below and above it, and B_simple at the target."""
@@ -518,6 +535,9 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                     per_batch.append({"batch_size": b, "reached": len(got), "runs": len(hits),
                                       **counts})
             fit = critical_batch(per_seed, min_batch_sizes=MIN_BATCH_SIZES)
+            bound = range_bound(fit, min(runs.batches), max(runs.batches))
+            # then the steps to it are the budget / B: the fit measures the schedule
+            only_at_last = bool(at_last) and all(at_last)
             pooled = fit.pooled if len({p["batch_size"] for p in per_batch
                                         if p["reached"]}) >= MIN_BATCH_SIZES else None
             entry: dict[str, Any] = {
@@ -527,9 +547,8 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                 "pooled": None if pooled is None else {
                     "s_min": pooled.s_min, "e_min": pooled.e_min, "b_crit": pooled.b_crit},
                 "measured": [min(runs.batches), max(runs.batches)],
-                "bound": range_bound(fit, min(runs.batches), max(runs.batches)),
-                # then the steps to it are the budget / B: the fit measures the schedule
-                "only_at_last_point": bool(at_last) and all(at_last),
+                "bound": bound, "only_at_last_point": only_at_last,
+                "finding": finding(fit, bound, only_at_last),
                 # [seed, batch size, steps or None]: lets the Answer say when two losses
                 # reached a target at the same points (then their fits are one fit)
                 "steps_by_seed": [[seed, b, s] for seed, by_b in sorted(per_seed.items())

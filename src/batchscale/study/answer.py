@@ -79,15 +79,20 @@ def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
     same_as = _same_steps_as(data["critical"])
     for i, c in enumerate(data["critical"]):
         head = f"**{c['loss']}**, dev target {fmt(c['value'])} ({c['target']})"
-        if c["b_crit"] is None:
+        if c["finding"] == "not_fitted":
             reached = ", ".join(f"B={p['batch_size']}: {p['reached']}/{p['runs']}"
                                 for p in c["per_batch"])
-            need = c["min_batch_sizes"]
-            out.append({"text": f"{head}: no seed reached it at {need} batch sizes, so B_crit "
-                                f"is not fitted (runs reaching it: {reached}).",
-                        "link": "critical"})
+            need, have = c["min_batch_sizes"], len(c["per_batch"])
+            # A fit is per seed: runs of different seeds reaching it at 3 batch sizes between
+            # them do not make one, which the bare counts below would suggest.
+            why = (f"this loss was run at {have} batch sizes and a fit needs {need}"
+                   if have < need else
+                   f"no single seed reached it at {need} or more batch sizes (a per-seed "
+                   "fit needs that many)")
+            out.append({"text": f"{head}: {why}, so B_crit is not fitted (runs reaching it: "
+                                f"{reached}).", "link": "critical"})
             continue
-        if c.get("only_at_last_point"):
+        if c["finding"] == "last_point":
             out.append({"text": f"{head}: every run that reached it did so only at its last "
                                 "evaluation point (the end of the budget), so its steps are "
                                 "the budget / B at every batch size and B_crit is not "
@@ -95,14 +100,14 @@ def critical(data: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         fits = f"geometric mean of {c['n']} per-seed fit{'s' if c['n'] != 1 else ''}"
         e_min = f"E_min = {fmt_iv(c['e_min'], 0)} examples"
-        bound = c.get("bound") or {}
-        if "b_crit_above" in bound:
+        bound = c["bound"]
+        if c["finding"] == "above":
             hi = bound["b_crit_above"]
             text = (f"{head}: B_crit > {hi}, the largest batch measured: the steps still fall "
                     f"as 1/B there (no floor), so only this bound is measured ({fits}: "
                     f"{e_min}, so S_min < E_min / {hi} = {fmt(bound['s_min_below'], 1)} "
                     "steps)")
-        elif "b_crit_below" in bound:
+        elif c["finding"] == "below":
             lo = bound["b_crit_below"]
             text = (f"{head}: B_crit < {lo}, the smallest batch measured: the steps hardly "
                     f"fall with B ({fits}: S_min = {fmt_iv(c['s_min'], 1)} steps, so E_min < "

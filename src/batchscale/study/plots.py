@@ -109,8 +109,7 @@ def fit_marks(c: dict[str, Any]) -> tuple[bool, bool]:
     curve where a fit measures something (not where every run reached the target only at the
     budget's end), the star only where the table gives B_crit a value (the seeds' fits, not
     a bound)."""
-    curve = bool(c.get("pooled")) and not c.get("only_at_last_point")
-    return curve, curve and c.get("b_crit") is not None and not c.get("bound")
+    return bool(c.get("pooled")) and not c["only_at_last_point"], c["finding"] == "b_crit"
 
 
 def frontier(data: dict[str, Any]) -> bytes:

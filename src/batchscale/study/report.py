@@ -68,17 +68,16 @@ def _target_cells(r: dict[str, Any]) -> list[str]:
 
 
 def _critical_cells(c: dict[str, Any]) -> list[str]:
-    """B_crit, S_min, E_min as the Answer states them: the fit inside the measured range, a
-    bound outside it (``bound``), none where every run reached the target only at the
-    budget's end (report.json keeps the raw fits)."""
-    b, s_min, e_min = c["b_crit"], c["s_min"], c["e_min"]
-    bound = c.get("bound") or {}
-    if b is not None and c.get("only_at_last_point"):
+    """B_crit, S_min, E_min as the Answer states them (by the target's ``finding``): the fit
+    inside the measured range, a bound outside it, none where every run reached the target
+    only at the budget's end (report.json keeps the raw fits)."""
+    b, s_min, e_min, bound = c["b_crit"], c["s_min"], c["e_min"], c["bound"]
+    if c["finding"] == "last_point":
         return ["not measured (last point)", "-", "-"]
-    if "b_crit_above" in bound:
+    if c["finding"] == "above":
         return [f"> {bound['b_crit_above']}", f"< {fmt(bound['s_min_below'], 1)}",
                 fmt_iv(e_min, 0)]
-    if "b_crit_below" in bound:
+    if c["finding"] == "below":
         return [f"< {bound['b_crit_below']}", fmt_iv(s_min, 1),
                 f"< {fmt(bound['e_min_below'], 0)}"]
     return [fmt_iv(b, 0), fmt_iv(s_min, 1), fmt_iv(e_min, 0)]
