@@ -51,13 +51,15 @@ demo: $(VENV)/.installed
 # (the report, the store, MANIFEST.md with these commands). A rerun resumes: finished runs
 # are skipped, so a study may span sessions. REUSE="a.sqlite b.sqlite": take the finished
 # runs of those stores (an earlier grid, a pilot) whose resolved config is a cell of this one.
+# A shard that fails says so (with the time) when it fails, not when the other shard ends.
 REUSE ?=
 study-%: $(VENV)/.installed
 	mkdir -p runs/$@
-	$(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-0 --shard 0/2 --store runs/$@/shard-0.sqlite $(addprefix --reuse ,$(REUSE)) > runs/$@/shard-0.log 2>&1 & \
-	$(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-1 --shard 1/2 --store runs/$@/shard-1.sqlite $(addprefix --reuse ,$(REUSE)) > runs/$@/shard-1.log 2>&1; s1=$$?; \
-	wait $$! || { echo "shard 0 failed: see runs/$@/shard-0.log"; exit 1; }; \
-	[ $$s1 = 0 ] || { echo "shard 1 failed: see runs/$@/shard-1.log"; exit 1; }
+	( $(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-0 --shard 0/2 --store runs/$@/shard-0.sqlite $(addprefix --reuse ,$(REUSE)) > runs/$@/shard-0.log 2>&1 || \
+	  { echo "$$(date -u +%FT%TZ) shard 0 failed: see runs/$@/shard-0.log (shard 1 runs on)"; exit 1; } ) & \
+	$(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-1 --shard 1/2 --store runs/$@/shard-1.sqlite $(addprefix --reuse ,$(REUSE)) > runs/$@/shard-1.log 2>&1 || \
+	  { echo "$$(date -u +%FT%TZ) shard 1 failed: see runs/$@/shard-1.log (shard 0 runs on)"; s1=1; }; \
+	wait $$! || exit 1; [ -z "$$s1" ] || exit 1
 	rm -f runs/$@/study.sqlite
 	$(VENV)/bin/batchscale merge runs/$@/study.sqlite runs/$@/shard-0.sqlite runs/$@/shard-1.sqlite
 	$(VENV)/bin/batchscale ship runs/$@/study.sqlite --out results/$@ \
