@@ -117,6 +117,7 @@ def frontier(data: dict[str, Any]) -> bytes:
     losses = data["losses"]
     fig, axes = _panels(len(losses))
     from matplotlib import colormaps
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     cmap = colormaps["plasma"]
     names = [t["name"] for t in data["targets"]]
@@ -143,6 +144,13 @@ def frontier(data: dict[str, Any]) -> bytes:
                         color=col, markersize=10)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # within about a decade matplotlib labels the minor ticks too, and they overlap:
+        # label 1, 2, 5 x 10^k instead
+        lo, hi = ax.get_xlim()
+        if 0 < lo < hi < lo * 100:
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{loss} (star: B_crit)")
         _finish(ax, "examples to target (E)", "steps to target (S)")
     return _png(fig)
