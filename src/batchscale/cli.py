@@ -190,7 +190,9 @@ def _add_sweep(commands: argparse._SubParsersAction) -> None:
                    help="results store (default: runs/NAME/study.sqlite, or "
                         "runs/NAME/study-shard-I-of-N.sqlite with --shard)")
     p.add_argument("--shard", default=None, metavar="I/N",
-                   help="run only shard I of N (0-based): cells whose grid index is I mod N")
+                   help="run only shard I of N (0-based): cells whose grid index is I mod N "
+                        "or, under lr_tuning: first_seed, whole settings (balanced by "
+                        "estimated cost), so that each shard's store holds its lr choices")
     p.add_argument("--work", type=Path, default=None,
                    help="folder for the runs in progress (default: beside the store)")
     _add_overrides(p, "a sweep value, e.g. budget.examples=2000 or "
@@ -205,6 +207,10 @@ def _add_sweep(commands: argparse._SubParsersAction) -> None:
                    help="take the finished runs of STORE (any grid: an earlier one, a pilot) "
                         "whose resolved config is one of this sweep's cells instead of running "
                         "them again (repeatable)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what a run of this command would still run, in order, with "
+                        "each run's wall-clock estimated from the store's finished runs, and "
+                        "exit (nothing is run or written)")
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
@@ -212,7 +218,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from .encoders import EncoderLoadError
     from .study.grid import load_sweep, parse_shard
     from .study.store import StoreError
-    from .study.sweep import run_sweep
+    from .study.sweep import plan_sweep, plan_text, run_sweep
     from .training import ConfigError, RunDirectoryError, TrainingDiverged
 
     _setup_output(not args.progress)
@@ -226,6 +232,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
             name = "study.sqlite" if shard is None else \
                 f"study-shard-{shard[0]}-of-{shard[1]}.sqlite"
             store = Path("runs") / sweep.config.name / name
+        if args.plan:
+            print(plan_text(plan_sweep(sweep, store, shard), sweep.config.name, shard, store))
+            return 0
         summary = run_sweep(sweep, store, work_dir=args.work, shard=shard,
                             show_progress=args.progress, keep_runs=args.keep_runs,
                             threads=args.threads, reuse=args.reuse)

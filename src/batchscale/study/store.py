@@ -143,13 +143,7 @@ class Store:
         """Bind a new store to a sweep, or check that an existing one holds the same sweep
         (then the stored sweep config is updated: report settings may change)."""
         with self.transaction() as db:
-            existing = self.meta("sweep_hash")
-            if existing is not None and existing != sweep_hash:
-                stored = self.meta("sweep_name")
-                raise StoreError(
-                    f"{self.path}: holds another sweep ({stored!r}, grid hash {existing}; this "
-                    f"config's grid hash is {sweep_hash}); use another --store, or the config "
-                    "that made it")
+            existing = self.check_sweep(sweep_hash)
             values = {"schema_version": str(SCHEMA_VERSION), "sweep_hash": sweep_hash,
                       "sweep_name": name, "sweep_config": json.dumps(resolved, sort_keys=True)}
             if existing is None:
@@ -158,6 +152,17 @@ class Store:
             for k, v in values.items():
                 db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (k, v))
             _insert_cells(db, cells)
+
+    def check_sweep(self, sweep_hash: str) -> str | None:
+        """The store's grid hash (None: not bound to a sweep yet); StoreError if it holds
+        another sweep."""
+        existing = self.meta("sweep_hash")
+        if existing is not None and existing != sweep_hash:
+            raise StoreError(
+                f"{self.path}: holds another sweep ({self.meta('sweep_name')!r}, grid hash "
+                f"{existing}; this config's grid hash is {sweep_hash}); use another --store, "
+                "or the config that made it")
+        return existing
 
     def reused_from(self) -> list[dict[str, Any]]:
         """The stores whose runs ``--reuse`` copied in: store, sweep, grid_hash, runs."""

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -256,6 +257,119 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
                         len(todo) - failed - not_tuned, failed, not_tuned)
 
 
+# -- what is left to run ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedRun:
+    """A cell the sweep would run, with its estimated wall-clock."""
+
+    cell: Cell
+    #: Median wall-clock of the store's finished runs of the same loss (with its VRNS
+    #: weight) and (B, N), else of the same (B, N); None without either.
+    seconds: float | None
+    #: Its setting's lr is not chosen yet (first seed unfinished): one of its multipliers
+    #: will run, whichever wins; ``cell`` is the first of them.
+    pending: bool = False
+    #: It diverged before (a rerun retries it).
+    retry: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    cells: int
+    finished: int
+    #: Cells a rerun will not run: another multiplier won (or will win) their setting.
+    not_run: int
+    todo: tuple[PlannedRun, ...]
+
+    @property
+    def seconds(self) -> float:
+        """The estimated wall-clock of the runs with an estimate, one after another."""
+        return sum(r.seconds for r in self.todo if r.seconds is not None)
+
+
+def _wall_clock(runs: list[dict[str, Any]]) -> Callable[[Cell], float | None]:
+    by_arm: dict[tuple, list[float]] = {}
+    by_shape: dict[tuple, list[float]] = {}
+    for r in runs:
+        if r["wall_seconds"] is not None:
+            shape = (r["batch_size"], r["softmax_batch"])
+            by_arm.setdefault((r["loss"], r["vrns_weight"], *shape), []).append(r["wall_seconds"])
+            by_shape.setdefault(shape, []).append(r["wall_seconds"])
+
+    def estimate(c: Cell) -> float | None:
+        shape = (c.batch_size, c.softmax_batch)
+        xs = by_arm.get((c.loss, c.vrns_weight, *shape)) or by_shape.get(shape)
+        return float(statistics.median(xs)) if xs else None
+
+    return estimate
+
+
+def plan_sweep(sweep: Sweep, store_path: str | Path,
+               shard: tuple[int, int] | None = None) -> Plan:
+    """What :func:`run_sweep` would run next (of one shard), in its order, with wall-clock
+    estimates from the store's finished runs. Reads the store (a missing one is taken as
+    empty and not created); runs and writes nothing."""
+    cells = list(sweep.cells) if shard is None else sweep.shard(*shard)
+    path = Path(store_path)
+    with Store(path if path.is_file() else ":memory:") as store:
+        store.check_sweep(sweep.hash)
+        done = store.finished_cells()
+        diverged = {f["cell_id"] for f in store.failures()}
+        estimate = _wall_clock(store.runs())
+        gate = _LrGate(sweep, store)
+        todo: list[PlannedRun] = []
+        waiting: set[tuple] = set()
+        for c in cells:
+            if c.id in done:
+                continue
+            retry = c.id in diverged
+            if not gate.active or c.seed == gate.first:
+                todo.append(PlannedRun(c, estimate(c), retry=retry))
+                continue
+            choice = gate.choice(c)
+            if choice is None and (c.setting, c.seed) not in waiting:
+                waiting.add((c.setting, c.seed))
+                todo.append(PlannedRun(c, estimate(c), pending=True))
+            elif choice == c.lr_multiplier:
+                todo.append(PlannedRun(c, estimate(c), retry=retry))
+    finished = sum(c.id in done for c in cells)
+    return Plan(len(cells), finished, len(cells) - finished - len(todo), tuple(todo))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def plan_text(plan: Plan, name: str, shard: tuple[int, int] | None,
+              store: str | Path) -> str:
+    """The plan as ``batchscale sweep --plan`` prints it: a summary line, then a line per
+    run in the order the sweep takes them."""
+    where = "" if shard is None else f"shard {shard[0]}/{shard[1]}; "
+    unknown = sum(r.seconds is None for r in plan.todo)
+    head = (f"plan of {name} ({where}store {store}): {plan.cells} cells, {plan.finished} "
+            f"finished, {plan.not_run} not to run (another lr multiplier won, or will win, "
+            f"their setting on the first seed), {len(plan.todo)} to run")
+    if plan.todo:
+        head += (f": ~{_duration(plan.seconds)} one after another (each run: the median "
+                 "wall-clock of the store's finished runs of its loss and (B, N), else of "
+                 "its (B, N))")
+        if unknown:
+            head += f"; {unknown} without an estimate (no finished run of its (B, N))"
+    lines = [head]
+    for k, r in enumerate(plan.todo, 1):
+        label = r.cell.label()
+        if r.pending:
+            label = (label.rsplit(" lr=", 1)[0]
+                     + f" lr={r.cell.lr_scaling} x(the first seed's choice)")
+        est = "?" if r.seconds is None else f"~{_duration(r.seconds)}"
+        lines.append(f"  {k}. {label}: {est}{' (diverged before; retried)' if r.retry else ''}")
+    return "\n".join(lines)
+
+
 class _LrGate:
     """Under ``lr_tuning: first_seed``, a later seed's cell runs only with the multiplier that
     won its setting on the first seed. Cells are in grid order (seeds outermost), so the first
@@ -269,7 +383,7 @@ class _LrGate:
         self.store = store
         self.cells = [_cell_row(c) for c in sweep.cells]
 
-    def _choice(self, cell: Cell) -> float | None:
+    def choice(self, cell: Cell) -> float | None:
         dev: dict[str, float | None] = {r["cell_id"]: r["best_dev"] for r in self.store.runs()}
         dev.update({f["cell_id"]: None for f in self.store.failures()})
         setting = setting_of(_cell_row(cell))
@@ -280,7 +394,7 @@ class _LrGate:
         """Why ``cell`` is not run now, or None when it runs."""
         if not self.active or cell.seed == self.first:
             return None
-        choice = self._choice(cell)
+        choice = self.choice(cell)
         if choice is None:
             return "its lr is not chosen yet: the first seed's cells of this setting are unfinished"
         if choice != cell.lr_multiplier:
