@@ -4,6 +4,11 @@ expected number is given here."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 
 from batchscale.cli import main
@@ -95,3 +100,69 @@ def test_the_cli_prints_the_plan_and_runs_nothing(tiny_static, data_dir, tmp_pat
     assert main(["sweep", str(other), "--store", str(store), "--plan"]) == 1
     assert "holds another sweep" in capsys.readouterr().err
 
+
+
+# -- processes sharing one store -------------------------------------------------------------
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_a_cell_held_by_a_live_process_on_this_host_is_not_claimed(tmp_path):
+    """The claim is the cell's latest attempt: refused while its process runs on this host,
+    granted once it is gone, when the pid was reused by a process that started later, when
+    the attempt is another host's, and never once the cell is finished."""
+    from study_stores import make_store
+
+    path = make_store(tmp_path / "s.sqlite", {("infonce", 16, 0): (80.0, 70.0)})
+    host, me = socket.gethostname(), os.getpid()
+    with Store(path) as store:
+        for cid in ("a", "b", "c"):
+            store.db.execute("INSERT INTO cells (cell_id, idx, loss, loss_name, vrns_weight, "
+                             "batch_size, seed, lr_scaling, lr_multiplier, softmax_batch, "
+                             "config) VALUES (?, 9, 'x', 'x', 0, 4, 0, 'none', 1, 4, '{}')",
+                             (cid,))
+        other = _sleeper()
+        try:
+            assert store.claim("a", host, other.pid, False) is not None
+            assert store.claim("a", host, me, False) is None      # held: it runs
+            assert store.claim("a", "elsewhere", me, False) is not None  # not this host's
+            assert store.claim("b", "elsewhere", other.pid, False) is not None
+            assert store.claim("b", host, me, False) is not None  # another host's attempt
+            assert store.claim("c", host, other.pid, False) is not None
+        finally:
+            other.kill()
+            other.wait()
+        assert store.claim("c", host, me, False) is not None      # its process is gone
+        # pid 1 runs, but started after this attempt: the pid was reused
+        store.db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, resumed) "
+                         "VALUES ('c', '1999-01-01T00:00:00+00:00', ?, 1, 0)", (host,))
+        assert store.claim("c", host, me, False) is not None
+        assert store.claim("c0", host, me, False) is None         # finished (make_store)
+        rows = store.db.execute("SELECT cell_id, pid FROM attempts WHERE cell_id != 'c0' "
+                                "ORDER BY id").fetchall()
+    assert [tuple(r) for r in rows] == [
+        ("a", other.pid), ("a", me), ("b", other.pid), ("b", me), ("c", other.pid), ("c", me),
+        ("c", 1), ("c", me)]
+
+
+def test_two_processes_sharing_a_store_run_every_cell_once(tiny_static, data_dir,  # noqa: F811
+                                                           tmp_path):
+    raw = _sweep_dict(tiny_static, data_dir, seeds=[0, 1, 2])  # 2 losses x 2 B x 3 seeds
+    config = _write(tmp_path / "tiny.yaml", raw)
+    store = tmp_path / "shared.sqlite"
+    cmd = [sys.executable, "-m", "batchscale.cli", "sweep", str(config), "--store", str(store),
+           "--threads", "1"]
+    procs = [subprocess.Popen([*cmd, "--work", str(tmp_path / f"work-{i}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    with Store(store) as s:
+        runs = s.runs()
+        attempts = [r[0] for r in s.db.execute("SELECT cell_id FROM attempts")]
+    cells = sweep_from_dict(raw).cells
+    assert len(cells) == 12
+    assert sorted(r["cell_id"] for r in runs) == sorted(c.id for c in cells)
+    assert sorted(attempts) == sorted(c.id for c in cells)  # one attempt each: none run twice
+    ran = [int(o.strip().splitlines()[-1].split(" runs done")[0]) for o in outs]
+    assert sum(ran) == 12, ran

@@ -245,8 +245,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
         if summary.failed else ""
     untuned = f", {summary.not_tuned} not run (another lr won their setting on the first " \
         "seed, or its choice is still open)" if summary.not_tuned else ""
-    print(f"{summary.ran} runs done, {summary.skipped} were done before{failed}{untuned}; "
-          f"store: {summary.store}")
+    elsewhere = f", {summary.elsewhere} run by another process sharing the store" \
+        if summary.elsewhere else ""
+    print(f"{summary.ran} runs done, {summary.skipped} were done before{failed}{untuned}"
+          f"{elsewhere}; store: {summary.store}")
     return 0
 
 

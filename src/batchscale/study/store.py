@@ -25,6 +25,7 @@ at most the run in progress is lost, and a rerun restarts it.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -171,9 +172,21 @@ class Store:
     def finished_cells(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT cell_id FROM runs")}
 
-    def record_attempt(self, cell_id: str, host: str, pid: int, resumed: bool) -> str:
+    def claim(self, cell_id: str, host: str, pid: int, resumed: bool) -> str | None:
+        """Record an attempt at ``cell_id`` and return its start time; None (nothing
+        recorded) when the cell is finished or its latest attempt is another process's on
+        this host that is still alive. One write transaction, so processes sharing the store
+        never run one cell twice. Attempts from other hosts do not count as alive (a study
+        moved to another machine resumes there)."""
         started = now()
         with self.transaction() as db:
+            if db.execute("SELECT 1 FROM runs WHERE cell_id = ?", (cell_id,)).fetchone():
+                return None
+            last = db.execute("SELECT host, pid, started_at FROM attempts WHERE cell_id = ? "
+                              "ORDER BY id DESC LIMIT 1", (cell_id,)).fetchone()
+            if last is not None and last["host"] == host and last["pid"] != pid \
+                    and _alive(last["pid"], last["started_at"]):
+                return None
             db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, resumed) "
                        "VALUES (?, ?, ?, ?, ?)", (cell_id, started, host, pid, int(resumed)))
         return started
@@ -258,6 +271,34 @@ class Store:
 
     def cells(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM cells ORDER BY idx")]
+
+
+def _alive(pid: int | None, since: str) -> bool:
+    """Whether the process ``pid`` that started an attempt at ``since`` still runs on this
+    host: the pid exists and (where /proc tells) did not start after ``since`` (else the
+    pid was reused, e.g. on a restarted machine)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    started = _process_start(pid)
+    return started is None or started <= datetime.fromisoformat(since).timestamp() + 1.0
+
+
+def _process_start(pid: int) -> float | None:
+    """The process's start (Unix seconds) from /proc (Linux); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = float(stat[stat.rindex(")") + 2:].split()[19])  # field 22, starttime
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _open_inputs(inputs: Iterable[str | Path]) -> list[Store]:

@@ -83,15 +83,11 @@ def _device(cell: Cell) -> torch.device:
 
 
 # -- one cell -------------------------------------------------------------------------------
-def _prepare(run_dir: Path, cell: Cell) -> bool:
-    """True when ``run_dir`` holds a resumable run of this cell; otherwise it is cleared."""
-    if run_dir.is_dir():
-        config = run_dir / "config.yaml"
-        if (latest_checkpoint(run_dir / "checkpoints") is not None and config.is_file()
-                and config.read_text(encoding="utf-8") == dump_config(cell.config)):
-            return True
-        shutil.rmtree(run_dir)
-    return False
+def _resumable(run_dir: Path, cell: Cell) -> bool:
+    """Whether ``run_dir`` holds a resumable run of this cell (read only)."""
+    config = run_dir / "config.yaml"
+    return (latest_checkpoint(run_dir / "checkpoints") is not None and config.is_file()
+            and config.read_text(encoding="utf-8") == dump_config(cell.config))
 
 
 def _numbers(d: dict[str, Any] | None) -> dict[str, float]:
@@ -131,11 +127,16 @@ def _point_metrics(record: dict[str, Any], metric: str) -> dict[str, float]:
 
 
 def run_cell(store: Store, cell: Cell, work: Path, *, show_progress: bool = False,
-             keep_runs: bool = False) -> int:
-    """Train one cell and record it; returns the run's row id."""
+             keep_runs: bool = False) -> int | None:
+    """Train one cell and record it; returns the run's row id, or None when another live
+    process sharing the store holds the cell (or finished it): :meth:`Store.claim`."""
     run_dir = work / cell.id
-    resumed = _prepare(run_dir, cell)
-    started = store.record_attempt(cell.id, socket.gethostname(), os.getpid(), resumed)
+    resumed = run_dir.is_dir() and _resumable(run_dir, cell)
+    started = store.claim(cell.id, socket.gethostname(), os.getpid(), resumed)
+    if started is None:
+        return None
+    if run_dir.is_dir() and not resumed:
+        shutil.rmtree(run_dir)
     device = _device(cell)
     memory = PeakMemory(device)
     memory.start()
@@ -195,19 +196,24 @@ class SweepSummary:
     failed: int = 0
     #: Cells not run: another lr multiplier won their setting on the first seed.
     not_tuned: int = 0
+    #: Cells another process sharing the store ran while this one ran the rest.
+    elsewhere: int = 0
 
 
 def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | None = None,
               shard: tuple[int, int] | None = None, show_progress: bool = False,
               keep_runs: bool = False, threads: int | None = None,
-              reuse: Sequence[str | Path] = (),
+              reuse: Sequence[str | Path] = (), poll_seconds: float = 30.0,
               log: Callable[[str], None] = print) -> SweepSummary:
     """Run the cells of ``sweep`` (of one shard) not yet finished in the store.
 
     ``threads``: torch's intra-op threads for the whole sweep (None: torch's default). On a
     small machine shared with other jobs, 1 avoids OpenMP's oversubscription (measured in
     benchmarks/README.md). ``reuse``: stores (of any grid) whose finished runs of this
-    sweep's (shard's) cells are taken instead of run again (:func:`reuse_runs`).
+    sweep's (shard's) cells are taken instead of run again (:func:`reuse_runs`). Processes
+    on one host may share a store: each runs the cells no other has claimed
+    (:meth:`Store.claim`), then waits (polling every ``poll_seconds``) for those the others
+    hold, and takes any they leave unfinished, so that every process ends with the sweep.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -229,32 +235,69 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
         for c in cells:  # finished before a kill that came ahead of the clean-up
             if c.id in done and not keep_runs and (work / c.id).is_dir():
                 shutil.rmtree(work / c.id, ignore_errors=True)
-        failed = not_tuned = 0
+        counts = {"ran": 0, "diverged": 0, "not_tuned": 0}
+        said: set[str] = set()
+
+        def once(message: str) -> None:  # a cell waited for is retried at every look
+            if message not in said:
+                said.add(message)
+                log(message)
+
         gate = _LrGate(sweep, store)
-        for k, cell in enumerate(todo, 1):
-            skip = gate.skip(cell)
-            if skip is not None:
-                not_tuned += 1
-                log(f"[{k}/{len(todo)}] {cell.label()}: skipped ({skip})")
-                continue
-            t0 = time.perf_counter()
-            try:
-                run_id = run_cell(store, cell, work, show_progress=show_progress,
-                                  keep_runs=keep_runs)
-            except TrainingDiverged as e:  # an outcome of the grid (a too-high lr), not a bug
-                store.add_failure(cell.id, str(e))
-                if not keep_runs:
-                    shutil.rmtree(work / cell.id, ignore_errors=True)
-                failed += 1
-                log(f"[{k}/{len(todo)}] {cell.label()}: diverged ({e})")
-                continue
-            row = store.db.execute("SELECT best_dev, test FROM runs WHERE id = ?",
-                                   (run_id,)).fetchone()
-            test = "" if row["test"] is None else f", test {row['test']:.2f}"
-            log(f"[{k}/{len(todo)}] {cell.label()}: dev {row['best_dev']:.2f}{test} "
-                f"({time.perf_counter() - t0:.1f} s)")
-    return SweepSummary(store_path, len(cells), len(cells) - len(todo),
-                        len(todo) - failed - not_tuned, failed, not_tuned)
+        pending = list(enumerate(todo, 1))
+        while pending:
+            retry, held = [], False
+            for k, cell in pending:
+                outcome = _attempt(store, gate, cell, work, f"[{k}/{len(todo)}]",
+                                   show_progress, keep_runs, once)
+                if outcome in ("held", "choice_open"):
+                    retry.append((k, cell))
+                    held |= outcome == "held"
+                elif outcome != "finished":
+                    counts[outcome] += 1
+            finished = store.finished_cells()
+            pending = [(k, c) for k, c in retry if c.id not in finished]
+            if not held:  # a choice still open here is no other process's to make
+                counts["not_tuned"] += len(pending)
+                break
+            if pending:
+                once(f"waiting for {len(pending)} cells that another process sharing the "
+                     f"store runs (or whose lr it is choosing); looking every {poll_seconds:g} s")
+                time.sleep(poll_seconds)
+        elsewhere = sum(c.id in store.finished_cells() for c in todo) - counts["ran"]
+    return SweepSummary(store_path, len(cells), len(cells) - len(todo), counts["ran"],
+                        counts["diverged"], counts["not_tuned"], elsewhere)
+
+
+def _attempt(store: Store, gate: _LrGate, cell: Cell, work: Path, tag: str,
+             show_progress: bool, keep_runs: bool, log: Callable[[str], None]) -> str:
+    """Run one cell of the sweep: "ran", "diverged", "not_tuned" (another lr won its
+    setting), "choice_open" (its lr is not chosen yet), "held" (another live process holds
+    it) or "finished" (another process finished it)."""
+    skip = gate.skip(cell)
+    if skip is not None:
+        log(f"{tag} {cell.label()}: skipped ({skip})")
+        return "choice_open" if gate.choice(cell) is None else "not_tuned"
+    t0 = time.perf_counter()
+    try:
+        run_id = run_cell(store, cell, work, show_progress=show_progress, keep_runs=keep_runs)
+    except TrainingDiverged as e:  # an outcome of the grid (a too-high lr), not a bug
+        store.add_failure(cell.id, str(e))
+        if not keep_runs:
+            shutil.rmtree(work / cell.id, ignore_errors=True)
+        log(f"{tag} {cell.label()}: diverged ({e})")
+        return "diverged"
+    if run_id is None:
+        if cell.id in store.finished_cells():
+            return "finished"
+        log(f"{tag} {cell.label()}: another process sharing the store runs it")
+        return "held"
+    row = store.db.execute("SELECT best_dev, test FROM runs WHERE id = ?",
+                           (run_id,)).fetchone()
+    test = "" if row["test"] is None else f", test {row['test']:.2f}"
+    log(f"{tag} {cell.label()}: dev {row['best_dev']:.2f}{test} "
+        f"({time.perf_counter() - t0:.1f} s)")
+    return "ran"
 
 
 # -- what is left to run ----------------------------------------------------------------------
