@@ -47,24 +47,31 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/batchscale report $(DEMO_STORE) --out $(DEMO_DIR)/report
 
 # A reference study, e.g. `make study-static-mix` (configs/study-static-mix.yaml; hours: see
-# the config): two single-thread shards side by side, merged, shipped to results/<study>/
-# (the report, the store, MANIFEST.md with these commands). A rerun resumes: finished runs
-# are skipped, so a study may span sessions. REUSE="a.sqlite b.sqlite": take the finished
-# runs of those stores (an earlier grid, a pilot) whose resolved config is a cell of this one.
-# A shard that fails says so (with the time) when it fails, not when the other shard ends.
+# the config): two single-thread processes side by side, each running its shard and then
+# helping with the other's (processes sharing a store never run a cell twice: README, "Store,
+# shards, presets"), merged, shipped to results/<study>/ (the report, the store, MANIFEST.md
+# with these commands). A rerun resumes: finished runs are skipped, so a study may span
+# sessions. REUSE="a.sqlite b.sqlite": take the finished runs of those stores (an earlier
+# grid, a pilot) whose resolved config is a cell of this one. A process that fails says so
+# (with the time) when it fails, not when the other one ends.
 REUSE ?=
+STUDY_SWEEP = $(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 $(addprefix --reuse ,$(REUSE))
 study-%: $(VENV)/.installed
 	mkdir -p runs/$@
-	( $(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-0 --shard 0/2 --store runs/$@/shard-0.sqlite $(addprefix --reuse ,$(REUSE)) > runs/$@/shard-0.log 2>&1 || \
-	  { echo "$$(date -u +%FT%TZ) shard 0 failed: see runs/$@/shard-0.log (shard 1 runs on)"; exit 1; } ) & \
-	$(VENV)/bin/batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-1 --shard 1/2 --store runs/$@/shard-1.sqlite $(addprefix --reuse ,$(REUSE)) > runs/$@/shard-1.log 2>&1 || \
-	  { echo "$$(date -u +%FT%TZ) shard 1 failed: see runs/$@/shard-1.log (shard 0 runs on)"; s1=1; }; \
+	( { $(STUDY_SWEEP) --shard 0/2 --store runs/$@/shard-0.sqlite --work runs/$@/work-0 && \
+	    $(STUDY_SWEEP) --shard 1/2 --store runs/$@/shard-1.sqlite --work runs/$@/work-0-helps-1; } > runs/$@/shard-0.log 2>&1 || \
+	  { echo "$$(date -u +%FT%TZ) process 0 failed: see runs/$@/shard-0.log (process 1 runs on)"; exit 1; } ) & \
+	{ $(STUDY_SWEEP) --shard 1/2 --store runs/$@/shard-1.sqlite --work runs/$@/work-1 && \
+	  $(STUDY_SWEEP) --shard 0/2 --store runs/$@/shard-0.sqlite --work runs/$@/work-1-helps-0; } > runs/$@/shard-1.log 2>&1 || \
+	  { echo "$$(date -u +%FT%TZ) process 1 failed: see runs/$@/shard-1.log (process 0 runs on)"; s1=1; }; \
 	wait $$! || exit 1; [ -z "$$s1" ] || exit 1
 	rm -f runs/$@/study.sqlite
 	$(VENV)/bin/batchscale merge runs/$@/study.sqlite runs/$@/shard-0.sqlite runs/$@/shard-1.sqlite
 	$(VENV)/bin/batchscale ship runs/$@/study.sqlite --out results/$@ \
 	  --sweep-command "batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-0 --shard 0/2 --store runs/$@/shard-0.sqlite" \
 	  --sweep-command "batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-1 --shard 1/2 --store runs/$@/shard-1.sqlite" \
+	  --sweep-command "batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-0-helps-1 --shard 1/2 --store runs/$@/shard-1.sqlite" \
+	  --sweep-command "batchscale sweep configs/$@.yaml --threads 1 --work runs/$@/work-1-helps-0 --shard 0/2 --store runs/$@/shard-0.sqlite" \
 	  --sweep-command "batchscale merge runs/$@/study.sqlite runs/$@/shard-0.sqlite runs/$@/shard-1.sqlite"
 
 # The packaged default model on STS-B test (a minute).
