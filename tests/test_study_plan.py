@@ -108,15 +108,16 @@ def _sleeper() -> subprocess.Popen:
 
 
 def test_a_cell_held_by_a_live_process_on_this_host_is_not_claimed(tmp_path):
-    """The claim is the cell's latest attempt: refused while its process runs on this host,
-    granted once it is gone, when the pid was reused by a process that started later, when
-    the attempt is another host's, and never once the cell is finished."""
+    """The claim is the cell's latest attempt: refused while its process runs on this host
+    (and has not recorded a divergence since), granted once it is gone, when the pid was
+    reused by a process that started later, when the attempt is another host's, and never
+    once the cell is finished."""
     from study_stores import make_store
 
     path = make_store(tmp_path / "s.sqlite", {("infonce", 16, 0): (80.0, 70.0)})
     host, me = socket.gethostname(), os.getpid()
     with Store(path) as store:
-        for cid in ("a", "b", "c"):
+        for cid in ("a", "b", "c", "d"):
             store.db.execute("INSERT INTO cells (cell_id, idx, loss, loss_name, vrns_weight, "
                              "batch_size, seed, lr_scaling, lr_multiplier, softmax_batch, "
                              "config) VALUES (?, 9, 'x', 'x', 0, 4, 0, 'none', 1, 4, '{}')",
@@ -129,6 +130,9 @@ def test_a_cell_held_by_a_live_process_on_this_host_is_not_claimed(tmp_path):
             assert store.claim("b", "elsewhere", other.pid, False) is not None
             assert store.claim("b", host, me, False) is not None  # another host's attempt
             assert store.claim("c", host, other.pid, False) is not None
+            assert store.claim("d", host, other.pid, False) is not None
+            store.add_failure("d", "loss is nan")  # the live process's attempt diverged
+            assert store.claim("d", host, me, False) is not None
         finally:
             other.kill()
             other.wait()
@@ -141,8 +145,8 @@ def test_a_cell_held_by_a_live_process_on_this_host_is_not_claimed(tmp_path):
         rows = store.db.execute("SELECT cell_id, pid FROM attempts WHERE cell_id != 'c0' "
                                 "ORDER BY id").fetchall()
     assert [tuple(r) for r in rows] == [
-        ("a", other.pid), ("a", me), ("b", other.pid), ("b", me), ("c", other.pid), ("c", me),
-        ("c", 1), ("c", me)]
+        ("a", other.pid), ("a", me), ("b", other.pid), ("b", me), ("c", other.pid),
+        ("d", other.pid), ("d", me), ("c", me), ("c", 1), ("c", me)]
 
 
 def test_two_processes_sharing_a_store_run_every_cell_once(tiny_static, data_dir,  # noqa: F811

@@ -175,9 +175,9 @@ class Store:
     def claim(self, cell_id: str, host: str, pid: int, resumed: bool) -> str | None:
         """Record an attempt at ``cell_id`` and return its start time; None (nothing
         recorded) when the cell is finished or its latest attempt is another process's on
-        this host that is still alive. One write transaction, so processes sharing the store
-        never run one cell twice. Attempts from other hosts do not count as alive (a study
-        moved to another machine resumes there)."""
+        this host that is still alive and has not diverged since. One write transaction, so
+        processes sharing the store never run one cell twice. Attempts from other hosts do
+        not count as alive (a study moved to another machine resumes there)."""
         started = now()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM runs WHERE cell_id = ?", (cell_id,)).fetchone():
@@ -185,7 +185,10 @@ class Store:
             last = db.execute("SELECT host, pid, started_at FROM attempts WHERE cell_id = ? "
                               "ORDER BY id DESC LIMIT 1", (cell_id,)).fetchone()
             if last is not None and last["host"] == host and last["pid"] != pid \
-                    and _alive(last["pid"], last["started_at"]):
+                    and _alive(last["pid"], last["started_at"]) \
+                    and not db.execute("SELECT 1 FROM failures WHERE cell_id = ? AND "
+                                       "failed_at >= ?", (cell_id, last["started_at"])
+                                       ).fetchone():  # that attempt diverged: it is over
                 return None
             db.execute("INSERT INTO attempts (cell_id, started_at, host, pid, resumed) "
                        "VALUES (?, ?, ?, ?, ?)", (cell_id, started, host, pid, int(resumed)))
