@@ -170,3 +170,18 @@ def test_two_processes_sharing_a_store_run_every_cell_once(tiny_static, data_dir
     assert sorted(attempts) == sorted(c.id for c in cells)  # one attempt each: none run twice
     ran = [int(o.strip().splitlines()[-1].split(" runs done")[0]) for o in outs]
     assert sum(ran) == 12, ran
+
+
+def test_a_plan_piped_into_a_reader_that_left_ends_quietly(tiny_static, data_dir,  # noqa: F811
+                                                           tmp_path):
+    """`batchscale sweep ... --plan | head -1`: the pipe's reader is gone before the plan is
+    written; the command exits 1 without a traceback."""
+    config = _write(tmp_path / "tiny.yaml", _sweep_dict(tiny_static, data_dir))
+    read, write = os.pipe()
+    os.close(read)
+    done = subprocess.run([sys.executable, "-m", "batchscale.cli", "sweep", str(config),
+                           "--store", str(tmp_path / "none.sqlite"), "--plan"],
+                          stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write)
+    assert done.returncode == 1
+    assert done.stderr == ""
