@@ -277,7 +277,7 @@ def _attempt(store: Store, gate: _LrGate, cell: Cell, work: Path, tag: str,
     skip = gate.skip(cell)
     if skip is not None:
         log(f"{tag} {cell.label()}: skipped ({skip})")
-        return "choice_open" if gate.choice(cell) is None else "not_tuned"
+        return "choice_open" if skip == _LrGate.OPEN else "not_tuned"
     t0 = time.perf_counter()
     try:
         run_id = run_cell(store, cell, work, show_progress=show_progress, keep_runs=keep_runs)
@@ -365,16 +365,12 @@ def plan_sweep(sweep: Sweep, store_path: str | Path,
         for c in cells:
             if c.id in done:
                 continue
-            retry = c.id in diverged
-            if not gate.active or c.seed == gate.first:
-                todo.append(PlannedRun(c, estimate(c), retry=retry))
-                continue
-            choice = gate.choice(c)
-            if choice is None and (c.setting, c.seed) not in waiting:
+            skip = gate.skip(c)
+            if skip is None:
+                todo.append(PlannedRun(c, estimate(c), retry=c.id in diverged))
+            elif skip == _LrGate.OPEN and (c.setting, c.seed) not in waiting:
                 waiting.add((c.setting, c.seed))
                 todo.append(PlannedRun(c, estimate(c), pending=True))
-            elif choice == c.lr_multiplier:
-                todo.append(PlannedRun(c, estimate(c), retry=retry))
     finished = sum(c.id in done for c in cells)
     return Plan(len(cells), finished, len(cells) - finished - len(todo), tuple(todo))
 
@@ -426,20 +422,23 @@ class _LrGate:
         self.store = store
         self.cells = [_cell_row(c) for c in sweep.cells]
 
-    def choice(self, cell: Cell) -> float | None:
+    def _choice(self, cell: Cell) -> float | None:
         dev: dict[str, float | None] = {r["cell_id"]: r["best_dev"] for r in self.store.runs()}
         dev.update({f["cell_id"]: None for f in self.store.failures()})
         setting = setting_of(_cell_row(cell))
         same = [c for c in self.cells if setting_of(c) == setting]
         return tuned(same, dev, "first_seed", self.first).get(setting)
 
+    #: The reason :meth:`skip` gives while a setting's lr is still to be chosen.
+    OPEN = "its lr is not chosen yet: the first seed's cells of this setting are unfinished"
+
     def skip(self, cell: Cell) -> str | None:
         """Why ``cell`` is not run now, or None when it runs."""
         if not self.active or cell.seed == self.first:
             return None
-        choice = self.choice(cell)
+        choice = self._choice(cell)
         if choice is None:
-            return "its lr is not chosen yet: the first seed's cells of this setting are unfinished"
+            return self.OPEN
         if choice != cell.lr_multiplier:
             return f"seed {self.first} chose lr x{choice:g} for this setting"
         return None
