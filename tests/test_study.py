@@ -28,6 +28,7 @@ from batchscale.study.grid import load_sweep, sweep_from_dict
 from batchscale.study.report import compute, load_runs, render_html, write_report
 from batchscale.study.store import Store
 from batchscale.training import ConfigError
+from batchscale.training.schedule import log_points
 from conftest import _WORDS, _vocab
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -204,7 +205,7 @@ _DESIGNS = {
                                   {1024, 4096}),
     "study-minilm-gpu.yaml": (4096, 100, {"bsc", "infonce", "weince"}, {16, 64, 256},
                               {16, 4096}, {1024, 4096}),
-    "study-minilm-cpu.yaml": (256, 32, {"bsc", "infonce"}, set(), set(), set()),
+    "study-minilm-cpu.yaml": (1024, 8, {"bsc", "infonce"}, set(), set(), set()),
     "study-demo.yaml": (1024, 16, {"infonce", "weince"}, {16, 64}, set(), {256, 1024}),
 }
 
@@ -249,6 +250,29 @@ def test_cells_hash_their_resolved_config(tiny_static, data_dir):
     # Shards partition the grid.
     parts = [sweep.shard(i, 3) for i in range(3)]
     assert sorted(x.index for p in parts for x in p) == list(range(len(sweep.cells)))
+
+
+def test_a_grid_extended_by_a_larger_batch_keeps_its_cells_when_the_points_are_pinned(
+        tiny_static, data_dir):
+    def sweep(sizes: list[int], align: list[int] | None = None):
+        raw = _sweep_dict(tiny_static, data_dir, batch_sizes=sizes)
+        raw["base"]["eval"] |= {"schedule": "log", "points": 8}
+        if align is not None:
+            raw["base"]["eval"]["align_points"] = align
+        return sweep_from_dict(raw)
+
+    first, extended = sweep([8, 16]), sweep([8, 16, 32])
+    ids = {c.id for c in first.cells}
+    # unpinned, the points align on every batch size: the new size makes every cell new
+    assert all(c.config.eval.align_points == [8, 16, 32] for c in extended.cells)
+    assert ids.isdisjoint(c.id for c in extended.cells)
+    pinned = sweep([8, 16, 32], align=[8, 16])
+    assert ids == {c.id for c in pinned.cells if c.batch_size < 32}
+    # B = 32's points are whole steps either way: geomspace(1, 192, 8) = 1, 2.1, 4.5, 9.5,
+    # 20, 43, 91, 192, rounded up to multiples of 32
+    for c in (c for c in pinned.cells if c.batch_size == 32):
+        assert log_points(192, 8, 32, c.config.eval.align_points) == [32, 64, 96, 192]
+        assert log_points(192, 8, 32, [8, 16, 32]) == [32, 64, 96, 192]
 
 
 def test_restrictions_keep_exactly_the_cells_their_rules_allow(tiny_static, data_dir):

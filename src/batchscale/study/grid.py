@@ -380,7 +380,9 @@ def expand(config: SweepConfig, base: RunConfig, source: str) -> list[Cell]:
         if g.vrns_weights is not None and "vrns_weight" in fields:
             raise ConfigError(f"{source}: grid.losses.{name}.vrns_weight: set VRNS weights in "
                               "grid.vrns_weights or in the variants, not both")
-    if raw["eval"]["schedule"] == "log":  # every cell evaluates at the same example counts
+    # Every cell evaluates at the same example counts. A base that pins align_points keeps
+    # them: a grid extended by a larger batch then keeps its earlier cells (and their runs).
+    if raw["eval"]["schedule"] == "log" and raw["eval"]["align_points"] is None:
         raw["eval"]["align_points"] = sorted(g.batch_sizes)
     factors = itertools.product(
         g.seeds, g.losses.items(), g.vrns_weights if g.vrns_weights is not None else [None],
