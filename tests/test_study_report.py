@@ -288,6 +288,15 @@ def test_first_seed_tuning_runs_later_seeds_at_the_winner_only(design_store):
         {(8, 192, 24), (16, 192, 12), (32, 192, 6)}
 
 
+def test_a_rerun_counts_the_cells_the_lr_gate_skips_apart(design_store, capsys):
+    """60 cells: 40 ran (every multiplier on seed 0, the winner on seeds 1 and 2); the other
+    20 are the losers' cells of seeds 1 and 2, which no rerun runs."""
+    sweep = design_store.parent / "design.yaml"
+    assert main(["sweep", str(sweep), "--store", str(design_store)]) == 0
+    assert ("60 cells, 40 finished already, 0 to run, 20 not to run (another lr multiplier "
+            "won, or will win, their setting on the first seed)") in capsys.readouterr().out
+
+
 def test_the_answer_names_every_setting_whose_tuned_lr_is_at_the_grids_edge(design_store):
     """The grid is x0.5 and x1, so every choice is one of its two ends: the Answer lists each
     setting with the seed-0 winner recomputed from the rows (lowest = 0.5, highest = 1)."""

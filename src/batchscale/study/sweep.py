@@ -229,9 +229,12 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
                 "resolved configs)")
         done = store.finished_cells()
         todo = [c for c in cells if c.id not in done]
+        plan = plan_sweep(sweep, store_path, shard)
         where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
-        log(f"sweep {sweep.config.name}{where}: {len(cells)} cells, {len(cells) - len(todo)} "
-            f"finished already, {len(todo)} to run; store {store_path}")
+        skipped = (f", {plan.not_run} not to run (another lr multiplier won, or will win, "
+                   "their setting on the first seed)") if plan.not_run else ""
+        log(f"sweep {sweep.config.name}{where}: {len(cells)} cells, {plan.finished} "
+            f"finished already, {len(plan.todo)} to run{skipped}; store {store_path}")
         for c in cells:  # finished before a kill that came ahead of the clean-up
             if c.id in done and not keep_runs and (work / c.id).is_dir():
                 shutil.rmtree(work / c.id, ignore_errors=True)
