@@ -252,8 +252,12 @@ def test_every_number_of_the_answer_is_recomputed_from_the_store(design_store, t
             else:
                 share = (np.mean(t(whole)) - np.mean(t(mid))) / total.mean()
                 assert row.endswith(f"| {100 * share:.0f}% |")
-                assert (f"the negatives carry {100 * share:.0f}% of the effect" in sentence
-                        if share >= 0 else "the optimisation batch accounts for more" in sentence)
+                if share > 1:
+                    assert "the extra negatives account for more than all" in sentence
+                elif share >= 0:
+                    assert f"the negatives carry {100 * share:.0f}% of the effect" in sentence
+                else:
+                    assert "the optimisation batch accounts for more" in sentence
 
     # 5. WEINCE - InfoNCE per batch size, Holm over the table's three paired t tests
     w = {b: _cell(tuned, "weince", b) for b in BATCHES}
@@ -432,6 +436,32 @@ def test_where_the_steps_do_not_fall_with_b_only_a_bound_on_e_min_is_given(tmp_p
     assert rows[0][4:7] == ["< 16", "4.0 [4.0, 4.0]", "< 64"]  # B_crit, S_min, E_min
 
 
+def test_a_bound_and_a_doubling_name_batch_sizes_the_loss_was_run_at(tmp_path):
+    """InfoNCE runs at 16..1,024, SogCLR at 64..1,024 only, WEINCE at 16..256 only; every curve
+    (tests/study_stores.py) reaches dev - 4 at step 4 whatever B, so each fit puts B_crit below
+    its loss's smallest batch (E_min < S_min x that batch = 4 x B), and the pooled fit's
+    doubling is quoted at the loss's largest batch, not at the study's."""
+    from study_stores import make_store
+
+    runs_at = {"infonce": (16, 64, 256, 1024), "sogclr": (64, 256, 1024),
+               "weince": (16, 64, 256)}
+    scores = {(loss, b, s): (80.0, 70.0) for loss, sizes in runs_at.items() for b in sizes
+              for s in (0, 1, 2)}
+    data = compute(*load_runs(make_store(tmp_path / "s.sqlite", scores,
+                                         report={"targets": [76.0]})))
+    by_loss = {c["loss"]: c for c in data["critical"]}
+    texts = {a["text"].split("**")[1]: a["text"] for a in data["answer"]
+             if a["link"] == "critical"}
+    for loss, sizes in runs_at.items():
+        lo, hi = sizes[0], sizes[-1]
+        assert by_loss[loss]["measured"] == [lo, hi]
+        assert f"B_crit < {lo}, the smallest batch measured" in texts[loss]
+        assert f"E_min < S_min x {lo} = {4 * lo} examples" in texts[loss]
+        assert by_loss[loss]["doubling"]["above"]["batch_size"] == hi
+        assert f"at {hi}, " in texts[loss]
+    assert "1024" not in texts["weince"]
+
+
 def test_the_answer_says_why_b_crit_is_not_fitted(tmp_path):
     """A fit is per seed and needs 3 batch sizes. Every curve (tests/study_stores.py) is
     dev - 9, - 4, - 1, dev: a target of 76 is reached where dev >= 76. InfoNCE: seed s reaches
@@ -510,13 +540,15 @@ def test_the_lr_table_keeps_its_columns_when_a_multiplier_has_no_run(design_stor
 def test_the_negatives_share_is_claimed_only_of_a_resolved_total(tmp_path):
     """Hand-made test scores at B = 8, at B = 32 whole and at B = 32 in blocks of N = 8.
     InfoNCE: totals 4.0, 4.2, 3.9 (resolved), negatives 3.0, 3.1, 2.7: share 2.933 / 4.033.
-    WEINCE: the same total, negatives -2.0, -1.8, -2.1 (the other way). BSC: totals +3, -2,
-    +1, whose t interval holds zero: no share, whatever the point estimates."""
+    WEINCE: the same total, negatives -2.0, -1.8, -2.1 (the other way). SogCLR: the same
+    total, the optimisation batch -1 at every seed (the other way), negatives 5.0, 5.2, 4.9.
+    BSC: totals +3, -2, +1, whose t interval holds zero: no share, whatever the point
+    estimates."""
     from study_stores import make_store
 
     small, whole = (60.0, 61.0, 62.0), (64.0, 65.2, 65.9)
     mids = {"infonce": (61.0, 62.1, 63.2), "weince": (66.0, 67.0, 68.0),
-            "bsc": (61.0, 62.0, 63.0)}
+            "bsc": (61.0, 62.0, 63.0), "sogclr": (59.0, 60.0, 61.0)}
     scores = {}
     for loss, mid in mids.items():
         top = (63.0, 59.0, 63.0) if loss == "bsc" else whole
@@ -528,14 +560,19 @@ def test_the_negatives_share_is_claimed_only_of_a_resolved_total(tmp_path):
     share = {n["loss"]: n["test"]["negatives_share"] for n in data["negatives"]}
     assert share["infonce"] == pytest.approx((3.0 + 3.1 + 2.7) / (4.0 + 4.2 + 3.9))
     assert share["weince"] == pytest.approx((-2.0 - 1.8 - 2.1) / (4.0 + 4.2 + 3.9))
+    assert share["sogclr"] == pytest.approx((5.0 + 5.2 + 4.9) / (4.0 + 4.2 + 3.9))
     assert share["bsc"] is None
     texts = {a["text"].split("**")[1]: a["text"] for a in data["answer"]
              if a["link"] == "blocks"}
     assert "the negatives carry 73% of the effect" in texts["infonce"]
     assert "the optimisation batch accounts for more than all" in texts["weince"]
+    assert texts["sogclr"].endswith(
+        "the optimisation batch moves the score the other way, so the extra negatives "
+        "account for more than all of the effect (point estimates).")
     assert texts["bsc"].endswith("not distinguishable from zero, so no share is claimed.")
     (rows,) = [t[3] for t in tables(data) if t[0] == "negatives"]
     assert {r[0]: r[-1] for r in rows} == {"infonce": "73%", "weince": "-49%",
+                                           "sogclr": "125%",
                                            "bsc": "none claimed: total not resolved"}
 
 

@@ -519,7 +519,9 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
             at_target: list[dict[str, float]] = []
             per_batch = []
             at_last = []  # per run that reached it: whether only at its last point
-            for b in runs.batches:
+            # the arm's own batch sizes: a bound or a doubling names a batch it was run at
+            sizes = [b for b in runs.batches if runs.cell(arm, b)]
+            for b in sizes:
                 hits = {}
                 for r in runs.cell(arm, b):
                     h = reach(r, t["value"])
@@ -535,7 +537,7 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                     per_batch.append({"batch_size": b, "reached": len(got), "runs": len(hits),
                                       **counts})
             fit = critical_batch(per_seed, min_batch_sizes=MIN_BATCH_SIZES)
-            bound = range_bound(fit, min(runs.batches), max(runs.batches))
+            bound = range_bound(fit, min(sizes), max(sizes))
             # then the steps to it are the budget / B: the fit measures the schedule
             only_at_last = bool(at_last) and all(at_last)
             pooled = fit.pooled if len({p["batch_size"] for p in per_batch
@@ -546,7 +548,7 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                 "s_min": iv(fit.s_min), "e_min": iv(fit.e_min), "b_crit": iv(fit.b_crit),
                 "pooled": None if pooled is None else {
                     "s_min": pooled.s_min, "e_min": pooled.e_min, "b_crit": pooled.b_crit},
-                "measured": [min(runs.batches), max(runs.batches)],
+                "measured": [min(sizes), max(sizes)],
                 "bound": bound, "only_at_last_point": only_at_last,
                 "finding": finding(fit, bound, only_at_last),
                 # [seed, batch size, steps or None]: lets the Answer say when two losses
@@ -556,8 +558,8 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
                 "b_simple": b_simple(at_target)}
             if pooled is not None:
                 h = pooled
-                below = [b for b in runs.batches if b * 2 <= h.b_crit]
-                above = [b for b in runs.batches if b >= h.b_crit]
+                below = [b for b in sizes if b * 2 <= h.b_crit]
+                above = [b for b in sizes if b >= h.b_crit]
                 entry["doubling"] = {
                     "below": None if not below else {"batch_size": below[0],
                                                      "steps_saved": doubling_gain(h, below[0])},

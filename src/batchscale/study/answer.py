@@ -152,6 +152,9 @@ def negatives(data: dict[str, Any]) -> list[dict[str, Any]]:
         share = t["negatives_share"]
         if share is None:
             text += ": the total is not distinguishable from zero, so no share is claimed"
+        elif share > 1:
+            text += (": the optimisation batch moves the score the other way, so the extra "
+                     "negatives account for more than all of the effect (point estimates)")
         elif share >= 0:
             text += (f": the negatives carry {percent(share)} of the effect (point "
                      "estimates)")
