@@ -580,7 +580,7 @@ def test_the_frontier_plot_stars_b_crit_only_where_the_table_gives_it_a_value(de
                                                                               tmp_path):
     """The star at (2 E_min, 2 S_min) is drawn for a fitted B_crit inside the batch range,
     never for a bound (B_crit > the largest batch) or a target reached only at the budget's
-    end, whose table cell is not a number."""
+    end, whose table cell is not a number; a bound's curve is dashed, and only a bound's."""
     from batchscale.study.plots import fit_marks
     from study_stores import make_store
 
@@ -592,10 +592,12 @@ def test_the_frontier_plot_stars_b_crit_only_where_the_table_gives_it_a_value(de
         (rows,) = [t[3] for t in tables(data) if t[0] == "critical"]
         for c, row in zip(data["critical"], rows, strict=True):
             number = row[4].split(" [")[0].replace(",", "").isdigit()
-            assert fit_marks(c)[1] == number, (c["loss"], c["target"], row[4])
+            _, star, dashed = fit_marks(c)
+            assert star == number, (c["loss"], c["target"], row[4])
+            assert dashed == row[4].startswith(("> ", "< ")), (c["loss"], c["target"], row[4])
             if c["pooled"] is not None:
-                seen.append(number)
-    assert True in seen and False in seen
+                seen.append((number, dashed))
+    assert {(True, False), (False, True)} <= set(seen)
 
 
 def test_the_frontier_plot_draws_no_hyperbola_through_last_points_only(tmp_path):
@@ -611,7 +613,7 @@ def test_the_frontier_plot_draws_no_hyperbola_through_last_points_only(tmp_path)
     store = make_store(tmp_path / "s.sqlite", scores, report={"targets": [79.5]})
     (c,) = compute(*load_runs(store))["critical"]
     assert c["pooled"] is not None and c["finding"] == "not_fitted"
-    assert fit_marks(c) == (False, False)
+    assert fit_marks(c) == (False, False, False)
 
 
 def test_the_regime_counts_the_seeds_each_cell_finished(tmp_path):

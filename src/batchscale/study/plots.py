@@ -104,12 +104,14 @@ def quality(data: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def fit_marks(c: dict[str, Any]) -> tuple[bool, bool]:
-    """Whether the frontier plot draws a target's pooled hyperbola and its B_crit star: the
-    curve where a fit measures something (not where every run reached the target only at the
-    budget's end), the star only where the table gives B_crit a value (the seeds' fits, not
-    a bound)."""
-    return bool(c.get("pooled")) and not c["only_at_last_point"], c["finding"] == "b_crit"
+def fit_marks(c: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """Whether the frontier plot draws a target's pooled hyperbola, its B_crit star, and the
+    curve dashed: the curve where a fit measures something (not where every run reached the
+    target only at the budget's end), the star only where the table gives B_crit a value (the
+    seeds' fits), dashed where the table gives only a bound (B_crit beyond the batch sizes
+    run: the curve's bend is extrapolated)."""
+    curve = bool(c.get("pooled")) and not c["only_at_last_point"]
+    return curve, c["finding"] == "b_crit", curve and c["finding"] in ("above", "below")
 
 
 def frontier(data: dict[str, Any]) -> bytes:
@@ -134,11 +136,11 @@ def frontier(data: dict[str, Any]) -> bytes:
                 for e, s, b in pts:
                     ax.annotate(str(b), (e, s), fontsize=6, alpha=0.7)
             h = c.get("pooled")
-            curve, star = fit_marks(c)
+            curve, star, dashed = fit_marks(c)
             if curve and pts:
                 bs = np.geomspace(min(p[2] for p in pts) / 2, max(p[2] for p in pts) * 2, 60)
                 s = h["s_min"] + h["e_min"] / bs
-                ax.plot(bs * s, s, color=col, alpha=0.8)
+                ax.plot(bs * s, s, color=col, alpha=0.8, linestyle="--" if dashed else "-")
             if star and pts:
                 ax.plot([h["b_crit"] * 2 * h["s_min"]], [2 * h["s_min"]], marker="*",
                         color=col, markersize=10)
@@ -151,7 +153,7 @@ def frontier(data: dict[str, Any]) -> bytes:
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{loss} (star: B_crit)")
+        ax.set_title(f"{loss} (star: B_crit; dashed: a bound only)")
         _finish(ax, "examples to target (E)", "steps to target (S)")
     return _png(fig)
 
