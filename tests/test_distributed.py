@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from batchscale.batching.distributed import (
     CollectiveError,
     average_gradients,
+    end_rank_process,
     gather_with_grad,
     init_distributed,
     shutdown_distributed,
@@ -243,6 +244,32 @@ def worker_equivalence(out_dir: str) -> None:
         results[name] = {"loss": loss, "grads": named_grads(model, temperature)}
     torch.save(results, Path(out_dir) / f"rank{info.rank}.pt")
     shutdown_distributed()
+    end_rank_process(0)  # DDP ran: no interpreter teardown (see end_rank_process)
+
+
+def _gloo_threads() -> list[str]:
+    tasks = Path("/proc/self/task").iterdir()
+    return [name for t in tasks if "gloo" in (name := (t / "comm").read_text().strip())]
+
+
+def worker_teardown(out_dir: str) -> None:
+    """What end_rank_process works around: after DDP, the gloo group's threads outlive
+    ``destroy_process_group``; without DDP they end with it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    info = init_distributed(backend="gloo", timeout_s=60)
+    gather_with_grad(torch.ones(2, 3))
+    threads = {}
+    for kind in ("plain", "ddp"):
+        if kind == "ddp":
+            init_distributed(backend="gloo", timeout_s=60)
+            model = DistributedDataParallel(torch.nn.Linear(4, 4))
+            model(torch.randn(2, 4)).sum().backward()
+            del model
+        shutdown_distributed()
+        threads[kind] = _gloo_threads()
+    torch.save(threads, Path(out_dir) / f"rank{info.rank}.pt")
+    end_rank_process(0)
 
 
 
@@ -346,6 +373,8 @@ def test_lost_rank_fails_fast_with_a_clear_message(mode: str, timeout_s: float) 
 if __name__ == "__main__":
     if sys.argv[1] == "equivalence":
         worker_equivalence(sys.argv[2])
+    elif sys.argv[1] == "teardown":
+        worker_teardown(sys.argv[2])
     else:
         worker_failure(sys.argv[2], float(sys.argv[3]))
 
@@ -363,3 +392,24 @@ def test_one_process_is_the_plain_loss_and_bad_arguments_are_named() -> None:
         init_distributed(timeout_s=0)
     with pytest.raises(ValueError, match="`backend` must be one of"):
         init_distributed(backend="mpi")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux thread names")
+def test_a_rank_that_ran_ddp_ends_its_process_flushed_past_the_group_ddp_keeps(tmp_path):
+    """torch 2.13's DDP keeps the gloo group alive after destroy_process_group (its threads
+    run on: the reason for end_rank_process); a rank ending through it exits 0 with its
+    unflushed output written. If torch stops leaking the group, the first assertion fails and
+    end_rank_process may go."""
+    results = run_ranks(HERE, ["teardown", str(tmp_path)], tmp_path)
+    for threads in results:
+        assert threads["plain"] == []
+        assert "pt_gloo_runloop" in threads["ddp"]
+
+
+def test_end_rank_process_flushes_and_exits_with_its_code(tmp_path):
+    script = ("import sys\nfrom batchscale.batching import end_rank_process\n"
+              "print('to stdout', end='')\nprint('to stderr', end='', file=sys.stderr)\n"
+              "end_rank_process(5)\nprint('never')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (5, "to stdout", "to stderr")

