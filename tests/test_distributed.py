@@ -252,23 +252,19 @@ def _gloo_threads() -> list[str]:
     return [name for t in tasks if "gloo" in (name := (t / "comm").read_text().strip())]
 
 
-def worker_teardown(out_dir: str) -> None:
+def worker_teardown(out_dir: str, kind: str) -> None:
     """What end_rank_process works around: after DDP, the gloo group's threads outlive
     ``destroy_process_group``; without DDP they end with it."""
     from torch.nn.parallel import DistributedDataParallel
 
     info = init_distributed(backend="gloo", timeout_s=60)
     gather_with_grad(torch.ones(2, 3))
-    threads = {}
-    for kind in ("plain", "ddp"):
-        if kind == "ddp":
-            init_distributed(backend="gloo", timeout_s=60)
-            model = DistributedDataParallel(torch.nn.Linear(4, 4))
-            model(torch.randn(2, 4)).sum().backward()
-            del model
-        shutdown_distributed()
-        threads[kind] = _gloo_threads()
-    torch.save(threads, Path(out_dir) / f"rank{info.rank}.pt")
+    if kind == "ddp":
+        model = DistributedDataParallel(torch.nn.Linear(4, 4))
+        model(torch.randn(2, 4)).sum().backward()
+        del model
+    shutdown_distributed()
+    torch.save(_gloo_threads(), Path(out_dir) / f"rank{info.rank}.pt")
     end_rank_process(0)
 
 
@@ -374,7 +370,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "equivalence":
         worker_equivalence(sys.argv[2])
     elif sys.argv[1] == "teardown":
-        worker_teardown(sys.argv[2])
+        worker_teardown(sys.argv[2], sys.argv[3])
     else:
         worker_failure(sys.argv[2], float(sys.argv[3]))
 
@@ -397,13 +393,17 @@ def test_one_process_is_the_plain_loss_and_bad_arguments_are_named() -> None:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux thread names")
 def test_a_rank_that_ran_ddp_ends_its_process_flushed_past_the_group_ddp_keeps(tmp_path):
     """torch 2.13's DDP keeps the gloo group alive after destroy_process_group (its threads
-    run on: the reason for end_rank_process); a rank ending through it exits 0 with its
-    unflushed output written. If torch stops leaking the group, the first assertion fails and
-    end_rank_process may go."""
-    results = run_ranks(HERE, ["teardown", str(tmp_path)], tmp_path)
-    for threads in results:
-        assert threads["plain"] == []
-        assert "pt_gloo_runloop" in threads["ddp"]
+    run on: the reason for end_rank_process), a group without DDP ends with it; ranks ending
+    through end_rank_process exit 0 (run_ranks checks). If torch stops leaking the group, the
+    last assertion fails and end_rank_process may go. One group per launch: joining a second
+    group after the first was destroyed hung now and then."""
+    threads = {}
+    for kind in ("plain", "ddp"):
+        out = tmp_path / kind
+        out.mkdir()
+        threads[kind] = run_ranks(HERE, ["teardown", str(out), kind], out)
+    assert threads["plain"] == [[], []]
+    assert all("pt_gloo_runloop" in t for t in threads["ddp"])
 
 
 def test_end_rank_process_flushes_and_exits_with_its_code(tmp_path):
