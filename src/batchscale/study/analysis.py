@@ -136,6 +136,10 @@ class Runs:
         """The tuned runs of (arm, B, N) (N None: the whole batch), by seed."""
         return self._cells.get((arm, b, b if n is None else n), [])
 
+    def batches_of(self, arm: Arm) -> list[int]:
+        """The batch sizes at which ``arm`` has tuned whole-batch runs, ascending."""
+        return [b for b in self.batches if self.cell(arm, b)]
+
     def whole_batch_cells(self) -> list[tuple[Arm, int, list[dict[str, Any]]]]:
         """(arm, B, its tuned runs) of every whole-batch (N = B) setting that has runs."""
         return [(arm, b, group) for arm in self.arms for b in self.batches
@@ -314,7 +318,7 @@ def best_section(runs: Runs) -> list[dict[str, Any]]:
     score, and what the smallest and largest batch sizes cost against it (paired by seed)."""
     out = []
     for arm in runs.arms:
-        have = [b for b in runs.batches if runs.cell(arm, b)]
+        have = runs.batches_of(arm)
         means = {b: t_mean(r["best_dev"] for r in runs.cell(arm, b)) for b in have}
         means = {b: m for b, m in means.items() if m is not None}
         if not means:
@@ -455,7 +459,7 @@ def reach_section(runs: Runs) -> list[dict[str, Any]]:
     paired by seed, each column Holm-adjusted over the table."""
     out = []
     for a, b in reach_pairs(runs):
-        have_b = [bs for bs in runs.batches if runs.cell(b, bs)]
+        have_b = runs.batches_of(b)
         if not have_b:  # B has softmax-block runs only
             continue
         large = have_b[-1]
@@ -514,13 +518,13 @@ def critical_section(runs: Runs, targets_: list[dict[str, Any]]) -> list[dict[st
     what a doubling buys below and above it, and B_simple at the target."""
     out = []
     for arm in runs.arms:
+        # the arm's own batch sizes: a bound or a doubling names a batch it was run at
+        sizes = runs.batches_of(arm)
         for t in targets_:
             per_seed: dict[int, dict[int, float | None]] = defaultdict(dict)
             at_target: list[dict[str, float]] = []
             per_batch = []
             at_last = []  # per run that reached it: whether only at its last point
-            # the arm's own batch sizes: a bound or a doubling names a batch it was run at
-            sizes = [b for b in runs.batches if runs.cell(arm, b)]
             for b in sizes:
                 hits = {}
                 for r in runs.cell(arm, b):
