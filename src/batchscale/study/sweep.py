@@ -229,7 +229,7 @@ def run_sweep(sweep: Sweep, store_path: str | Path, *, work_dir: str | Path | No
                 "resolved configs)")
         done = store.finished_cells()
         todo = [c for c in cells if c.id not in done]
-        plan = plan_sweep(sweep, store_path, shard)
+        plan = _plan(sweep, store, cells)
         where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
         skipped = (f", {plan.not_run} not to run (another lr multiplier won, or will win, "
                    "their setting on the first seed)") if plan.not_run else ""
@@ -359,21 +359,25 @@ def plan_sweep(sweep: Sweep, store_path: str | Path,
     path = Path(store_path)
     with Store(path if path.is_file() else ":memory:") as store:
         store.check_sweep(sweep.hash)
-        done = store.finished_cells()
-        diverged = {f["cell_id"] for f in store.failures()}
-        estimate = _wall_clock(store.runs())
-        gate = _LrGate(sweep, store)
-        todo: list[PlannedRun] = []
-        waiting: set[tuple] = set()
-        for c in cells:
-            if c.id in done:
-                continue
-            skip = gate.skip(c)
-            if skip is None:
-                todo.append(PlannedRun(c, estimate(c), retry=c.id in diverged))
-            elif skip == _LrGate.OPEN and (c.setting, c.seed) not in waiting:
-                waiting.add((c.setting, c.seed))
-                todo.append(PlannedRun(c, estimate(c), pending=True))
+        return _plan(sweep, store, cells)
+
+
+def _plan(sweep: Sweep, store: Store, cells: list[Cell]) -> Plan:
+    done = store.finished_cells()
+    diverged = {f["cell_id"] for f in store.failures()}
+    estimate = _wall_clock(store.runs())
+    gate = _LrGate(sweep, store)
+    todo: list[PlannedRun] = []
+    waiting: set[tuple] = set()
+    for c in cells:
+        if c.id in done:
+            continue
+        skip = gate.skip(c)
+        if skip is None:
+            todo.append(PlannedRun(c, estimate(c), retry=c.id in diverged))
+        elif skip == _LrGate.OPEN and (c.setting, c.seed) not in waiting:
+            waiting.add((c.setting, c.seed))
+            todo.append(PlannedRun(c, estimate(c), pending=True))
     finished = sum(c.id in done for c in cells)
     return Plan(len(cells), finished, len(cells) - finished - len(todo), tuple(todo))
 
