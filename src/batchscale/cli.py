@@ -161,7 +161,6 @@ def _train(args: argparse.Namespace) -> tuple[int, int]:
         init_distributed,
         rank,
         shutdown_distributed,
-        world_size,
     )
     from .data import DataError
     from .encoders import EncoderLoadError
@@ -180,7 +179,7 @@ def _train(args: argparse.Namespace) -> tuple[int, int]:
                            show_progress=not args.no_progress)
     except (ConfigError, DataError, EncoderLoadError, RunDirectoryError, TrainingDiverged,
             CollectiveError, FileNotFoundError, ValueError) as e:
-        where = f" (rank {rank()})" if world_size() > 1 else ""
+        where = f" (rank {rank()})" if ranks > 1 else ""
         return _error(f"train{where}", e), ranks
     finally:
         shutdown_distributed()
